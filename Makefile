@@ -1,0 +1,48 @@
+# sparsekern: the two set-up commands are `make demo` (main job) and `make test` (test suite).
+# Both create .venv and install on first use. `make gpu-check` runs on a GPU machine with its own
+# python3 (no venv, no pip): PYTHONPATH=. is all it needs.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+RESULTS ?= benchmarks/results
+
+.PHONY: venv demo test lint format bench gpu-check clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+# The main job: Han et al.'s iterative pruning of LeNet-300-100 on real MNIST (quick config).
+demo: venv
+	$(VPY) scripts/prune_mnist.py --model lenet300 --quick
+
+test: venv
+	$(VPY) -m pytest -q tests
+
+lint: venv
+	$(VPY) -m ruff check .
+	$(VPY) -m ruff format --check .
+
+format: venv
+	$(VPY) -m ruff check --fix .
+	$(VPY) -m ruff format .
+
+# CPU benchmarks (pytest-benchmark): the reference path against dense and torch.nn.utils.prune.
+bench: venv
+	$(VPY) -m pytest -q benchmarks/bench_cpu_masked_linear.py --benchmark-only \
+		--benchmark-columns=median,iqr,rounds --benchmark-sort=name
+
+# On a GPU machine: every test without the interpreter, then the kernel benchmarks (JSON under
+# benchmarks/results/). Uses the machine's own python3 and packages.
+gpu-check:
+	nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+	PYTHONPATH=. TRITON_INTERPRET=0 python3 -m pytest -q -x tests
+	PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/bench_masked_linear.py --out $(RESULTS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .benchmarks
