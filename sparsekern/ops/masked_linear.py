@@ -247,14 +247,10 @@ def tile_flags(mask: torch.Tensor) -> torch.Tensor:
 # Launchers: check, allocate, launch. 2-D operands; ``out`` lets tests poison the output.
 # ---------------------------------------------------------------------------------------------
 def _precision(dtype: torch.dtype) -> str:
-    # fp32 follows torch's own switch for cuBLAS (off by default), so "fp32" means the same here.
-    if (
-        dtype == torch.float32
-        and torch.backends.cuda.matmul.allow_tf32
-        and not interpreter_enabled()
-    ):
-        return "tf32"
-    return "ieee"
+    # fp32 operands use TF32 only when torch allows it for cuBLAS too (off by default), so "fp32"
+    # means the same precision in both. 16-bit operands ignore it; they keep Triton's default.
+    tf32_ok = torch.backends.cuda.matmul.allow_tf32 and not interpreter_enabled()
+    return "ieee" if dtype == torch.float32 and not tf32_ok else "tf32"
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -565,3 +561,39 @@ def masked_linear(
         bias = bias.to(dt) if bias is not None else None
     _check_inputs(x, weight, mask, bias)
     return MaskedLinearFunction.apply(x, weight, mask, bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compile specs: every GPU config x dtype, compiled for real GPU targets on a
+# machine without one by ``python -m sparsekern.ops._compile_check`` (catches what the
+# interpreter accepts and the compiler refuses: dot shapes, dtype mixes, shared-memory overflow).
+# ---------------------------------------------------------------------------------------------
+def compile_specs():
+    """Yield ``(name, jit_fn, signature, constexprs, num_warps, num_stages)`` for each kernel
+    config and dtype; signatures list the kernels' arguments in order."""
+    dims = {"M": "i32", "N": "i32", "K": "i32"}
+    ab = ("stride_am", "stride_ak", "stride_bk", "stride_bn")
+    for dt in ("bf16", "fp16", "fp32"):
+        prec = "ieee" if dt == "fp32" else "tf32"
+        ptrs = {"a_ptr": f"*{dt}", "b_ptr": f"*{dt}", "keep_ptr": "*u8"}
+        specs = {
+            "mask_b": (
+                _mm_mask_b_kernel,
+                {**ptrs, "bias_ptr": f"*{dt}", "c_ptr": f"*{dt}", **dims}
+                | {s: "i32" for s in (*ab, "stride_kk", "stride_kn", "stride_cm", "stride_cn")},
+                {"HAS_BIAS": True},
+            ),
+            "mask_c": (
+                _mm_mask_c_kernel,
+                {**ptrs, "flags_ptr": "*u8", "c_ptr": f"*{dt}", **dims}
+                | {s: "i32" for s in (*ab, "stride_km", "stride_kn", "stride_cm", "stride_cn")}
+                | {"FLAG_M": "i32", "FLAG_N": "i32"},
+                {"FLAG": FLAG_BLOCK},
+            ),
+        }
+        for kind, (kernel, sig, extra) in specs.items():
+            for bm, bn, bk, g, w, s in _GPU_CONFIGS[kind]:
+                consts = {**extra, "UPCAST": False, "PRECISION": prec}
+                consts |= {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g}
+                name = f"masked_linear.{kind}[{dt},{bm}x{bn}x{bk},w{w},s{s}]"
+                yield name, kernel.fn, sig, consts, w, s

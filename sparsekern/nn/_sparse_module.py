@@ -1,0 +1,126 @@
+"""What SparseLinear and SparseConv2d share: the ``mask`` buffer, ``density``, ``set_mask``, and
+state-dict loading that accepts dense checkpoints."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparsekern.nn import masks as _masks
+
+
+class SparseModuleMixin:
+    """Mixin for a dense ``nn`` layer with a ``weight``: adds a persistent bool buffer ``mask`` of
+    the weight's shape (True keeps a weight; all True at construction).
+
+    Put it first in the bases (``class SparseLinear(SparseModuleMixin, nn.Linear)``) and call
+    :meth:`_init_mask` at the end of ``__init__``.
+
+    State dict: keys are the dense layer's (``weight``, ``bias``) plus ``mask``. A dense state dict
+    (a ``weight`` but no ``mask``) loads with ``strict=True`` and makes the mask all True: the
+    weights it brings are dense. Loading a ``mask`` also zeroes the weight where it is False, so the
+    invariant "pruned weights are exactly zero" holds after any load.
+    """
+
+    mask: torch.Tensor
+
+    def _init_mask(self) -> None:
+        # Same device as the weight (meta included); persistent so it is saved and loaded.
+        self.register_buffer(
+            "mask", torch.ones_like(self.weight, dtype=torch.bool), persistent=True
+        )
+
+    @property
+    def density(self) -> float:
+        """Kept fraction of the weight, ``mask.sum() / mask.numel()``, in [0, 1]."""
+        return int(self.mask.count_nonzero()) / self.mask.numel()
+
+    def set_mask(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Install ``mask`` (bool, the weight's shape and device) and keep the mask invariant;
+        see :func:`sparsekern.nn.set_mask`."""
+        _masks.set_mask(self, mask, optimizer)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, density={self.density:.4f}"
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        # Re-initialising must not bring pruned weights back. The dense __init__ calls this before
+        # the mask exists, hence the check.
+        mask = self._buffers.get("mask")
+        if mask is not None:
+            with torch.no_grad():
+                self.weight.masked_fill_(~mask, 0)
+
+    def _apply(self, fn, recurse=True):
+        # `module.type(torch.float16)` and similar casts reach bool buffers too; the mask must stay
+        # bool (the ops require it), and 0/1 -> bool is lossless.
+        result = super()._apply(fn, recurse)
+        mask = self._buffers.get("mask")
+        if mask is not None and mask.dtype != torch.bool:
+            self._buffers["mask"] = mask != 0
+        return result
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        key = prefix + "mask"
+        has_mask = key in state_dict
+        dense_weight = not has_mask and (prefix + "weight") in state_dict
+        if has_mask and isinstance(state_dict[key], torch.Tensor):
+            got = state_dict[key].dtype
+            if got != torch.bool:
+                # copy_ would silently turn e.g. a float mask into bool(nonzero); refuse instead.
+                error_msgs.append(
+                    f"While loading {key!r}: expected a mask of dtype torch.bool, got {got}."
+                )
+                return
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if dense_weight:
+            # A dense checkpoint: the mask is implied all True, not missing.
+            if key in missing_keys:
+                missing_keys.remove(key)
+            self.mask.fill_(True)
+        elif has_mask:
+            with torch.no_grad():
+                self.weight.masked_fill_(~self.mask, 0)
+
+
+def is_sparse_module(module: nn.Module) -> bool:
+    """True for SparseLinear, SparseConv2d and anything else built on :class:`SparseModuleMixin`."""
+    return isinstance(module, SparseModuleMixin)
+
+
+def check_convertible(dense: nn.Module, expected: type[nn.Module], who: str) -> None:
+    """Raise unless ``dense`` is an initialised, unparametrised ``expected`` whose parameters can
+    be taken over as they are."""
+    if not isinstance(dense, expected):
+        raise TypeError(f"{who}: expected an nn.{expected.__name__}, got {type(dense).__name__}")
+    if torch.nn.utils.parametrize.is_parametrized(dense):
+        # `weight` is then computed on every access, not a Parameter that can be shared.
+        raise TypeError(
+            f"{who}: expected a module without parametrizations, got a parametrized one"
+        )
+    if torch.nn.parameter.is_lazy(dense.weight):
+        raise ValueError(
+            f"{who}: expected an initialised weight, got an uninitialised (lazy) one; "
+            "run a forward pass first"
+        )
+
+
+def adopt_parameters(sparse: SparseModuleMixin, dense: nn.Module, mask: torch.Tensor | None):
+    """Make ``sparse`` (built on the meta device) use ``dense``'s Parameter objects, its training
+    mode and its mask (if it has one), then install ``mask`` if given. Returns ``sparse``."""
+    sparse.weight = dense.weight  # the same Parameter object: optimizers keep working
+    sparse.bias = dense.bias
+    old = dense._buffers.get("mask")
+    if isinstance(old, torch.Tensor):
+        sparse.mask = old.clone()
+    else:
+        sparse.mask = torch.ones_like(dense.weight, dtype=torch.bool)
+    sparse.train(dense.training)
+    if mask is not None:
+        sparse.set_mask(mask)
+    return sparse

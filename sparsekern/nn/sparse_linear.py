@@ -1,0 +1,68 @@
+"""SparseLinear: ``nn.Linear`` with a bool mask fused into the matmul (``sparsekern.ops``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparsekern.nn._sparse_module import SparseModuleMixin, adopt_parameters, check_convertible
+from sparsekern.ops.masked_linear import masked_linear
+
+__all__ = ["SparseLinear"]
+
+
+class SparseLinear(SparseModuleMixin, nn.Linear):
+    """``nn.Linear`` whose weight is masked: ``y = x @ (weight * mask).T + bias``.
+
+    Shapes: ``weight [out_features, in_features]``, ``mask`` bool ``[out_features, in_features]``
+    (a persistent buffer, all True at construction: the layer starts dense), ``bias
+    [out_features]``; ``forward`` maps ``[..., in_features] -> [..., out_features]`` through
+    :func:`sparsekern.ops.masked_linear.masked_linear`, whose ``weight.grad`` is exactly zero where
+    the mask is False.
+
+    Change the mask with :meth:`set_mask` (or :func:`sparsekern.nn.set_mask`), which also zeroes
+    pruned weights and their optimizer state. ``state_dict()`` keys: ``weight``, ``bias``,
+    ``mask``; a dense ``nn.Linear`` state dict loads with ``strict=True`` and sets the mask all
+    True. ``copy.deepcopy`` and ``pickle`` work.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_mask()
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """``[..., in_features] -> [..., out_features]``."""
+        return masked_linear(input, self.weight, self.mask, self.bias)
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None) -> SparseLinear:
+        """A SparseLinear computing what ``linear`` computes, SHARING its parameters.
+
+        The result holds the very same ``weight`` / ``bias`` Parameter objects (so same device,
+        dtype and ``requires_grad``, and an optimizer built on ``linear.parameters()`` keeps
+        training it); use it in place of ``linear`` rather than next to it, since a later
+        ``set_mask`` zeroes the shared weight. The training mode is copied; hooks are not.
+
+        Args:
+            linear: an initialised ``nn.Linear`` (a SparseLinear's mask is copied along).
+            mask: optional bool ``[out_features, in_features]`` on the weight's device, installed
+                with :meth:`set_mask` (which zeroes ``linear.weight`` where it is False). Default:
+                all True.
+        """
+        check_convertible(linear, nn.Linear, f"{cls.__name__}.from_dense")
+        # Built on the meta device: no memory or random init for a weight about to be replaced.
+        sparse = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device="meta",
+            dtype=linear.weight.dtype,
+        )
+        return adopt_parameters(sparse, linear, mask)

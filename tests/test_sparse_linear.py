@@ -1,0 +1,196 @@
+"""SparseLinear: forward/backward against nn.Linear and F.linear(x, W * M), state dict, copies."""
+
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsekern.nn import SparseLinear
+
+
+def random_mask(shape, density=0.5, device="cpu"):
+    return torch.rand(shape, device=device) < density
+
+
+def pruned_layer(device, in_f=12, out_f=7, bias=True):
+    layer = SparseLinear(in_f, out_f, bias=bias, device=device)
+    layer.set_mask(random_mask(layer.weight.shape, device=device))
+    return layer
+
+
+def test_constructor(device):
+    layer = SparseLinear(5, 3, device=device, dtype=torch.float64)
+    assert isinstance(layer, nn.Linear)
+    assert layer.weight.shape == (3, 5) and layer.weight.dtype == torch.float64
+    assert layer.mask.dtype == torch.bool and layer.mask.shape == (3, 5)
+    assert layer.mask.device == layer.weight.device
+    assert bool(layer.mask.all()) and layer.density == 1.0
+    assert SparseLinear(5, 3, bias=False).bias is None
+
+
+def test_all_true_matches_nn_linear(device):
+    dense = nn.Linear(16, 9, device=device)
+    sparse = SparseLinear.from_dense(copy.deepcopy(dense))
+    x = torch.randn(4, 16, device=device)
+    torch.testing.assert_close(sparse(x), dense(x))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_random_mask_matches_masked_f_linear(device, bias):
+    layer = SparseLinear(16, 9, bias=bias, device=device)
+    mask = random_mask(layer.weight.shape, device=device)
+    layer.set_mask(mask)
+    x = torch.randn(2, 3, 16, device=device)  # leading dims are batch dims
+    expected = F.linear(x, layer.weight * mask, layer.bias)
+    out = layer(x)
+    assert out.shape == (2, 3, 9)
+    torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_gradients_against_float64_reference(device, bias):
+    layer = SparseLinear(16, 9, bias=bias, device=device)
+    # Random weights also at pruned entries (bypassing set_mask): the op itself must mask them.
+    mask = random_mask(layer.weight.shape, device=device)
+    with torch.no_grad():
+        layer.mask.copy_(mask)
+    x = torch.randn(5, 16, device=device, requires_grad=True)
+    dy = torch.randn(5, 9, device=device)
+    layer(x).backward(dy)
+
+    w64 = layer.weight.detach().double().requires_grad_()
+    b64 = layer.bias.detach().double().requires_grad_() if bias else None
+    x64 = x.detach().double().requires_grad_()
+    F.linear(x64, w64 * mask, b64).backward(dy.double())
+
+    assert bool((layer.weight.grad[~mask] == 0).all()), "weight.grad must be exactly 0 when pruned"
+    tol = dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(layer.weight.grad, w64.grad.float(), **tol)
+    torch.testing.assert_close(x.grad, x64.grad.float(), **tol)
+    if bias:
+        torch.testing.assert_close(layer.bias.grad, b64.grad.float(), **tol)
+
+
+def test_density_and_repr():
+    layer = SparseLinear(4, 2)
+    mask = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    layer.set_mask(mask)
+    assert layer.density == pytest.approx(4 / 8)
+    assert isinstance(layer.density, float)
+    assert "density=0.5000" in repr(layer)
+    assert "in_features=4" in repr(layer)
+
+
+def test_from_dense_shares_parameters(device):
+    dense = nn.Linear(6, 4, device=device, dtype=torch.float64).train(False)
+    sparse = SparseLinear.from_dense(dense)
+    assert sparse.weight is dense.weight and sparse.bias is dense.bias
+    assert sparse.weight.dtype == torch.float64 and sparse.mask.device == dense.weight.device
+    assert not sparse.training
+    assert bool(sparse.mask.all())
+
+    no_bias = SparseLinear.from_dense(nn.Linear(6, 4, bias=False, device=device))
+    assert no_bias.bias is None and list(no_bias.state_dict()) == ["weight", "mask"]
+
+
+def test_from_dense_with_mask_and_from_sparse(device):
+    dense = nn.Linear(6, 4, device=device)
+    mask = random_mask((4, 6), device=device)
+    sparse = SparseLinear.from_dense(dense, mask=mask)
+    assert torch.equal(sparse.mask, mask)
+    assert bool((dense.weight[~mask] == 0).all())  # shared weight: zeroed where pruned
+
+    again = SparseLinear.from_dense(sparse)  # a sparse module's mask comes along (as a copy)
+    assert torch.equal(again.mask, mask) and again.mask is not sparse.mask
+
+
+def test_from_dense_rejects_other_types():
+    with pytest.raises(TypeError, match="expected an nn.Linear, got Conv2d"):
+        SparseLinear.from_dense(nn.Conv2d(2, 2, 1))
+    with pytest.raises(ValueError, match="expected an initialised weight"):
+        SparseLinear.from_dense(nn.LazyLinear(3))
+
+
+def test_state_dict_keys():
+    assert list(SparseLinear(3, 2).state_dict()) == ["weight", "bias", "mask"]
+    assert list(SparseLinear(3, 2, bias=False).state_dict()) == ["weight", "mask"]
+
+
+def test_dense_state_dict_loads_strict(device):
+    dense = nn.Linear(8, 5, device=device)
+    sparse = pruned_layer(device, 8, 5)
+    result = sparse.load_state_dict(dense.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert bool(sparse.mask.all())  # a dense checkpoint means a dense layer
+    x = torch.randn(3, 8, device=device)
+    torch.testing.assert_close(sparse(x), dense(x))
+
+
+def test_sparse_state_dict_round_trip(device):
+    src = pruned_layer(device)
+    dst = SparseLinear(12, 7, device=device)
+    mask_buffer = dst.mask
+    dst.load_state_dict(src.state_dict(), strict=True)
+    assert dst.mask is mask_buffer  # loaded in place
+    assert torch.equal(dst.mask, src.mask) and torch.equal(dst.weight, src.weight)
+    x = torch.randn(3, 12, device=device)
+    torch.testing.assert_close(dst(x), src(x))
+
+
+def test_loading_a_mask_zeroes_pruned_weights(device):
+    state = SparseLinear(4, 3, device=device).state_dict()
+    state["mask"] = random_mask((3, 4), device=device)
+    state["weight"] = torch.randn(3, 4, device=device)  # nonzero where the mask says pruned
+    layer = SparseLinear(4, 3, device=device)
+    layer.load_state_dict(state)
+    assert bool((layer.weight[~state["mask"]] == 0).all())
+
+
+def test_loading_a_non_bool_mask_fails():
+    state = SparseLinear(4, 3).state_dict()
+    state["mask"] = state["mask"].float()
+    layer = SparseLinear(4, 3)
+    with pytest.raises(RuntimeError, match="expected a mask of dtype torch.bool, got torch.float"):
+        layer.load_state_dict(state)
+
+
+def test_deepcopy_and_pickle(device):
+    layer = pruned_layer(device)
+    x = torch.randn(2, 12, device=device)
+    clone = copy.deepcopy(layer)
+    assert clone.mask is not layer.mask and torch.equal(clone.mask, layer.mask)
+    torch.testing.assert_close(clone(x), layer(x))
+    clone.mask.fill_(True)  # independent copies
+    assert not bool(layer.mask.all())
+
+    restored = pickle.loads(pickle.dumps(layer))
+    assert isinstance(restored, SparseLinear)
+    assert torch.equal(restored.mask, layer.mask) and restored.mask.dtype == torch.bool
+    torch.testing.assert_close(restored(x), layer(x))
+
+    buffer = io.BytesIO()
+    torch.save(layer, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(loaded.mask, layer.mask)
+
+
+def test_casts_keep_mask_bool():
+    layer = SparseLinear(4, 3)
+    layer.set_mask(random_mask((3, 4)))
+    mask = layer.mask.clone()
+    for cast in (lambda m: m.double(), lambda m: m.half(), lambda m: m.type(torch.float64)):
+        cast(layer)
+        assert layer.mask.dtype == torch.bool and torch.equal(layer.mask, mask)
+
+
+def test_reset_parameters_keeps_pruned_weights_zero():
+    layer = SparseLinear(6, 5)
+    mask = random_mask((5, 6))
+    layer.set_mask(mask)
+    layer.reset_parameters()
+    assert bool((layer.weight[~mask] == 0).all()) and bool((layer.weight[mask] != 0).all())
