@@ -7,7 +7,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RESULTS ?= benchmarks/results
 
-.PHONY: venv demo test lint format bench gpu-check clean
+.PHONY: venv demo mnist test lint format bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml
 # The main job: Han et al.'s iterative pruning of LeNet-300-100 on real MNIST (quick config).
 demo: venv
 	$(VPY) scripts/prune_mnist.py --model lenet300 --quick
+
+# The full runs whose results are committed in results/ (LeNet-5 takes ~25 min on 2 cores).
+mnist: venv
+	$(VPY) scripts/prune_mnist.py --model lenet300 --figures
+	$(VPY) scripts/prune_mnist.py --model lenet5
 
 test: venv
 	$(VPY) -m pytest -q tests

@@ -178,6 +178,31 @@ def test_interpreter_runs_kernels_not_reference(monkeypatch, device):
     masked_linear(x, w, mask, b).sum().backward()
 
 
+@pytest.mark.parametrize("density", DENSITIES)
+def test_cpu_reference_path(density, monkeypatch):
+    """The CPU path without the interpreter: the twin, its saved W*M and cached float mask."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, w, mask, b = _make((4, 9), 37, 21, density, torch.float32, torch.device("cpu"))
+    for t in (x, w, b):
+        t.requires_grad_()
+    for step in range(2):  # the second step reuses the cached float mask; then the mask changes
+        y = masked_linear(x, w, mask, b)
+        dy = torch.randn_like(y)
+        for t in (x, w, b):
+            t.grad = None
+        y.backward(dy)
+        yr, dxr, dwr, dbr = _reference(x, w, mask, b, dy)
+        for got, ref, n, name in (
+            (y, yr, 37, "y"),
+            (x.grad, dxr, 21, "dx"),
+            (w.grad, dwr, 36, "dw"),
+        ):
+            _close(got, ref, torch.float32, n, name)
+        _close(b.grad, dbr, torch.float32, 36, "dbias")
+        assert (w.grad[~mask] == 0).all()
+        mask[step::3, ::2] = ~mask[step::3, ::2]  # in place: the cache must notice
+
+
 def test_float64_runs_reference_and_passes_gradcheck():
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
     w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
