@@ -386,11 +386,15 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 # Implementations on [..., K] inputs, shared by eager mode and the custom ops.
+def _fwd_kernels(x, weight, mask, bias):
+    y = masked_linear_fwd_launch(_rows(x), weight, mask, bias)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
 def _fwd_impl(x, weight, mask, bias):
     if not _kernels_for(x, weight, mask):
         return masked_linear_reference(x, weight, mask, bias)
-    y = masked_linear_fwd_launch(_rows(x), weight, mask, bias)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return _fwd_kernels(x, weight, mask, bias)
 
 
 def _dx_impl(dy, weight, mask):
@@ -463,7 +467,7 @@ class MaskedLinearFunction(torch.autograd.Function):
         if _compiling():
             y = torch.ops.sparsekern.masked_linear_fwd(x, weight, mask, bias)
         elif _kernels_for(x, weight, mask):
-            y = _fwd_impl(x, weight, mask, bias)
+            y = _fwd_kernels(x, weight, mask, bias)
         else:
             # Reference path: keep W*M for dx, as torch's own autograd of F.linear(x, W*M) does;
             # recomputing it costs a weight-sized multiply and allocation per step (~60-230 us

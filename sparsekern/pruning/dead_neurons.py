@@ -185,6 +185,15 @@ def _restore(snap: list[tuple[nn.Module, dict]]) -> None:
 
 
 @torch.no_grad()
+def _eval_output(model: nn.Module, example_input: torch.Tensor) -> torch.Tensor:
+    """``model(example_input)`` in eval mode, the training flag restored afterwards."""
+    was_training = model.training
+    model.eval()
+    out = model(example_input)
+    model.train(was_training)
+    return out
+
+
 def remove_dead_neurons(
     model: nn.Module,
     example_input: torch.Tensor | None = None,
@@ -210,12 +219,7 @@ def remove_dead_neurons(
     modules = dict(model.named_modules())
     involved = {n for ch in chains for n in (ch.producer, ch.consumer)}
     snap = _snapshot([modules[n] for n in involved])
-    reference = None
-    if example_input is not None:
-        was_training = model.training
-        model.eval()
-        reference = model(example_input)
-        model.train(was_training)
+    reference = _eval_output(model, example_input) if example_input is not None else None
     removed = {ch.producer: 0 for ch in chains}
     changed = True
     while changed:
@@ -228,10 +232,7 @@ def remove_dead_neurons(
                 removed[ch.producer] += int(remove.sum())
                 changed = True
     if reference is not None:
-        was_training = model.training
-        model.eval()
-        out = model(example_input)
-        model.train(was_training)
+        out = _eval_output(model, example_input)
         if out.shape != reference.shape or not torch.allclose(out, reference, rtol=rtol, atol=atol):
             err = (out - reference).abs().max().item() if out.shape == reference.shape else None
             _restore(snap)
