@@ -7,7 +7,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RESULTS ?= benchmarks/results
 
-.PHONY: venv demo mnist test lint format bench gpu-check clean
+.PHONY: venv demo mnist test lint format bench gpu-check gpu-bench-full clean
 
 venv: $(STAMP)
 
@@ -48,6 +48,11 @@ gpu-check:
 	nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 	PYTHONPATH=. TRITON_INTERPRET=0 python3 -m pytest -q -x tests
 	PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/bench_masked_linear.py --out $(RESULTS)
+	PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/bench_block_sparse.py --quick --out $(RESULTS)
+
+# The whole block-sparse sweep (issue 3's shapes x blocks 16-128 x densities 0.5-0.05; long).
+gpu-bench-full:
+	PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/bench_block_sparse.py --out $(RESULTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .benchmarks

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekern.nn import SparseLinear
+from sparsekern.formats.block_sparse import BlockSparseFormatError
+from sparsekern.nn import SparseLinear, sparsify
 
 
 def random_mask(shape, density=0.5, device="cpu"):
@@ -194,3 +195,21 @@ def test_reset_parameters_keeps_pruned_weights_zero():
     layer.set_mask(mask)
     layer.reset_parameters()
     assert bool((layer.weight[~mask] == 0).all()) and bool((layer.weight[mask] != 0).all())
+
+
+def test_block_mode_construction_copy_and_errors():
+    layer = SparseLinear(40, 30, block_size=32)
+    assert layer.block_size == (32, 32)
+    assert copy.deepcopy(layer).block_size == (32, 32)
+    assert pickle.loads(pickle.dumps(layer)).block_size == (32, 32)
+    dense = nn.Linear(40, 30)
+    assert SparseLinear.from_dense(dense, block_size=(16, 64)).block_size == (16, 64)
+    assert SparseLinear.from_dense(layer).block_size == (32, 32)  # a SparseLinear's own
+    layer.set_block_size(None)
+    assert layer.block_size is None
+    with pytest.raises(BlockSparseFormatError, match=r"got \(48, 48\)"):
+        SparseLinear(40, 30, block_size=48)
+    model = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(BlockSparseFormatError, match="got"):
+        sparsify(model, block_size=(16, 20))
+    assert type(model[0]) is nn.Linear, "a failed sparsify changed the model"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsekern.formats.block_sparse import _pair
 from sparsekern.nn._sparse_module import SparseModuleMixin, adopt_parameters, check_convertible
+from sparsekern.ops.block_sparse_linear import block_masked_linear
 from sparsekern.ops.masked_linear import masked_linear
 
 __all__ = ["SparseLinear"]
@@ -24,7 +26,17 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
     pruned weights and their optimizer state. ``state_dict()`` keys: ``weight``, ``bias``,
     ``mask``; a dense ``nn.Linear`` state dict loads with ``strict=True`` and sets the mask all
     True. ``copy.deepcopy`` and ``pickle`` work.
+
+    Block mode (``block_size=(bm, bk)``, each 16/32/64/128): the same layer and semantics, run by
+    the block-sparse kernels (``sparsekern.ops.block_sparse_linear.block_masked_linear``), which
+    skip every ``bm x bk`` block of the mask that is all False in the forward, dX and dW, so the
+    step time falls with the fraction of blocks kept. Prune whole blocks
+    (``sparsekern.pruning.prune_blocks_``) to make that fraction small; a mask with holes inside
+    kept blocks is still exact (applied inside the blocks). ``sparsekern.nn.to_inference`` turns
+    the layer into a ``BlockSparseLinear`` that stores only the kept blocks.
     """
+
+    block_size: tuple[int, int] | None
 
     def __init__(
         self,
@@ -33,16 +45,36 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        block_size: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
         self._init_mask()
+        self.set_block_size(block_size)
+
+    def set_block_size(self, block_size: int | tuple[int, int] | None) -> None:
+        """Switch to block mode with ``(bm, bk)`` blocks (an int means square), or back to the
+        unstructured kernels with None. Changes no weight and no mask."""
+        self.block_size = None if block_size is None else _pair(block_size)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``[..., in_features] -> [..., out_features]``."""
-        return masked_linear(input, self.weight, self.mask, self.bias)
+        bs = getattr(self, "block_size", None)  # None for modules pickled before block mode
+        if bs is None or torch.compiler.is_compiling():
+            # Under torch.compile the masked op's custom ops (same semantics) keep the graph whole.
+            return masked_linear(input, self.weight, self.mask, self.bias)
+        return block_masked_linear(input, self.weight, self.mask, self.bias, bs)
+
+    def extra_repr(self) -> str:
+        bs = getattr(self, "block_size", None)
+        return super().extra_repr() + ("" if bs is None else f", block_size={bs}")
 
     @classmethod
-    def from_dense(cls, linear: nn.Linear, mask: torch.Tensor | None = None) -> SparseLinear:
+    def from_dense(
+        cls,
+        linear: nn.Linear,
+        mask: torch.Tensor | None = None,
+        block_size: int | tuple[int, int] | None = None,
+    ) -> SparseLinear:
         """A SparseLinear computing what ``linear`` computes, SHARING its parameters.
 
         The result holds the very same ``weight`` / ``bias`` Parameter objects (so same device,
@@ -55,6 +87,8 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
             mask: optional bool ``[out_features, in_features]`` on the weight's device, installed
                 with :meth:`set_mask` (which zeroes ``linear.weight`` where it is False). Default:
                 all True.
+            block_size: block mode (see the class docstring); default: the unstructured kernels,
+                or ``linear``'s own block size if it is a SparseLinear.
         """
         check_convertible(linear, nn.Linear, f"{cls.__name__}.from_dense")
         # Built on the meta device: no memory or random init for a weight about to be replaced.
@@ -65,4 +99,7 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
             device="meta",
             dtype=linear.weight.dtype,
         )
+        if block_size is None:
+            block_size = getattr(linear, "block_size", None)
+        sparse.set_block_size(block_size)
         return adopt_parameters(sparse, linear, mask)

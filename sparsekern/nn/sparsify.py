@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
+from sparsekern.formats.block_sparse import _pair
 from sparsekern.nn._sparse_module import is_sparse_module
 from sparsekern.nn.sparse_conv2d import SparseConv2d
 from sparsekern.nn.sparse_linear import SparseLinear
@@ -32,7 +33,7 @@ def _targets(layers) -> dict[type[nn.Module], type[nn.Module]]:
     return targets
 
 
-def sparsify(model: nn.Module, layers=(nn.Linear, nn.Conv2d)) -> nn.Module:
+def sparsify(model: nn.Module, layers=(nn.Linear, nn.Conv2d), block_size=None) -> nn.Module:
     """Replace, in place and recursively, every module of ``model`` whose type is exactly one of
     ``layers`` by its sparse version (``nn.Linear -> SparseLinear``, ``nn.Conv2d ->
     SparseConv2d``), via ``from_dense``: the sparse module holds the SAME Parameter objects, so
@@ -50,16 +51,24 @@ def sparsify(model: nn.Module, layers=(nn.Linear, nn.Conv2d)) -> nn.Module:
     Args:
         model: any ``nn.Module`` (e.g. torchvision ``alexnet(weights=None)``, ``vgg16``).
         layers: a type or a tuple of types among ``nn.Linear``, ``nn.Conv2d``.
+        block_size: ``(bm, bk)`` (or an int): the SparseLinear layers run in block mode (the
+            block-sparse kernels skip all-pruned blocks; see ``SparseLinear``). Default: None.
 
     Raises:
         TypeError: an entry of ``layers`` is not supported (the message lists what is).
     """
     targets = _targets(layers)
+    if block_size is not None:
+        _pair(block_size)  # fail before anything is swapped
     converted: dict[int, nn.Module] = {}  # id(dense) -> sparse, for shared modules
 
     def convert(module: nn.Module) -> nn.Module:
         if id(module) not in converted:
-            converted[id(module)] = targets[type(module)].from_dense(module)
+            cls = targets[type(module)]
+            if block_size is not None and cls is SparseLinear:
+                converted[id(module)] = cls.from_dense(module, block_size=block_size)
+            else:
+                converted[id(module)] = cls.from_dense(module)
         return converted[id(module)]
 
     if type(model) in targets:
