@@ -7,6 +7,7 @@ from torch import nn
 
 from sparsekern.formats.block_sparse import block_occupancy
 from sparsekern.nn import sparsify
+from sparsekern.ops.block_sparse_conv2d import conv_block_occupancy
 from sparsekern.pruning.block import (
     block_magnitude_mask,
     block_scores,
@@ -75,14 +76,19 @@ def test_global_scope_with_floor():
     assert (kept["0"] + kept["1"]) / 2 == 0.5
 
 
-def test_conv_weights_on_their_gemm_view():
+def test_conv_weights_on_their_tap_major_view():
     torch.manual_seed(0)
     model = sparsify(nn.Sequential(nn.Conv2d(8, 20, 3)))
     prune_blocks_(model, density=0.5, block_size=(16, 16))
-    m = model[0].mask.reshape(20, 72)
-    occ = block_occupancy(m, (16, 16))  # 2 x 5 blocks
-    assert int(occ.sum()) == 5
-    assert torch.equal(m, expand_block_mask(occ, (20, 72), 16))
+    mask = model[0].mask
+    occ = conv_block_occupancy(mask, (16, 16))  # 2 block-rows x 9 taps x 1 channel block
+    assert occ.shape == (2, 9) and int(occ.sum()) == 9
+    assert torch.equal(mask, expand_block_mask(occ, mask.shape, 16))
+    # one block = 16 output x 8 input channels of one tap: all kept or all pruned
+    for r in range(2):
+        for tap in range(9):
+            blk = mask[r * 16 : (r + 1) * 16, :, tap // 3, tap % 3]
+            assert blk.all() or not blk.any()
 
 
 def test_errors():

@@ -13,7 +13,7 @@ from torch import nn
 
 from sparsekern.formats.block_sparse import block_occupancy
 from sparsekern.nn import SparseLinear, sparsify
-from sparsekern.nn.inference import BlockSparseLinear, to_inference
+from sparsekern.nn.inference import BlockSparseConv2d, BlockSparseLinear, to_inference
 from sparsekern.pruning.block import prune_blocks_
 
 bsl = importlib.import_module("sparsekern.ops.block_sparse_linear")
@@ -155,3 +155,38 @@ def test_to_inference_errors_and_options(device):
     layer = SparseLinear(40, 30).to(device)
     single = to_inference(layer, block_size=(32, 16))
     assert isinstance(single, BlockSparseLinear) and single.block_size == (32, 16)
+
+
+def _cnn(device):
+    torch.manual_seed(2)
+    model = nn.Sequential(
+        nn.Conv2d(3, 20, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(20, 18, 3, stride=2, padding="valid"),
+        nn.Conv2d(18, 18, 3, padding=1, groups=2),  # grouped: kept as it is
+        nn.Flatten(),
+        nn.Linear(18 * 3 * 3, 10),
+    ).to(device)
+    return sparsify(model)
+
+
+def test_to_inference_converts_convs_with_equal_outputs(device):
+    model = _cnn(device)
+    prune_blocks_(model, density={"0": 0.5, "2": 0.4, "5": 0.5}, block_size=16)
+    inf = to_inference(model, block_size=16)
+    assert isinstance(inf[0], BlockSparseConv2d) and isinstance(inf[2], BlockSparseConv2d)
+    assert not isinstance(inf[3], BlockSparseConv2d), "a grouped conv was converted"
+    assert isinstance(inf[5], BlockSparseLinear)
+    x = torch.randn(2, 3, 8, 8, device=device)
+    torch.testing.assert_close(inf(x), model(x), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(inf[0].to_dense(), model[0].weight * model[0].mask)
+    # unbatched input, and a round trip through the state dict into a fresh export
+    torch.testing.assert_close(inf[0](x[0]), model[0](x[0]), rtol=1e-4, atol=1e-4)
+    other = to_inference(_cnn(device), block_size=16)
+    other.load_state_dict(inf.state_dict())
+    torch.testing.assert_close(other(x), inf(x), rtol=0, atol=0)
+    assert inf[2].values.shape[0] < 2 * 9 * 2  # fewer blocks stored than the full grid
+    with pytest.raises(RuntimeError, match="expected stride"):
+        bad = inf.state_dict()
+        bad["0._extra_state"] = {**bad["0._extra_state"], "stride": [2, 2]}
+        other.load_state_dict(bad)

@@ -20,7 +20,11 @@ import time
 
 # Shared memory per block (bytes) that a kernel may use, by compute capability.
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
-OP_MODULES = ["sparsekern.ops.masked_linear", "sparsekern.ops.block_sparse_linear"]
+OP_MODULES = [
+    "sparsekern.ops.masked_linear",
+    "sparsekern.ops.block_sparse_linear",
+    "sparsekern.ops.block_sparse_conv2d",
+]
 
 
 def _sample(specs: list[tuple]) -> list[tuple]:

@@ -573,10 +573,10 @@ def block_masked_linear(
             f"block_masked_linear: mask must be torch.bool of shape {list(weight.shape)} on "
             f"{weight.device}, got {mask.dtype} {list(mask.shape)} on {mask.device}"
         )
-    if not weight.is_contiguous():
+    if not (weight.is_contiguous() and mask.is_contiguous()):
         raise ValueError(
-            "block_masked_linear: weight must be contiguous (block offsets assume row-major "
-            f"[out, in] storage), got strides {weight.stride()}"
+            "block_masked_linear: weight and mask must be contiguous (block offsets assume "
+            f"row-major [out, in] storage), got strides {weight.stride()} and {mask.stride()}"
         )
     _check_common("block_masked_linear", x, weight.shape[0], weight.shape[1], weight, bias)
     lay = layout_of_mask(mask, (bm, bk))

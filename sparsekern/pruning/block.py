@@ -3,8 +3,10 @@ block-sparse kernels can skip the rest (``SparseLinear(block_size=...)``, ``to_i
 
 A block's score is the L1 or L2 norm of its surviving weights divided by its number of in-bounds
 weights (``mean |w|`` or ``sqrt(mean w^2)``), so the ragged edge blocks of a matrix whose sizes are
-not multiples of the block compete fairly with full ones. Conv weights ``[out, in/g, kh, kw]`` are
-blocked on their GEMM view ``[out, in/g * kh * kw]``, the matrix the block-sparse conv kernels see.
+not multiples of the block compete fairly with full ones. Conv weights ``[out, in, kh, kw]`` are
+blocked on their TAP-MAJOR GEMM view ``[out, kh*kw*in_pad]`` (``bm`` output x ``bk`` input
+channels of one kernel tap per block), the matrix the block-sparse conv kernels skip blocks of
+(``sparsekern.ops.block_sparse_conv2d``).
 
 Per layer (``scope="layer"``) every layer keeps ``round(density x its blocks)`` blocks; globally
 (``scope="global"``) one score threshold over all layers keeps ``density`` of all blocks (by count,
@@ -25,6 +27,7 @@ from torch import nn
 
 from sparsekern.formats.block_sparse import _pair, block_grid
 from sparsekern.nn.masks import set_mask
+from sparsekern.ops.block_sparse_conv2d import conv_weight_from_gemm, conv_weight_to_gemm
 from sparsekern.pruning._layers import require_sparse_layers, resolve_per_layer
 
 __all__ = ["block_scores", "block_magnitude_mask", "expand_block_mask", "prune_blocks_"]
@@ -32,8 +35,13 @@ __all__ = ["block_scores", "block_magnitude_mask", "expand_block_mask", "prune_b
 NORMS = ("l1", "l2")
 
 
-def _gemm_view(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1)
+def _gemm_view(t: torch.Tensor, bk: int) -> torch.Tensor:
+    """Linear ``[out, in]`` as is; conv ``[out, in, kh, kw]`` -> ``[out, kh*kw*in_pad]``."""
+    if t.dim() == 2:
+        return t
+    if t.dtype == torch.bool:
+        return conv_weight_to_gemm(t.view(torch.uint8), bk).bool()
+    return conv_weight_to_gemm(t, bk)
 
 
 def block_scores(
@@ -45,29 +53,29 @@ def block_scores(
     if norm not in NORMS:
         raise ValueError(f"block_scores: norm must be one of {NORMS}, got {norm!r}")
     bm, bk = _pair(block_size)
-    w = _gemm_view(weight.detach()).double()
+    w = weight.detach().double()
     if mask is not None:
-        w = w * _gemm_view(mask)
+        w = w * mask
+    inside = _gemm_view(torch.ones_like(w), bk)  # 0 at the per-tap channel padding of a conv
+    w = _gemm_view(w, bk)
     rows, cols = w.shape
     R, C = block_grid((rows, cols), (bm, bk))
     pad = (0, C * bk - cols, 0, R * bm - rows)
     v = w.abs() if norm == "l1" else w * w
     total = torch.nn.functional.pad(v, pad).view(R, bm, C, bk).sum(dim=(1, 3))
-    ones = torch.nn.functional.pad(torch.ones_like(w), pad).view(R, bm, C, bk).sum(dim=(1, 3))
+    ones = torch.nn.functional.pad(inside, pad).view(R, bm, C, bk).sum(dim=(1, 3))
     mean = total / ones
     return mean if norm == "l1" else mean.sqrt()
 
 
 def expand_block_mask(blocks: torch.Tensor, shape, block_size) -> torch.Tensor:
     """``[R, C]`` bool -> a bool mask of ``shape`` (a weight's shape; conv weights through their
-    GEMM view), True inside the kept blocks."""
+    tap-major view), True inside the kept blocks."""
     bm, bk = _pair(block_size)
-    rows = shape[0]
-    cols = 1
-    for s in shape[1:]:
-        cols *= s
-    full = blocks.repeat_interleave(bm, 0).repeat_interleave(bk, 1)[:rows, :cols]
-    return full.reshape(shape).contiguous()
+    full = blocks.repeat_interleave(bm, 0).repeat_interleave(bk, 1)[: shape[0]]
+    if len(shape) == 2:
+        return full[:, : shape[1]].contiguous()
+    return conv_weight_from_gemm(full.view(torch.uint8), tuple(shape), bk).bool()
 
 
 def _top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
