@@ -7,7 +7,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RESULTS ?= benchmarks/results
 
-.PHONY: venv demo mnist test lint format bench gpu-check gpu-bench-full clean
+.PHONY: venv demo mnist imagenet-smoke test lint format bench gpu-check gpu-bench-full clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,12 @@ demo: venv
 mnist: venv
 	$(VPY) scripts/prune_mnist.py --model lenet300 --figures
 	$(VPY) scripts/prune_mnist.py --model lenet5
+
+# The ImageNet pipeline on a synthetic ImageFolder with 1/16-width nets: 1 process, then 2 ranks.
+imagenet-smoke: venv
+	$(VPY) scripts/prune_imagenet.py --model alexnet --synthetic --tiny --out runs/alexnet-tiny --resume
+	$(VPY) -m torch.distributed.run --standalone --nproc_per_node 2 scripts/prune_imagenet.py \
+		--model alexnet-caffe --synthetic --tiny --out runs/alexnet-caffe-tiny-ddp --resume
 
 test: venv
 	$(VPY) -m pytest -q tests

@@ -160,7 +160,7 @@ def test_poisoned_outputs_and_untouched_pruned_blocks(device):
     lay = bsc.conv_layout_of_mask(mask, (16, 16))
     geo = ((1, 1), (1, 1), (1, 1))
     nan = float("nan")
-    y = bsc.bsc_fwd_launch(x, w, lay, None, geo, out=torch.full((2, 20, 7, 6), nan))
+    y = bsc.bsc_fwd_launch(x, w, lay, None, geo, out=torch.full((2, 20, 7, 6), nan, device=device))
     assert torch.isfinite(y).all()
     dy = torch.randn_like(y)
     dx = bsc.bsc_dx_launch(dy, w, lay, x.shape, geo, out=torch.full_like(x, nan))
