@@ -55,10 +55,13 @@ gpu-check:
 	PYTHONPATH=. TRITON_INTERPRET=0 python3 -m pytest -q -x tests
 	PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/bench_masked_linear.py --out $(RESULTS)
 	PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/bench_block_sparse.py --quick --out $(RESULTS)
+	PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/bench_conv.py --quick --out $(RESULTS)
 
-# The whole block-sparse sweep (issue 3's shapes x blocks 16-128 x densities 0.5-0.05; long).
+# The whole sweeps (long): block-sparse linear (shapes x blocks 16-128 x densities 0.5-0.05) and
+# every AlexNet / VGG-16 conv layer at batch 64 and 256.
 gpu-bench-full:
 	PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/bench_block_sparse.py --out $(RESULTS)
+	PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/bench_conv.py --out $(RESULTS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .benchmarks

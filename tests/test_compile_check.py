@@ -27,6 +27,7 @@ def test_kernels_compile_for_sm90(tmp_path):
     expected = {"masked_linear.mask_b", "masked_linear.mask_c"}
     expected |= {f"block_sparse_linear.{k}" for k in ("fwd", "dx", "dw")}
     expected |= {f"block_sparse_conv2d.{k}" for k in ("fwd", "dx", "dw", "dw_reduce")}
+    expected |= {f"masked_conv2d.{k}" for k in ("fwd", "fwd_strided", "dx", "dw", "dw_split")}
     assert expected <= kernels, f"missing {expected - kernels}"
     # The big bf16 tiles must lower to Hopper's warpgroup MMA, not the older mma.sync path.
     big_bf16 = [r for r in rows if "bf16,128x256x64" in r["kernel"]]

@@ -14,6 +14,14 @@ from sparsekern.ops.masked_conv2d import masked_conv2d, masked_conv2d_reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding=.same. with even kernel")
 
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_conv(monkeypatch):
+    """On CUDA, fp32 F.conv2d (cuDNN) runs in TF32 by default and masked_conv2d follows the same
+    flag; the float32 tolerances here need true fp32 on both sides."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 # (kernel_size, stride, padding, dilation, groups, bias, padding_mode), input 8 -> 4 channels
 CONFIGS = [
     (3, 1, 0, 1, 1, True, "zeros"),
@@ -236,3 +244,45 @@ def test_state_dict_dense_load_and_copies(device):
     result = layer.load_state_dict(dense.state_dict(), strict=True)
     assert not result.missing_keys and bool(layer.mask.all())
     torch.testing.assert_close(layer(x), dense(x))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(padding=1),
+        dict(padding="same", dilation=2),
+        dict(padding=1, padding_mode="reflect", stride=2),
+    ],
+    ids=["pad1", "same_dil2", "reflect_s2"],
+)
+def test_block_mode_matches_default_mode(kwargs, device):
+    from sparsekern.pruning.block import prune_blocks_
+
+    torch.manual_seed(0)
+    conv = SparseConv2d(18, 20, 3, device=device, block_size=16, **kwargs)
+    assert conv.block_size == (16, 16) and "block_size=(16, 16)" in repr(conv)
+    model = nn.Sequential(conv)
+    prune_blocks_(model, density=0.5)
+    ref = copy.deepcopy(conv)
+    ref.set_block_size(None)
+    x = torch.randn(2, 18, 7, 6, device=device, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    y, yr = conv(x), ref(x2)
+    torch.testing.assert_close(y, yr, rtol=1e-4, atol=1e-4)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    yr.backward(dy)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(conv.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-4)
+    assert (conv.weight.grad[~conv.mask] == 0).all()
+    torch.testing.assert_close(conv(x[0]), ref(x2[0]), rtol=1e-4, atol=1e-4)  # unbatched
+
+
+def test_block_mode_needs_groups_1_and_copies():
+    with pytest.raises(ValueError, match="block mode needs groups=1, got groups=2"):
+        SparseConv2d(4, 4, 3, groups=2, block_size=16)
+    conv = SparseConv2d(4, 4, 3, block_size=(16, 32))
+    assert copy.deepcopy(conv).block_size == (16, 32)
+    assert pickle.loads(pickle.dumps(conv)).block_size == (16, 32)
+    assert SparseConv2d.from_dense(conv).block_size == (16, 32)
+    assert SparseConv2d.from_dense(nn.Conv2d(4, 4, 3), block_size=16).block_size == (16, 16)

@@ -12,9 +12,12 @@ from sparsekern.nn import SparseConv2d, SparseLinear, sparse_modules, sparsify
 def reference_ops_on_cpu(device, monkeypatch):
     """Big models on CPU: run the ops' plain-PyTorch path instead of the Triton interpreter (which
     would take minutes on a 25088 x 4096 GEMM). The kernels have their own tests; these tests are
-    about the module swap. On CUDA nothing changes."""
+    about the module swap. On CUDA, SparseConv2d runs the Triton kernels and nn.Conv2d cuDNN:
+    compare in true fp32 (cuDNN's default TF32 is off by ~1e-3)."""
     if device.type == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "0")
+    else:
+        monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
 
 
 class Toy(nn.Module):

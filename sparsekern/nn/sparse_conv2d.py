@@ -7,7 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
+from sparsekern.formats.block_sparse import _pair as _block_pair
 from sparsekern.nn._sparse_module import SparseModuleMixin, adopt_parameters, check_convertible
+from sparsekern.ops.block_sparse_conv2d import block_masked_conv2d
 from sparsekern.ops.masked_conv2d import masked_conv2d
 
 __all__ = ["SparseConv2d"]
@@ -29,7 +31,14 @@ class SparseConv2d(SparseModuleMixin, nn.Conv2d):
     Change the mask with :meth:`set_mask`; state dict, deepcopy and pickle behave as for
     :class:`sparsekern.nn.SparseLinear` (keys ``weight``, ``bias``, ``mask``; a dense
     ``nn.Conv2d`` state dict loads with ``strict=True`` and sets the mask all True).
+
+    Block mode (``block_size=(bm, bk)``, groups=1 only): the block-sparse kernels
+    (``sparsekern.ops.block_sparse_conv2d``) skip every all-pruned block of the weight's tap-major
+    view (``bm`` output x ``bk`` input channels of one kernel tap); prune whole blocks with
+    ``sparsekern.pruning.block.prune_blocks_``. Same results and gradients as the default mode.
     """
+
+    block_size: tuple[int, int] | None
 
     def __init__(
         self,
@@ -44,6 +53,7 @@ class SparseConv2d(SparseModuleMixin, nn.Conv2d):
         padding_mode: str = "zeros",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        block_size: int | tuple[int, int] | None = None,
     ) -> None:
         super().__init__(
             in_channels,
@@ -59,11 +69,41 @@ class SparseConv2d(SparseModuleMixin, nn.Conv2d):
             dtype=dtype,
         )
         self._init_mask()
+        self.set_block_size(block_size)
+
+    def set_block_size(self, block_size: int | tuple[int, int] | None) -> None:
+        """Switch to block mode with ``(bm, bk)`` blocks (groups=1 only), or back with None."""
+        if block_size is not None and self.groups != 1:
+            raise ValueError(f"SparseConv2d: block mode needs groups=1, got groups={self.groups}")
+        self.block_size = None if block_size is None else _block_pair(block_size)
+
+    def _block_padding(self) -> tuple[int, int] | None:
+        """Symmetric zero padding as a pair, or None ('same' with an odd total: masked path)."""
+        p = self.padding
+        if p == "valid":
+            return (0, 0)
+        if p == "same":
+            totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
+            return None if any(t % 2 for t in totals) else (totals[0] // 2, totals[1] // 2)
+        return (int(p[0]), int(p[1]))
 
     def _conv_forward(
         self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         # Mirrors nn.Conv2d._conv_forward with masked_conv2d in place of F.conv2d.
+        bs = getattr(self, "block_size", None)  # None for modules pickled before block mode
+        if bs is not None and not torch.compiler.is_compiling():
+            pad = (0, 0) if self.padding_mode != "zeros" else self._block_padding()
+            if pad is not None:
+                x = input
+                if self.padding_mode != "zeros":
+                    x = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+                unbatched = x.dim() == 3
+                x = x.unsqueeze(0) if unbatched else x
+                y = block_masked_conv2d(
+                    x, weight, self.mask, bias, self.stride, pad, self.dilation, bs
+                )
+                return y.squeeze(0) if unbatched else y
         if self.padding_mode != "zeros":
             padded = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return masked_conv2d(
@@ -77,8 +117,17 @@ class SparseConv2d(SparseModuleMixin, nn.Conv2d):
         """``[N, in_channels, H, W] -> [N, out_channels, H_out, W_out]`` (batch dim optional)."""
         return self._conv_forward(input, self.weight, self.bias)
 
+    def extra_repr(self) -> str:
+        bs = getattr(self, "block_size", None)
+        return super().extra_repr() + ("" if bs is None else f", block_size={bs}")
+
     @classmethod
-    def from_dense(cls, conv: nn.Conv2d, mask: torch.Tensor | None = None) -> SparseConv2d:
+    def from_dense(
+        cls,
+        conv: nn.Conv2d,
+        mask: torch.Tensor | None = None,
+        block_size: int | tuple[int, int] | None = None,
+    ) -> SparseConv2d:
         """A SparseConv2d computing what ``conv`` computes, SHARING its parameters.
 
         Same contract as :meth:`sparsekern.nn.SparseLinear.from_dense`: the very same ``weight`` /
@@ -89,6 +138,7 @@ class SparseConv2d(SparseModuleMixin, nn.Conv2d):
             conv: an initialised ``nn.Conv2d`` (a SparseConv2d's mask is copied along).
             mask: optional bool ``[out_channels, in_channels / groups, kH, kW]`` on the weight's
                 device, installed with :meth:`set_mask` (zeroing the shared weight where False).
+            block_size: block mode (groups=1); default: off, or ``conv``'s own block size.
         """
         check_convertible(conv, nn.Conv2d, f"{cls.__name__}.from_dense")
         sparse = cls(
@@ -104,4 +154,7 @@ class SparseConv2d(SparseModuleMixin, nn.Conv2d):
             device="meta",  # no memory or random init for a weight about to be replaced
             dtype=conv.weight.dtype,
         )
+        if block_size is None:
+            block_size = getattr(conv, "block_size", None)
+        sparse.set_block_size(block_size)
         return adopt_parameters(sparse, conv, mask)

@@ -51,8 +51,9 @@ def sparsify(model: nn.Module, layers=(nn.Linear, nn.Conv2d), block_size=None) -
     Args:
         model: any ``nn.Module`` (e.g. torchvision ``alexnet(weights=None)``, ``vgg16``).
         layers: a type or a tuple of types among ``nn.Linear``, ``nn.Conv2d``.
-        block_size: ``(bm, bk)`` (or an int): the SparseLinear layers run in block mode (the
-            block-sparse kernels skip all-pruned blocks; see ``SparseLinear``). Default: None.
+        block_size: ``(bm, bk)`` (or an int): the SparseLinear layers and the groups=1
+            SparseConv2d layers run in block mode (the block-sparse kernels skip all-pruned
+            blocks; see ``SparseLinear``, ``SparseConv2d``). Default: None.
 
     Raises:
         TypeError: an entry of ``layers`` is not supported (the message lists what is).
@@ -65,7 +66,8 @@ def sparsify(model: nn.Module, layers=(nn.Linear, nn.Conv2d), block_size=None) -
     def convert(module: nn.Module) -> nn.Module:
         if id(module) not in converted:
             cls = targets[type(module)]
-            if block_size is not None and cls is SparseLinear:
+            blocks = block_size is not None and (cls is SparseLinear or module.groups == 1)
+            if blocks:
                 converted[id(module)] = cls.from_dense(module, block_size=block_size)
             else:
                 converted[id(module)] = cls.from_dense(module)

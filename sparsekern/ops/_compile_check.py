@@ -22,6 +22,7 @@ import time
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
 OP_MODULES = [
     "sparsekern.ops.masked_linear",
+    "sparsekern.ops.masked_conv2d",
     "sparsekern.ops.block_sparse_linear",
     "sparsekern.ops.block_sparse_conv2d",
 ]
