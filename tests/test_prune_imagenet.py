@@ -106,18 +106,20 @@ def test_ddp_two_ranks_cpu(tmp_path, monkeypatch):
     # give the checkpoint's logits
     from models import build_imagenet_model
     from sparsekern.formats.relative_index import load_compressed
-    from sparsekern.nn import BlockSparseLinear, to_inference
+    from sparsekern.nn import BlockSparseConv2d, BlockSparseLinear, to_inference
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     bs = s["block_sparse"]
-    assert bs["status"].startswith("ok") and set(bs["layers"]) == {"fc6", "fc7", "fc8"}
+    # FC layers and the groups=1 convs (Caffe's conv2/4/5 have 2 groups: they stay masked)
+    assert bs["status"].startswith("ok")
+    assert set(bs["layers"]) == {"conv1", "conv3", "fc6", "fc7", "fc8"}
     build = lambda: build_imagenet_model("alexnet-caffe", 4, 1 / 16)  # noqa: E731
     ref = build()
     ref.load_state_dict(ck["model"])
     han = load_compressed(comp, build())
     blk = to_inference(build(), block_size=(32, 32))
     blk.load_state_dict(torch.load(out / bs["path"], weights_only=True))
-    assert isinstance(blk.fc6, BlockSparseLinear)
+    assert isinstance(blk.fc6, BlockSparseLinear) and isinstance(blk.conv1, BlockSparseConv2d)
     x = torch.randn(3, 3, 72, 72)
     with torch.no_grad():
         y = ref.eval()(x)
