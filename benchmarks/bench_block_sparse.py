@@ -23,14 +23,10 @@ Ratios: ``t / (d x t_dense)`` (the issue's target is <= 1.1 at d in [0.05, 0.5],
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
 
 import torch
 import torch.nn.functional as F
-import triton
+from _common import write_results
 from triton.testing import do_bench
 
 from sparsekern.formats.block_sparse import BlockSparseMatrix, block_grid
@@ -141,17 +137,6 @@ def bench_case(M: int, N: int, K: int, block: int, density: float, dtype, device
     return row
 
 
-def environment() -> dict:
-    return {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -193,15 +178,8 @@ def main() -> None:
             f"{'n/a' if tb is None else f'{tb:.2f}'}",
             flush=True,
         )
-    env = environment()
-    os.makedirs(args.out, exist_ok=True)
-    gpu = env["gpu"].replace(" ", "_")
-    tag = "quick" if args.quick else "sweep"
-    path = os.path.join(args.out, f"block_sparse_{gpu}_{args.dtype}_{tag}_{env['date'][:10]}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"env": env, "dtype": args.dtype, "rows": rows}, f, indent=1)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+    stem = "block_sparse_quick" if args.quick else "block_sparse"
+    print(f"wrote {write_results(args.out, stem, args.dtype, rows)}")
 
 
 if __name__ == "__main__":

@@ -24,11 +24,8 @@ Variants are data (VARIANTS below).
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import importlib
-import json
 import os
-import platform
 import sys
 import time
 
@@ -43,6 +40,7 @@ if "--smoke" in sys.argv and not os.environ.get("TRITON_INTERPRET"):
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
+from _common import write_results  # noqa: E402
 
 from sparsekern.ops import masked_conv2d  # noqa: E402
 from sparsekern.ops.block_sparse_conv2d import (  # noqa: E402
@@ -223,21 +221,6 @@ def bench_layer(model: str, layer, batch: int, dtype, device, smoke: bool) -> li
     return rows
 
 
-def environment() -> dict:
-    cuda = torch.cuda.is_available()
-    return {
-        "gpu": torch.cuda.get_device_name() if cuda else "none (interpreter smoke run)",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "cudnn": torch.backends.cudnn.version() if cuda else None,
-        "python": platform.python_version(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "tf32": torch.backends.cuda.matmul.allow_tf32,
-        "cudnn_benchmark": torch.backends.cudnn.benchmark,
-    }
-
-
 def _print_row(r: dict) -> None:
     print(
         f"{r['model']:>8} {r['layer']:>14} {r['batch']:>5} {r['density']:>5.2f} {r['variant']:>8}"
@@ -288,14 +271,7 @@ def main(argv=None) -> None:
     if args.smoke:
         print("smoke run: no JSON written")
         return
-    env = environment()
-    os.makedirs(args.out, exist_ok=True)
-    gpu = env["gpu"].replace(" ", "_")
-    tag = "_quick" if args.quick else ""
-    path = os.path.join(args.out, f"conv_{gpu}_{args.dtype}{tag}_{env['date'][:10]}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"env": env, "dtype": args.dtype, "rows": rows}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    path = write_results(args.out, "conv_quick" if args.quick else "conv", args.dtype, rows)
     print(f"wrote {path}")
 
 

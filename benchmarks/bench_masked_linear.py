@@ -16,14 +16,10 @@ writes JSON (GPU name, torch and triton versions, date, every number) under --ou
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
-import os
-import platform
 
 import torch
 import torch.nn.functional as F
-import triton
+from _common import write_results
 from triton.testing import do_bench
 
 from sparsekern.ops import masked_linear
@@ -96,18 +92,6 @@ def bench_case(M: int, N: int, K: int, density: float, dtype: torch.dtype) -> di
     return row
 
 
-def environment() -> dict:
-    return {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "tf32": torch.backends.cuda.matmul.allow_tf32,
-    }
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -132,14 +116,7 @@ def main() -> None:
                 f"{r['unfused']['peak_mib']:.0f}/{r['sparsek']['peak_mib']:.0f}",
                 flush=True,
             )
-    env = environment()
-    os.makedirs(args.out, exist_ok=True)
-    gpu = env["gpu"].replace(" ", "_")
-    path = os.path.join(args.out, f"masked_linear_{gpu}_{args.dtype}_{env['date'][:10]}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"env": env, "dtype": args.dtype, "rows": rows}, f, indent=1)
-    os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+    print(f"wrote {write_results(args.out, 'masked_linear', args.dtype, rows)}")
 
 
 if __name__ == "__main__":

@@ -31,8 +31,6 @@ or compact ``values [nnz, bm, bk]`` of a :class:`BlockSparseMatrix` of the tap-m
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -41,7 +39,9 @@ import triton.language as tl
 from sparsekern.formats.block_sparse import BlockSparseMatrix, _pair
 from sparsekern.ops._dispatch import interpreter_enabled, use_kernels
 from sparsekern.ops._mask_cache import cached_on_mask
-from sparsekern.ops.masked_linear import KERNEL_DTYPES, _upcast
+from sparsekern.ops.block_sparse_linear import _keep, _Layout, layout_from_occupancy
+from sparsekern.ops.masked_conv2d import _out_size, _precision
+from sparsekern.ops.masked_linear import KERNEL_DTYPES, _out, _upcast
 
 __all__ = [
     "block_masked_conv2d",
@@ -107,42 +107,7 @@ def conv_block_occupancy(mask: torch.Tensor, block_size) -> torch.Tensor:
     return g.view(R, bm, cols // bk, bk).amax(dim=(1, 3)).bool()
 
 
-class _ConvLayout(NamedTuple):
-    """Stored-block metadata (see ``block_sparse_linear._Layout``) for a tap-major block grid of
-    ``R = ceil(C_out/bm)`` rows x ``C = kH*kW*CB`` columns (``CB = ceil(C_in/bk)``); block
-    column ``c`` is tap ``c // CB``, channel block ``c % CB``. ``strides``: in-block element
-    strides (rows = output channels, columns = input channels) of the storage."""
-
-    weight_shape: tuple[int, int, int, int]
-    block: tuple[int, int]
-    nnz: int
-    row_ptr: torch.Tensor
-    col_idx: torch.Tensor
-    block_row: torch.Tensor
-    blk_off: torch.Tensor
-    col_ptr: torch.Tensor
-    t_row: torch.Tensor
-    t_off: torch.Tensor
-    strides: tuple[int, int]
-    keep: torch.Tensor | None
-
-
-def _layout(occ, weight_shape, block, blk_off_of, strides, keep) -> _ConvLayout:
-    R, C = occ.shape
-    r_idx, c_idx = occ.nonzero(as_tuple=True)
-    blk_off = blk_off_of(r_idx, c_idx)
-    row_ptr = torch.cat([occ.new_zeros(1, dtype=torch.long), occ.sum(1).cumsum(0)])
-    col_ptr = torch.cat([occ.new_zeros(1, dtype=torch.long), occ.sum(0).cumsum(0)])
-    order = torch.argsort(c_idx * max(R, 1) + r_idx, stable=True)
-    i32 = torch.int32
-    return _ConvLayout(
-        tuple(weight_shape), block, int(r_idx.numel()), row_ptr.to(i32), c_idx.to(i32),
-        r_idx.to(i32), blk_off, col_ptr.to(i32), r_idx[order].to(i32), blk_off[order],
-        strides, keep,
-    )  # fmt: skip
-
-
-def _compute_conv_mask_layout(mask: torch.Tensor, block) -> _ConvLayout:
+def _compute_conv_mask_layout(mask: torch.Tensor, block) -> _Layout:
     bm, bk = block
     c_out, c_in, kh, kw = mask.shape
     CB = _cdiv(c_in, bk)
@@ -158,22 +123,22 @@ def _compute_conv_mask_layout(mask: torch.Tensor, block) -> _ConvLayout:
         return r * (bm * s_o) + cb * (bk * s_c) + (tap // kw) * s_h + (tap % kw) * s_w
 
     keep = None if whole else mask.view(torch.uint8)
-    return _layout(occ, mask.shape, block, blk_off, (s_o, s_c), keep)
+    return layout_from_occupancy(occ, mask.shape, block, blk_off, (s_o, s_c), keep)
 
 
-def conv_layout_of_mask(mask: torch.Tensor, block_size) -> _ConvLayout:
+def conv_layout_of_mask(mask: torch.Tensor, block_size) -> _Layout:
     """Layout of a dense contiguous conv weight whose kept blocks (tap-major view) are those of
     ``mask`` holding any True. Cached on the mask; recomputed when it changes in place."""
     block = _pair(block_size)
     return cached_on_mask(mask, f"bsc:{block}", lambda m: _compute_conv_mask_layout(m, block))
 
 
-def conv_layout_of_matrix(w: BlockSparseMatrix, weight_shape) -> _ConvLayout:
+def conv_layout_of_matrix(w: BlockSparseMatrix, weight_shape) -> _Layout:
     """Layout of compact values: ``w`` is the BlockSparseMatrix of the tap-major view."""
     bm, bk = w.block_size
     occ = w.block_mask()
     off = lambda r, c: torch.arange(r.numel(), device=r.device, dtype=torch.int64) * (bm * bk)  # noqa: E731
-    return _layout(occ, weight_shape, (bm, bk), off, (bk, 1), None)
+    return layout_from_occupancy(occ, weight_shape, (bm, bk), off, (bk, 1), None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,17 +358,7 @@ def _bsc_dw_reduce_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-def _precision(dtype: torch.dtype) -> str:
-    # As F.conv2d: cuDNN uses TF32 for fp32 when torch.backends.cudnn.allow_tf32 (default True).
-    tf32_ok = torch.backends.cudnn.allow_tf32 and not interpreter_enabled()
-    return "ieee" if dtype == torch.float32 and not tf32_ok else "tf32"
-
-
-def _out_size(size: int, k: int, s: int, p: int, d: int) -> int:
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-def _check(name, lay: _ConvLayout, w: torch.Tensor, **acts) -> None:
+def _check(name, lay: _Layout, w: torch.Tensor, **acts) -> None:
     if w.dtype not in KERNEL_DTYPES:
         raise TypeError(f"{name}: kernels take float16, bfloat16 or float32, got {w.dtype}")
     for k, t in acts.items():
@@ -420,29 +375,14 @@ def _geom(geometry):
     return sh, sw, ph, pw, dh, dw
 
 
-def _alloc(out, shape, like):
-    if out is None:
-        return torch.empty(shape, device=like.device, dtype=like.dtype)
-    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype or out.device != like.device:
-        raise ValueError(
-            f"out: expected shape {tuple(shape)}, dtype {like.dtype}, device {like.device}; got "
-            f"{tuple(out.shape)}, {out.dtype}, {out.device}"
-        )
-    return out
-
-
-def _keep(lay):
-    return (lay.keep, True) if lay.keep is not None else (lay.row_ptr, False)
-
-
-def bsc_fwd_launch(x, w, lay: _ConvLayout, bias, geometry, out=None) -> torch.Tensor:
+def bsc_fwd_launch(x, w, lay: _Layout, bias, geometry, out=None) -> torch.Tensor:
     """``y [N, C_out, OH, OW]`` from ``x [N, C_in, H, W]`` and the stored blocks of ``w``."""
     _check("block_sparse_conv2d forward", lay, w, x=x)
-    c_out, c_in, KH, KW = lay.weight_shape
+    c_out, c_in, KH, KW = lay.shape
     sh, sw, ph, pw, dh, dw = _geom(geometry)
     B, _, H, W = x.shape
     OH, OW = _out_size(H, KH, sh, ph, dh), _out_size(W, KW, sw, pw, dw)
-    y = _alloc(out, (B, c_out, OH, OW), x)
+    y = _out(out, (B, c_out, OH, OW), x, x.dtype)
     M = B * OH * OW
     if M == 0:
         return y
@@ -461,14 +401,14 @@ def bsc_fwd_launch(x, w, lay: _ConvLayout, bias, geometry, out=None) -> torch.Te
     return y
 
 
-def bsc_dx_launch(dy, w, lay: _ConvLayout, x_shape, geometry, out=None) -> torch.Tensor:
+def bsc_dx_launch(dy, w, lay: _Layout, x_shape, geometry, out=None) -> torch.Tensor:
     """``dx [N, C_in, H, W]`` from ``dy [N, C_out, OH, OW]`` and the stored blocks of ``w``."""
     _check("block_sparse_conv2d dx", lay, w, dy=dy)
-    c_out, c_in, KH, KW = lay.weight_shape
+    c_out, c_in, KH, KW = lay.shape
     sh, sw, ph, pw, dh, dw = _geom(geometry)
     B, _, H, W = x_shape
     OH, OW = dy.shape[2], dy.shape[3]
-    dx = _alloc(out, (B, c_in, H, W), dy)
+    dx = _out(out, (B, c_in, H, W), dy, dy.dtype)
     M = B * H * W
     if M == 0:
         return dx
@@ -494,11 +434,11 @@ def _splits(nnz: int, M: int) -> int:
     return max(1, min(_cdiv(264, nnz), _cdiv(M, 2048)))
 
 
-def bsc_dw_launch(dy, x, w, lay: _ConvLayout, geometry, out=None) -> torch.Tensor:
+def bsc_dw_launch(dy, x, w, lay: _Layout, geometry, out=None) -> torch.Tensor:
     """Gradient of the storage ``w`` (its shape): stored blocks only; ``out`` must be zeroed
     (None: a fresh zeroed tensor)."""
     _check("block_sparse_conv2d dweight", lay, w, dy=dy, x=x)
-    c_out, c_in, KH, KW = lay.weight_shape
+    c_out, c_in, KH, KW = lay.shape
     sh, sw, ph, pw, dh, dw = _geom(geometry)
     B, _, H, W = x.shape
     OH, OW = dy.shape[2], dy.shape[3]
@@ -660,11 +600,7 @@ def block_sparse_conv2d(
     if not (use_kernels(x) and x.dtype in KERNEL_DTYPES):
         return block_sparse_conv2d_reference(x, weight, weight_shape, bias, *geometry)
     lay = getattr(weight, "_conv_layout", None)
-    if (
-        lay is None
-        or lay.row_ptr.device != weight.device
-        or lay.weight_shape != (c_out, c_in, kh, kw)
-    ):
+    if lay is None or lay.row_ptr.device != weight.device or lay.shape != (c_out, c_in, kh, kw):
         lay = conv_layout_of_matrix(weight, (c_out, c_in, kh, kw))
         weight._conv_layout = lay
     return _BlockSparseConvFunction.apply(x, weight.values, bias, lay, geometry)

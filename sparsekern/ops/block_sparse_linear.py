@@ -50,6 +50,7 @@ from sparsekern.ops._dispatch import interpreter_enabled, use_kernels
 from sparsekern.ops._mask_cache import cached_on_mask
 from sparsekern.ops.masked_linear import (
     KERNEL_DTYPES,
+    _out,
     _precision,
     _upcast,
     masked_linear,
@@ -258,12 +259,14 @@ def _bsr_dw_kernel(
 # Layout: where each stored block lives, for both storages.
 # ---------------------------------------------------------------------------------------------
 class _Layout(NamedTuple):
-    """Block metadata the kernels read (int32 indices, int64 element offsets, all on W's device).
+    """Block metadata the kernels read (int32 indices, int64 element offsets, on W's device).
 
-    ``shape`` (N, K) of W; ``block`` (bm, bk); ``nnz`` stored blocks; ``row_ptr [R+1]``,
-    ``col_idx [nnz]``, ``block_row [nnz]``, ``blk_off [nnz]`` (row-major order); ``col_ptr [C+1]``,
-    ``t_row [nnz]``, ``t_off [nnz]`` (column-major order); in-block strides ``(stride_r,
-    stride_c)``; ``keep``: the mask as bytes when it must be applied inside kept blocks, else None.
+    ``shape``: the weight's shape ((N, K) for a linear weight, (C_out, C_in, kH, kW) for a conv
+    weight, see ``block_sparse_conv2d``); ``block`` (bm, bk); ``nnz`` stored blocks;
+    ``row_ptr [R+1]``, ``col_idx [nnz]``, ``block_row [nnz]``, ``blk_off [nnz]`` (row-major
+    order); ``col_ptr [C+1]``, ``t_row [nnz]``, ``t_off [nnz]`` (column-major order); in-block
+    strides ``(stride_r, stride_c)``; ``keep``: the mask as bytes when it must be applied inside
+    kept blocks, else None.
     """
 
     shape: tuple[int, int]
@@ -290,22 +293,33 @@ def layout_of_matrix(w: BlockSparseMatrix) -> _Layout:
     )  # fmt: skip
 
 
-def _compute_mask_layout(mask: torch.Tensor, block: tuple[int, int]) -> _Layout:
-    bm, bk = block
-    N, K = mask.shape
-    occ = block_occupancy(mask, block)  # [R, C]
+def layout_from_occupancy(occ, shape, block, blk_off_of, strides, keep) -> _Layout:
+    """A layout from the ``[R, C]`` bool grid of stored blocks: ``blk_off_of(rows, cols)`` gives
+    the int64 element offset of each block (row-major order) in the storage; ``strides`` are the
+    in-block strides; ``keep`` the mask bytes to apply inside blocks, or None."""
     R, C = occ.shape
-    full = block_occupancy(~mask, block).logical_not()  # blocks with no False at all
-    whole_blocks = bool((full | ~occ).all())  # every block is either all kept or all pruned
-    r_idx, c_idx = occ.nonzero(as_tuple=True)
-    blk_off = r_idx * (bm * K) + c_idx * bk  # int64: r*bm*K passes 2^31 for big layers
+    r_idx, c_idx = occ.nonzero(as_tuple=True)  # row-major, as BlockSparseMatrix stores values
+    blk_off = blk_off_of(r_idx, c_idx)
     row_ptr = torch.cat([occ.new_zeros(1, dtype=torch.long), occ.sum(1).cumsum(0)])
-    order = torch.argsort(c_idx * R + r_idx, stable=True)
     col_ptr = torch.cat([occ.new_zeros(1, dtype=torch.long), occ.sum(0).cumsum(0)])
+    order = torch.argsort(c_idx * max(R, 1) + r_idx, stable=True)  # column-major, rows sorted
     i32 = torch.int32
     return _Layout(
-        (N, K), (bm, bk), int(r_idx.numel()), row_ptr.to(i32), c_idx.to(i32), r_idx.to(i32),
-        blk_off, col_ptr.to(i32), r_idx[order].to(i32), blk_off[order], (K, 1),
+        tuple(shape), tuple(block), int(r_idx.numel()), row_ptr.to(i32), c_idx.to(i32),
+        r_idx.to(i32), blk_off, col_ptr.to(i32), r_idx[order].to(i32), blk_off[order],
+        tuple(strides), keep,
+    )  # fmt: skip
+
+
+def _compute_mask_layout(mask: torch.Tensor, block: tuple[int, int]) -> _Layout:
+    bm, bk = block
+    K = mask.shape[1]
+    occ = block_occupancy(mask, block)  # [R, C]
+    full = block_occupancy(~mask, block).logical_not()  # blocks with no False at all
+    whole_blocks = bool((full | ~occ).all())  # every block is either all kept or all pruned
+    # int64 offsets: r*bm*K passes 2^31 for big layers
+    return layout_from_occupancy(
+        occ, mask.shape, block, lambda r, c: r * (bm * K) + c * bk, (K, 1),
         None if whole_blocks else mask.view(torch.uint8),
     )  # fmt: skip
 
@@ -340,18 +354,7 @@ def _check(name: str, lay: _Layout, w: torch.Tensor, **acts: torch.Tensor) -> No
         )
 
 
-def _out(out, shape, like, dtype):
-    if out is None:
-        return torch.empty(shape, device=like.device, dtype=dtype)
-    if tuple(out.shape) != tuple(shape) or out.dtype != dtype or out.device != like.device:
-        raise ValueError(
-            f"out: expected shape {tuple(shape)}, dtype {dtype}, device {like.device}; got "
-            f"{tuple(out.shape)}, {out.dtype}, {out.device}"
-        )
-    return out
-
-
-def _keep(lay: _Layout, w: torch.Tensor) -> tuple[torch.Tensor, bool]:
+def _keep(lay: _Layout) -> tuple[torch.Tensor, bool]:
     return (lay.keep, True) if lay.keep is not None else (lay.row_ptr, False)
 
 
@@ -364,7 +367,7 @@ def bsr_fwd_launch(x, w, lay: _Layout, bias=None, out=None) -> torch.Tensor:
     R, _ = block_grid(lay.shape, lay.block)
     if M == 0 or N == 0:
         return y
-    keep, masked = _keep(lay, w)
+    keep, masked = _keep(lay)
     grid = lambda meta: (R * triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _bsr_fwd_kernel[grid](
         x, w, lay.blk_off, lay.row_ptr, lay.col_idx, keep, bias if bias is not None else x, y,
@@ -387,7 +390,7 @@ def bsr_dx_launch(dy, w, lay: _Layout, out=None) -> torch.Tensor:
     _, C = block_grid(lay.shape, lay.block)
     if M == 0 or K == 0:
         return dx
-    keep, masked = _keep(lay, w)
+    keep, masked = _keep(lay)
     grid = lambda meta: (C * triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _bsr_dx_kernel[grid](
         dy, w, lay.t_off, lay.col_ptr, lay.t_row, keep, dx,
@@ -414,7 +417,7 @@ def bsr_dw_launch(dy, x, w, lay: _Layout, out=None) -> torch.Tensor:
         dw = _out(out, tuple(w.shape), w, w.dtype)
     if lay.nnz == 0:
         return dw
-    keep, masked = _keep(lay, w)
+    keep, masked = _keep(lay)
     _bsr_dw_kernel[(lay.nnz,)](
         dy, x, lay.blk_off, lay.block_row, lay.col_idx, keep, dw,
         M, N, K,
