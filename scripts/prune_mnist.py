@@ -8,6 +8,17 @@
     python scripts/prune_mnist.py --model lenet300 --keep fc1=0.05,fc2=0.08,fc3=0.3
     python scripts/prune_mnist.py --model lenet300 --quality fc1=1.0,fc2=1.0,fc3=0.6 --rounds 3
 
+Other methods (sparsekern.pruning; outputs in runs/methods/<model>_<method>_s<pct>/summary.json):
+    python scripts/prune_mnist.py --model lenet300 --method rigl --sparsity 0.95
+    python scripts/prune_mnist.py --model lenet300 --method global|gradual|snip|nm --sparsity 0.9
+    python scripts/prune_mnist.py --model lenet300 --method han --sparsity 0.95  # --keep: Han's
+        per-layer proportions (Table 2) scaled to hit the total exactly
+  --total-epochs is the whole training budget of global / gradual / snip / rigl / nm (han: --epochs
+  + --rounds x --retrain-epochs). global and nm train dense for --prune-at of it, prune once and
+  fine-tune the rest at --retrain-lr-factor x the LR (as Han retrains); gradual, snip and rigl run
+  one cosine schedule over the whole budget. nm keeps 1 of every round(1 / (1 - sparsity)) unless
+  --nm N:M is given.
+
 The job, in order (each step checkpointed to <out>/ckpt.pt atomically; --resume continues exactly):
 1. Dense training: SGD with Nesterov momentum 0.9, linear warm-up then cosine decay, L2 on the
    weights (Caffe's weight decay 5e-4; --reg l1 for L1). Dropout only with --dropout (Han's Caffe
@@ -59,15 +70,25 @@ sys.path.insert(0, str(ROOT))  # run from anywhere without installing: `models` 
 from models import DROPOUT_FEEDS, build_model, count_weights  # noqa: E402
 from sparsekern.formats.relative_index import load_compressed, save_compressed  # noqa: E402
 from sparsekern.nn import sparse_modules  # noqa: E402
-from sparsekern.pruning import (  # noqa: E402
+from sparsekern.pruning import (  # noqa: E402  # noqa: E402
+    GlobalMagnitudePruner,
+    GradualPruner,
     HanPruner,
+    NMPruner,
+    RigLPruner,
+    SemiStructuredUnsupported,
+    SNIPPruner,
+    check_nm,
     choose_qualities,
     count_dead_neurons,
+    export_semi_structured,
     format_report,
     layer_report,
     quality_for_density,
+    regularization_loss,
     sensitivity_analysis,
 )
+from sparsekern.pruning._common import allocate_counts  # noqa: E402
 from sparsekern.pruning._layers import resolve_per_layer  # noqa: E402
 
 # Han et al. 2015, Table 1 and Table 2 (kept % per layer): what we compare against.
@@ -116,6 +137,16 @@ QUICK = {
         epochs=1, rounds=2, schedule_rounds=2, retrain_epochs=1, sens_n=1000, subset=12000
     ),
 }
+METHODS = ("han", "global", "gradual", "snip", "rigl", "nm")
+# Training budget (epochs) of the non-han methods: every method of a model gets the same (Han's
+# runs in results/methods.md: --epochs + --rounds x --retrain-epochs adding up to it). Chosen for
+# a 2-core machine shared by 4 jobs: LeNet-300-100 ~6 s / epoch, LeNet-5 ~80 s / epoch there.
+TOTAL_EPOCHS = {"lenet300": 6, "lenet5": 2}
+# The papers' figures the method table compares against: (sparsity %, error %).
+PAPER_METHODS = {
+    "lenet300": {"snip": [(95, 1.6), (98, 2.4)], "han": [(91.7, 1.59)], "snip_dense": 1.7},
+    "lenet5": {"snip": [(98, 0.8), (99, 1.1)], "han": [(91.7, 0.77)], "snip_dense": 0.9},
+}
 QUALITY_GRID = [0.2 * i for i in range(1, 16)]  # 0.2 .. 3.0: sensitivity analysis qualities
 
 
@@ -140,6 +171,9 @@ def parse_args(argv=None):
                    help="rounds the geometric schedule spans (default --rounds); with fewer "
                         "--rounds the run stops early on that schedule")  # fmt: skip
     p.add_argument("--retrain-epochs", type=int, help="retraining epochs per round")
+    p.add_argument("--warmup-epochs", type=float, default=1.0,
+                   help="han: linear LR warm-up of dense training, epochs (the non-han methods "
+                        "warm up for min(1 epoch, 1/10 of the budget))")  # fmt: skip
     p.add_argument("--retrain-lr-factor", type=float, help="retraining LR / --lr (Han: 1/10)")
     p.add_argument("--quality", help="fixed quality: '1.0' or 'fc1=1.0,fc2=0.8,...'")
     p.add_argument("--keep", help="final kept fraction per layer: '0.08' or 'fc1=0.05,...'")
@@ -165,12 +199,74 @@ def parse_args(argv=None):
     # with 1 (OpenMP threads spin waiting for a core that another process holds)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0: torch's default)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
+    # post-Han methods (sparsekern.pruning): see the module docstring
+    p.add_argument("--method", choices=METHODS, default="han", help="pruning method")
+    p.add_argument("--sparsity", type=float, help="target pruned fraction of all weights")
+    p.add_argument("--total-epochs", type=int,
+                   help="training budget of the non-han methods (default 6 / 2)")  # fmt: skip
+    p.add_argument(
+        "--prune-at",
+        type=float,
+        default=0.6,
+        help="global / nm: fraction of --total-epochs trained dense before pruning",
+    )
+    p.add_argument(
+        "--min-density",
+        type=float,
+        default=0.01,
+        help="global / gradual-global: minimum kept fraction per layer",
+    )
+    p.add_argument("--gradual-scope", choices=["layer", "global"], default="layer")
+    p.add_argument(
+        "--gradual-start",
+        type=float,
+        default=0.1,
+        help="gradual: first pruning step, fraction of the budget",
+    )
+    p.add_argument(
+        "--gradual-end",
+        type=float,
+        default=0.6,
+        help="gradual: last pruning step, fraction of the budget",
+    )
+    p.add_argument("--gradual-freq", type=int, default=100, help="gradual: dt, steps")
+    p.add_argument("--snip-batches", type=int, default=1, help="snip: batches scored")
+    p.add_argument("--rigl-delta", type=int, default=100, help="rigl: dT, steps")
+    p.add_argument("--rigl-alpha", type=float, default=0.3, help="rigl: initial drop fraction")
+    p.add_argument("--rigl-end", type=float, default=0.75, help="rigl: T_end / total steps")
+    p.add_argument("--rigl-dist", choices=["erk", "uniform"], default="erk")
+    p.add_argument("--nm", help="nm: 'N:M' (default 1:round(1/(1-sparsity)))")
+    p.add_argument(
+        "--table",
+        metavar="DIR",
+        help="print the markdown table of the runs' JSON files in DIR and exit",
+    )
     args = p.parse_args(argv)
+    explicit_schedule = args.schedule_rounds is not None
+    if args.table:
+        print(methods_table(Path(args.table)))
+        raise SystemExit(0)
+    if args.method != "han" and args.sparsity is None and args.nm is None:
+        p.error(f"--method {args.method} needs --sparsity (or --nm for nm)")
+    if args.sparsity is not None and not 0.0 < args.sparsity < 1.0:
+        p.error(f"--sparsity: expected a value in (0, 1), got {args.sparsity}")
+    if args.method == "han" and args.sparsity is not None and (args.quality or args.keep):
+        p.error("--sparsity with --method han sets --keep; give one of them")
+    if args.total_epochs is None:
+        args.total_epochs = TOTAL_EPOCHS[args.model] if not args.quick else 1
+    if args.out is None and (args.method != "han" or args.sparsity is not None):
+        tag = f"s{round(100 * args.sparsity)}" if args.sparsity is not None else args.nm
+        tag = tag.replace(":", "of")
+        args.out = str(ROOT / "runs" / "methods" / f"{args.model}_{args.method}_{tag}")
     for k, v in {**DEFAULTS[args.model], **(QUICK[args.model] if args.quick else {})}.items():
         if k == "subset":
             args.subset = args.subset or v
         elif getattr(args, k, None) is None:
             setattr(args, k, v)
+    if args.sparsity is not None and not explicit_schedule:
+        # --sparsity is the final target: reach it at the last round (LeNet-5's default schedule
+        # spans 8 rounds and stops at 7, which would end short of it)
+        args.schedule_rounds = args.rounds
     if args.reg_strength is None:
         args.reg_strength = 5e-4 if args.reg == "l2" else 1e-5
     if args.out is None:
@@ -370,9 +466,247 @@ def plot_fig5(curves: dict, base_err: dict, path, title):
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------ post-Han methods
+def han_keep(layers: dict, kept_pct: dict, density: float) -> dict[str, float]:
+    """Per-layer kept fractions in Han's Table 2 proportions (e.g. LeNet-300-100 8 / 9 / 26 %),
+    scaled so that the total kept fraction is exactly `density` (layers above 1 made dense, the
+    rest rescaled: the same solver as RigL's ERK)."""
+    sizes = {n: m.weight.numel() for n, m in layers.items()}
+    counts = allocate_counts({n: float(kept_pct[n]) for n in layers}, sizes, density)
+    return {n: counts[n] / sizes[n] for n in layers}
+
+
+def methods_table(folder: Path) -> str:
+    """Markdown table of the runs in `folder` (<model>_<method>_s<pct>.json, as the method runs
+    and Han's --sparsity runs write them): error, reached sparsity, wall time, per model and
+    sparsity, with the papers' figures."""
+    rows = []
+    for f in sorted(folder.glob("*.json")):
+        s = json.loads(f.read_text())
+        a = s["args"]
+        if a.get("method", "han") == "han":
+            err, kept = s["error_pruned_pct"], s["kept_pct"]["total"] / 100
+            epochs = a["epochs"] + a["rounds"] * a["retrain_epochs"]
+        else:
+            err, kept, epochs = s["error_pct"], 1 - s["sparsity"], s["total_epochs"]
+        per = ", ".join(f"{n} {v:.1f}" for n, v in s["kept_pct"].items() if n != "total")
+        ref = PAPER_METHODS[a["model"]].get(a["method"], [])
+        paper = "; ".join(f"{sp:g}% / {e:g}%" for sp, e in ref)
+        if a["method"] == "snip":  # only the figure at this sparsity, if the paper has one
+            paper = "; ".join(f"{sp:g}% / {e:g}%" for sp, e in ref if sp == 100 * a["sparsity"])
+        rows.append((a["model"], a["sparsity"], epochs, METHODS.index(a["method"]), a["method"],
+                     err, 100 * (1 - kept), s["wall_time_s"], per, paper or "-"))  # fmt: skip
+    rows.sort()
+    out = ["| model | target sparsity | method | epochs | test error % | sparsity reached % "
+           "| paper: sparsity / error | wall s | kept % per layer |",
+           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for model, sp, epochs, _, method, err, reached, wall, per, paper in rows:
+        out.append(
+            f"| {PAPER[model]['name']} | {100 * sp:.0f}% | {method} | {epochs} | {err:.2f} "
+            f"| {reached:.2f} | {paper} | {wall:.0f} | {per} |"
+        )
+    return "\n".join(out)
+
+
+def parse_nm(args) -> tuple[int, int]:
+    if args.nm:
+        n, m = (int(v) for v in args.nm.split(":"))
+        return n, m
+    return 1, round(1.0 / (1.0 - args.sparsity))
+
+
+def run_method(args, argv=None) -> dict:
+    """Train `args.model` with one of the post-Han methods for `args.total_epochs` epochs and
+    write <out>/summary.json (error, kept per layer, wall time, schedule)."""
+    t_start = time.time()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
+    if argv is not None:
+        command = "python scripts/prune_mnist.py " + " ".join(argv)
+    torch.manual_seed(args.seed)
+    data = load_mnist(args.data)
+    x_tr, y_tr, x_te, y_te = data["x_train"], data["y_train"], data["x_test"], data["y_test"]
+    if args.subset:
+        x_tr, y_tr = x_tr[: args.subset], y_tr[: args.subset]
+    if args.test_subset:
+        x_te, y_te = x_te[: args.test_subset], y_te[: args.test_subset]
+    model = build_model(args.model, sparse=True, dropout=args.dropout)
+    layers = dict(sparse_modules(model))
+    n_w, n_b = count_weights(model)
+    gen = torch.Generator().manual_seed(args.seed)
+    bs = args.batch_size
+    spe = len(x_tr) // bs
+    total = args.total_epochs * spe
+    warmup = min(spe, total // 10)  # LeNet-300-100: 1 of 15 epochs; LeNet-5: 0.4 of 4
+    opt = make_optimizer(model, args.lr)
+    sparsity = args.sparsity
+    info: dict = {}
+    phases = [(total, cosine(args.lr, total, warmup))]  # (steps, lr_fn)
+    pruner = None
+    if args.method == "snip":
+        pruner = SNIPPruner(model, sparsity, opt)
+        perm = torch.randperm(len(x_tr), generator=torch.Generator().manual_seed(args.seed + 1))
+        batches = [
+            (x_tr[perm[i * bs : (i + 1) * bs]], y_tr[perm[i * bs : (i + 1) * bs]])
+            for i in range(args.snip_batches)
+        ]
+        pruner.prune(lambda b: F.cross_entropy(model(b[0]), b[1]), batches)
+        info["snip_batches"] = args.snip_batches
+    elif args.method == "rigl":
+        pruner = RigLPruner(
+            model, 1.0 - sparsity, opt, total_steps=total, delta=args.rigl_delta,
+            alpha=args.rigl_alpha, t_end=int(args.rigl_end * total),
+            distribution=args.rigl_dist, generator=torch.Generator().manual_seed(args.seed),
+        )  # fmt: skip
+        info |= {"delta": args.rigl_delta, "alpha": args.rigl_alpha, "t_end": pruner.t_end,
+                 "distribution": args.rigl_dist, "densities": pruner.densities}  # fmt: skip
+    elif args.method == "gradual":
+        dt = args.gradual_freq
+        begin = round(args.gradual_start * total / dt) * dt
+        end = begin + max(1, round((args.gradual_end * total - begin) / dt)) * dt
+        pruner = GradualPruner(
+            model, sparsity, begin, end, dt, opt, scope=args.gradual_scope,
+            min_density=args.min_density if args.gradual_scope == "global" else 0.0,
+        )  # fmt: skip
+        info |= {"begin_step": begin, "end_step": end, "frequency": dt, "n": pruner.n,
+                 "scope": args.gradual_scope}  # fmt: skip
+    else:  # global, nm: dense, prune once, fine-tune at the retraining LR (as Han retrains)
+        dense_steps = round(args.prune_at * args.total_epochs) * spe
+        rest = total - dense_steps
+        lr_re = args.lr * args.retrain_lr_factor
+        phases = [(dense_steps, cosine(args.lr, dense_steps, warmup)), (rest, cosine(lr_re, rest))]
+        info |= {"dense_steps": dense_steps, "finetune_steps": rest, "finetune_lr": lr_re}
+        if args.method == "global":
+            pruner = GlobalMagnitudePruner(model, sparsity, opt, min_density=args.min_density)
+            info["min_density"] = args.min_density
+        else:
+            n, m = parse_nm(args)
+            pruner = NMPruner(model, n, m, opt)
+            info["nm"] = f"{n}:{m}"
+    print(
+        f"{PAPER[args.model]['name']} --method {args.method} --sparsity {sparsity}: "
+        f"{args.total_epochs} epochs ({total} steps), {torch.get_num_threads()} threads"
+    )
+    is_rigl = args.method == "rigl"
+    times = {"normal": [], "update": [], "update_extra": []}
+    step = 0
+    bar = tqdm(total=total, unit="step", disable=args.no_progress, mininterval=1.0)
+    for phase, (n_steps, lr_fn) in enumerate(phases):
+        if phase == 1:  # global / nm: prune, then fine-tune with a fresh optimizer
+            info["error_dense_pct"] = evaluate(model, x_te, y_te)
+            opt = make_optimizer(model, args.lr * args.retrain_lr_factor)
+            pruner.optimizer = opt
+            pruner.prune()
+            info["error_pruned_pct"] = evaluate(model, x_te, y_te)
+            tqdm.write(
+                f"pruned at step {step}: error {info['error_dense_pct']:.2f}% dense -> "
+                f"{info['error_pruned_pct']:.2f}% pruned, density {pruner.density():.4f}"
+            )
+        i = 0
+        while i < n_steps:
+            model.train()
+            perm = torch.randperm(len(x_tr), generator=gen)
+            for b in range(spe):
+                if i >= n_steps:
+                    break
+                idx = perm[b * bs : (b + 1) * bs]
+                xb, yb = x_tr[idx], y_tr[idx]
+                for g in opt.param_groups:
+                    g["lr"] = lr_fn(i)
+                t0 = time.perf_counter()
+                loss = F.cross_entropy(model(xb), yb)
+                opt.zero_grad(set_to_none=True)
+                (loss + regularization_loss(model, args.reg, args.reg_strength)).backward()
+                opt.step()
+                t1 = time.perf_counter()
+                if is_rigl:
+                    updated = pruner.step(lambda xb=xb, yb=yb: F.cross_entropy(model(xb), yb))
+                else:
+                    updated = False
+                    pruner.step()
+                t2 = time.perf_counter()
+                if updated:
+                    times["update"].append(t2 - t0)
+                    times["update_extra"].append(t2 - t1)
+                else:
+                    times["normal"].append(t2 - t0)
+                i += 1
+                step += 1
+                bar.update(1)
+        tqdm.write(
+            f"phase {phase + 1}: {step} steps, test error {evaluate(model, x_te, y_te):.2f}%"
+        )
+    bar.close()
+    fin = pruner.finalize()
+    err = evaluate(model, x_te, y_te)
+    w_kept = sum(fin["connections"].values())
+    mean = lambda v: sum(v) / len(v) if v else None  # noqa: E731
+    if is_rigl:
+        info["step_time_s"] = {
+            "normal_mean": mean(times["normal"]),
+            "update_mean": mean(times["update"]),
+            "update_extra_mean": mean(times["update_extra"]),
+            "updates": len(times["update"]),
+            "extra_total_s": sum(times["update_extra"]),
+        }
+        tqdm.write(
+            "rigl: normal step {:.2f} ms, update step {:.2f} ms (+{:.2f} ms: mask update with "
+            "the dense gradient), {} updates".format(
+                1e3 * info["step_time_s"]["normal_mean"], 1e3 * info["step_time_s"]["update_mean"],
+                1e3 * info["step_time_s"]["update_extra_mean"], len(times["update"]),
+            )
+        )  # fmt: skip
+    if args.method == "nm":
+        n, m = parse_nm(args)
+        info["nm_exact"] = all(check_nm(mod.mask, n, m) for mod in layers.values())
+        if (n, m) == (2, 4):
+            try:
+                _, rep = export_semi_structured(model)
+                info["semi_structured_export"] = rep
+            except SemiStructuredUnsupported as e:
+                info["semi_structured_export"] = str(e)
+            tqdm.write(f"2:4 export: {info['semi_structured_export']}")
+    wall = time.time() - t_start
+    summary = {
+        "model": PAPER[args.model]["name"],
+        "method": args.method,
+        "sparsity_target": sparsity,
+        "sparsity": 1.0 - w_kept / n_w,
+        "error_pct": err,
+        "weights_dense": n_w,
+        "weights_kept": w_kept,
+        "kept_pct": {n: 100 * k for n, k in fin["kept"].items()},
+        "total_epochs": args.total_epochs,
+        "steps": step,
+        "lr": args.lr,
+        "info": info,
+        "wall_time_s": wall,
+        "command": command,
+        "args": vars(args),
+        "paper": PAPER_METHODS[args.model],
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "test_images": len(x_te),
+        "train_images": len(x_tr),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float) + "\n")
+    print(
+        f"{summary['model']} {args.method}: sparsity {100 * summary['sparsity']:.2f}% "
+        f"(target {100 * (sparsity or 0):.0f}%), test error {err:.2f}%, kept per layer "
+        + ", ".join(f"{n} {v:.1f}%" for n, v in summary["kept_pct"].items())
+        + f"; wall {wall:.0f} s -> {out}/summary.json"
+    )
+    return summary
+
+
 # ---------------------------------------------------------------------------------------- main
 def main(argv=None):
     args = parse_args(argv)
+    if args.method != "han":
+        return run_method(args, argv)
     t_start = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -407,6 +741,8 @@ def main(argv=None):
     )
     steps_per_epoch = len(x_tr) // args.batch_size
     quality_fixed, keep_final = per_layer(args.quality), per_layer(args.keep)
+    if args.sparsity is not None:  # Han's per-layer proportions, scaled to the total exactly
+        keep_final = han_keep(layers, paper["kept_pct"], 1.0 - args.sparsity)
     mode = "quality" if quality_fixed is not None else "keep" if keep_final is not None else "sens"
 
     # Everything that a resumed run needs to continue bit for bit.
@@ -464,7 +800,8 @@ def main(argv=None):
     )
 
     # 1. dense training -------------------------------------------------------------------------
-    warmup = steps_per_epoch  # one epoch of linear warm-up: the usual guard at a high peak LR
+    # one epoch of linear warm-up by default: the usual guard at a high peak LR
+    warmup = round(args.warmup_epochs * steps_per_epoch)
     lr_dense = cosine(args.lr, args.epochs * steps_per_epoch, warmup)
     while st["dense_epoch"] < args.epochs:
         e = st["dense_epoch"]

@@ -71,3 +71,53 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert wa.keys() == wb.keys()
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+@pytest.fixture(scope="module")
+def script():
+    """scripts/prune_mnist.py as a module, MNIST loaded once for all the tests that use it."""
+    import functools
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prune_mnist_script", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.load_mnist = functools.lru_cache(maxsize=1)(mod.load_mnist)
+    return mod
+
+
+@pytest.mark.parametrize("method", ["han", "global", "gradual", "snip", "rigl", "nm"])
+def test_methods_from_the_script(tmp_path, monkeypatch, script, method):
+    """Every --method runs end to end (in-process: no interpreter start-up) and hits --sparsity."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    argv = ["--model", "lenet300", "--method", method, "--sparsity", "0.9", *TINY,
+            "--total-epochs", "1", "--epochs", "1", "--rounds", "1", "--retrain-epochs", "1",
+            "--no-figures", "--threads", "0", "--gradual-freq", "1", "--rigl-delta", "2",
+            "--out", str(tmp_path)]  # fmt: skip
+    script.main(argv)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    if method == "han":  # Han's summary: kept fractions in Han's proportions, total exact
+        assert s["kept_pct"]["total"] == pytest.approx(10.0, abs=1e-3)
+        assert s["args"]["method"] == "han" and s["mode"] == "keep"
+        return
+    assert s["method"] == method
+    assert s["steps"] == 7  # 1,000 images / 128 per batch, one epoch
+    assert 0 <= s["error_pct"] <= 100
+    if method == "nm":  # 1:10 in every group of 10 inputs: 784 = 78 x 10 + 4 -> 79 of 784 in fc1
+        assert s["info"]["nm"] == "1:10" and s["info"]["nm_exact"]
+        assert s["kept_pct"]["fc1"] == pytest.approx(100 * 79 / 784)
+    else:
+        assert s["sparsity"] == pytest.approx(0.9, abs=1e-5)
+    if method == "rigl":
+        assert s["info"]["step_time_s"]["updates"] == 2  # steps 2, 4 (< t_end = 5)
+
+
+def test_han_sparsity_reaches_target_on_lenet5(tmp_path, monkeypatch, script):
+    """LeNet-5's default schedule spans 8 rounds; with --sparsity one round must still reach it."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    argv = ["--model", "lenet5", "--method", "han", "--sparsity", "0.98", *TINY,
+            "--epochs", "1", "--rounds", "1", "--retrain-epochs", "1", "--no-figures",
+            "--threads", "0", "--out", str(tmp_path)]  # fmt: skip
+    script.main(argv)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["kept_pct"]["total"] == pytest.approx(2.0, abs=1e-3)

@@ -73,15 +73,73 @@ Hitting Han's kept fractions directly (LeNet-300-100: 8%, 9%, 26%), in three rou
 Dead neurons, once pruning is done (rebuild the optimizer afterwards)::
 
     model, removed = remove_dead_neurons(model, example_input=example_batch, return_removed=True)
+
+After Han: global and gradual magnitude, SNIP, RigL, N:M
+-------------------------------------------------------
+Same lifecycle: construct on a sparsified model with its optimizer, call ``step()`` after every
+``opt.step()``; masks change only through ``set_mask`` (pruned and regrown weights and their
+optimizer state zeroed). Every pruner has ``kept_fractions()``, ``density()``, ``finalize()``.
+
+**Global magnitude** (Gupta et al. 2022, :class:`GlobalMagnitudePruner`,
+:func:`global_magnitude_masks`): all layers ranked together by |w|, exactly
+``round((1 - sparsity) N)`` kept, with a per-layer floor ``min_density``::
+
+    pruner = GlobalMagnitudePruner(model, sparsity=0.95, optimizer=opt, min_density=0.01)
+    train(epochs=9); pruner.prune(); train(epochs=6)          # prune once, then fine-tune
+
+**Gradual magnitude** (Zhu and Gupta 2017, :class:`GradualPruner`, :func:`cubic_sparsity`):
+``s_t = s_f + (s_i - s_f)(1 - (t - t0) / (n dt))^3`` every ``dt`` steps from ``t0`` to
+``t0 + n dt``, per layer (``scope="layer"``) or global::
+
+    pruner = GradualPruner(model, final_sparsity=0.9, begin_step=500, end_step=4500,
+                           frequency=100, optimizer=opt, scope="layer")
+    train(epochs=15)                                          # step() prunes on schedule
+
+**SNIP** (Lee et al. 2019, :class:`SNIPPruner`, :func:`snip_scores`, :func:`snip_masks`): one
+shot at initialisation, the largest ``|g * w|`` (dense gradient, one or a few batches) kept
+over all layers::
+
+    pruner = SNIPPruner(model, sparsity=0.98, optimizer=opt)
+    pruner.prune(lambda b: F.cross_entropy(model(b[0]), b[1]), [next(iter(loader))])
+    train(epochs=15)
+
+**RigL** (Evci et al. 2020, :class:`RigLPruner`, :func:`layer_densities` / :func:`erk_densities`):
+sparse from step 0 (random masks at exact ERK or uniform densities); every ``delta`` steps
+before ``t_end`` drop ``alpha (1 + cos(pi t / t_end)) / 2`` of each layer's smallest |w| and grow
+as many where the dense gradient is largest (grown at zero, zeroed optimizer state). ``step``
+takes a closure that recomputes the loss on the current batch: it runs (one extra forward +
+backward with all-True masks, for the dense gradient) only on update steps::
+
+    pruner = RigLPruner(model, density=0.05, optimizer=opt, total_steps=epochs * len(loader))
+    for x, y in loader:
+        loss = F.cross_entropy(model(x), y); opt.zero_grad(); loss.backward(); opt.step()
+        pruner.step(lambda: F.cross_entropy(model(x), y))
+
+**N:M** (:class:`NMPruner`, :func:`nm_mask`, :func:`check_nm`): N of every M consecutive weights
+along the input dimension (conv: the flattened ``in/g * kh * kw``); 2:4 Linear layers export to
+``torch.sparse.to_sparse_semi_structured`` on sm_80+ GPUs (:func:`export_semi_structured`;
+raises :class:`SemiStructuredUnsupported` with the reason elsewhere)::
+
+    pruner = NMPruner(model, n=2, m=4, optimizer=opt)
+    train(epochs=9); pruner.prune(); train(epochs=6)
+    fast, report = export_semi_structured(model.eval())       # fp16, CUDA
 """
 
 from sparsekern.pruning._layers import layer_kind, resolve_per_layer, sparse_layers
+from sparsekern.pruning.block import (
+    block_magnitude_mask,
+    block_scores,
+    expand_block_mask,
+    prune_blocks_,
+)
 from sparsekern.pruning.dead_neurons import count_dead_neurons, remove_dead_neurons
 from sparsekern.pruning.dropout import (
     adjusted_dropout,
     apply_dropout_adjustment,
     find_dropout_feeds,
 )
+from sparsekern.pruning.global_magnitude import GlobalMagnitudePruner, global_magnitude_masks
+from sparsekern.pruning.gradual import GradualPruner, cubic_sparsity
 from sparsekern.pruning.han import FREEZE_KINDS, HanPruner, density_schedule
 from sparsekern.pruning.magnitude import (
     han_threshold,
@@ -91,36 +149,66 @@ from sparsekern.pruning.magnitude import (
     prune_model_,
     quality_for_density,
 )
+from sparsekern.pruning.nm import (
+    NMPruner,
+    SemiStructuredUnsupported,
+    check_nm,
+    export_semi_structured,
+    nm_mask,
+    semi_structured_support,
+)
 from sparsekern.pruning.regularization import regularization_loss
 from sparsekern.pruning.report import format_report, layer_report
+from sparsekern.pruning.rigl import RigLPruner, erk_densities, layer_densities
 from sparsekern.pruning.sensitivity import (
     SensitivityResult,
     choose_qualities,
     sensitivity_analysis,
 )
+from sparsekern.pruning.snip import SNIPPruner, snip_masks, snip_scores
 
 __all__ = [
+    "block_magnitude_mask",
+    "block_scores",
+    "expand_block_mask",
+    "prune_blocks_",
     "FREEZE_KINDS",
+    "GlobalMagnitudePruner",
+    "GradualPruner",
     "HanPruner",
+    "NMPruner",
+    "RigLPruner",
+    "SNIPPruner",
+    "SemiStructuredUnsupported",
     "SensitivityResult",
     "adjusted_dropout",
     "apply_dropout_adjustment",
+    "check_nm",
     "choose_qualities",
     "count_dead_neurons",
+    "cubic_sparsity",
     "density_schedule",
+    "erk_densities",
+    "export_semi_structured",
     "find_dropout_feeds",
     "format_report",
+    "global_magnitude_masks",
     "han_threshold",
     "keep_at_least",
+    "layer_densities",
     "layer_kind",
     "layer_report",
     "magnitude_mask",
     "magnitude_prune_",
+    "nm_mask",
     "prune_model_",
     "quality_for_density",
     "regularization_loss",
     "remove_dead_neurons",
     "resolve_per_layer",
+    "semi_structured_support",
     "sensitivity_analysis",
+    "snip_masks",
+    "snip_scores",
     "sparse_layers",
 ]

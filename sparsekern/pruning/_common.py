@@ -1,0 +1,209 @@
+"""Helpers shared by the post-Han methods (global / gradual magnitude, SNIP, RigL, N:M): top-k
+masks, exact per-layer density allocation, and the dense weight gradient of a masked model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+__all__ = [
+    "allocate_counts",
+    "check_fraction",
+    "dense_weight_grads",
+    "kept_fractions",
+    "topk_mask",
+    "total_density",
+]
+
+
+def check_fraction(value: float, who: str, what: str = "sparsity") -> float:
+    """``value`` as a float, or ``ValueError`` unless it lies in [0, 1]."""
+    value = float(value)
+    if not (0.0 <= value <= 1.0):
+        raise ValueError(f"{who}: expected {what} in [0, 1], got {value}")
+    return value
+
+
+def topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Bool mask of ``score``'s shape with exactly ``k`` True entries: the ``k`` largest scores
+    (ties broken by ``torch.topk``). ``0 <= k <= score.numel()``."""
+    if not 0 <= k <= score.numel():
+        raise ValueError(f"topk_mask: expected k in [0, {score.numel()}], got {k}")
+    flat = torch.zeros(score.numel(), dtype=torch.bool, device=score.device)
+    if k > 0:
+        flat[torch.topk(score.flatten(), k, sorted=False).indices] = True
+    return flat.view(score.shape)
+
+
+def allocate_counts(raw: dict[str, float], sizes: dict[str, int], density: float) -> dict[str, int]:
+    """Kept weights per layer, proportional to ``raw`` (a density scale per layer), with no layer
+    above its size, summing to exactly ``round(density * sum(sizes))``.
+
+    The continuous solution: ``d_l = min(1, eps * raw_l)`` with ``eps`` such that
+    ``sum d_l n_l = density * N``. Layers that would exceed density 1 are made dense and ``eps`` is
+    re-solved over the rest, until none exceeds 1 (RigL's exact ERK). The counts ``d_l n_l`` are
+    then rounded by largest remainder, so the total is exact, not off by the rounding of each layer.
+
+    Args:
+        raw: ``{layer: raw density scale > 0}`` (ERK: ``sum(shape) / prod(shape)``; uniform: 1).
+        sizes: ``{layer: numel}``, same keys.
+        density: target kept fraction of all weights, in [0, 1].
+
+    Returns:
+        ``{layer: kept count}``; every count in ``[0, size]``, sum ``round(density * N)``.
+    """
+    check_fraction(density, "allocate_counts", "density")
+    if set(raw) != set(sizes):
+        raise KeyError(
+            f"allocate_counts: expected the same layers, got {sorted(raw)} vs {sorted(sizes)}"
+        )
+    bad = {n: r for n, r in raw.items() if not (r > 0 and math.isfinite(r))}
+    if bad:
+        raise ValueError(f"allocate_counts: expected raw scales > 0, got {bad}")
+    total = sum(sizes.values())
+    target = round(density * total)
+    dense: set[str] = set()
+    dens: dict[str, float] = {}
+    while True:
+        rest = [n for n in raw if n not in dense]
+        budget = target - sum(sizes[n] for n in dense)
+        denom = sum(raw[n] * sizes[n] for n in rest)
+        eps = budget / denom if denom > 0 else 0.0
+        over = [n for n in rest if eps * raw[n] > 1.0]
+        if not over:
+            dens = {n: 1.0 if n in dense else eps * raw[n] for n in raw}
+            break
+        # make the layer that exceeds 1 the most dense, then re-solve (one at a time: making one
+        # dense lowers eps, which can bring the others back under 1)
+        dense.add(max(over, key=lambda n: raw[n]))
+    exact = {n: dens[n] * sizes[n] for n in raw}
+    counts = {n: min(sizes[n], math.floor(exact[n])) for n in raw}
+    short = target - sum(counts.values())
+    for n in sorted(raw, key=lambda n: exact[n] - counts[n], reverse=True):
+        if short <= 0:
+            break
+        if counts[n] < sizes[n]:
+            counts[n] += 1
+            short -= 1
+    return counts
+
+
+def kept_fractions(layers: dict[str, nn.Module]) -> dict[str, float]:
+    """``{layer: mask.sum() / mask.numel()}``."""
+    return {n: int(m.mask.count_nonzero()) / m.mask.numel() for n, m in layers.items()}
+
+
+def total_density(layers: dict[str, nn.Module]) -> float:
+    """Kept fraction of all the layers' weights together."""
+    kept = sum(int(m.mask.count_nonzero()) for m in layers.values())
+    return kept / sum(m.mask.numel() for m in layers.values())
+
+
+def dense_weight_grads(
+    layers: dict[str, nn.Module], closure: Callable[[], torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The *dense* gradient of ``closure()``'s loss w.r.t. each layer's weight, pruned entries
+    included.
+
+    The masked kernels give ``weight.grad`` exactly zero at pruned entries, so this runs the
+    forward and backward again with every mask buffer temporarily swapped for an all-True tensor
+    (pruned weights are exactly zero, so the forward value is unchanged) and takes
+    ``torch.autograd.grad`` w.r.t. the weights: the ``.grad`` fields the optimizer uses are not
+    touched. Masks are restored even if ``closure`` raises. Cost: one extra forward + backward.
+
+    Args:
+        layers: ``{name: sparse module}``.
+        closure: no-argument callable running the model on a batch and returning a 0-d loss.
+
+    Returns:
+        ``{name: gradient}``, each the weight's shape (``[out, in]`` or ``[out, in/g, kh, kw]``);
+        layers whose weight does not require grad are left out.
+    """
+    names = [n for n, m in layers.items() if m.weight.requires_grad]
+    saved = {n: m._buffers["mask"] for n, m in layers.items()}
+    try:
+        for m in layers.values():
+            # not set_mask: nothing about the weights or the optimizer may change here
+            m._buffers["mask"] = torch.ones_like(m._buffers["mask"])
+        with torch.enable_grad():
+            loss = closure()
+            if not (isinstance(loss, torch.Tensor) and loss.dim() == 0):
+                shape = list(loss.shape) if isinstance(loss, torch.Tensor) else ""
+                raise TypeError(
+                    "dense_weight_grads: expected the closure to return a 0-d loss tensor, got "
+                    f"{type(loss).__name__}{shape}"
+                )
+            grads = torch.autograd.grad(loss, [layers[n].weight for n in names], allow_unused=True)
+    finally:
+        for n, m in layers.items():
+            m._buffers["mask"] = saved[n]
+    return {
+        n: (g if g is not None else torch.zeros_like(layers[n].weight))
+        for n, g in zip(names, grads)
+    }
+
+
+class MaskPruner:
+    """What every post-Han pruner shares: the sparse layers, the optimizer, a step counter, kept
+    fractions and a summary. Subclasses set masks only through ``set_mask`` (pruned and regrown
+    weights and their optimizer state zeroed)."""
+
+    name = "pruner"
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, layers=None):
+        from sparsekern.pruning._layers import require_sparse_layers, sparse_layers
+
+        self.model = model
+        self.layers = (
+            require_sparse_layers(model, type(self).__name__)
+            if layers is None
+            else sparse_layers(model, layers)
+        )
+        if not self.layers:
+            raise ValueError(f"{type(self).__name__}: expected at least one sparse layer, got none")
+        self.optimizer = optimizer
+        self.steps = 0
+        self.history: list[dict] = []
+
+    def kept_fractions(self) -> dict[str, float]:
+        """``{layer: kept fraction}`` now."""
+        return kept_fractions(self.layers)
+
+    def density(self) -> float:
+        """Kept fraction of all the pruned layers' weights together."""
+        return total_density(self.layers)
+
+    def _install(self, masks: dict[str, torch.Tensor]) -> None:
+        from sparsekern.nn.masks import set_mask
+
+        for n, mask in masks.items():
+            set_mask(self.layers[n], mask, self.optimizer)
+
+    def _record(self, **extra) -> dict[str, float]:
+        kept = self.kept_fractions()
+        self.history.append({"step": self.steps, "density": self.density(), "kept": kept, **extra})
+        return kept
+
+    def finalize(self) -> dict:
+        """Zero any stray pruned weight and return ``{"kept", "connections", "total_kept",
+        "steps", "history"}``."""
+        with torch.no_grad():
+            for m in self.layers.values():
+                m.weight.masked_fill_(~m.mask, 0)
+        return {
+            "kept": self.kept_fractions(),
+            "connections": {n: int(m.mask.count_nonzero()) for n, m in self.layers.items()},
+            "total_kept": self.density(),
+            "steps": self.steps,
+            "history": list(self.history),
+        }
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        self.history = list(state["history"])

@@ -1,0 +1,125 @@
+"""Global magnitude pruning (Gupta et al. 2022): rank the weights of all layers together by |w| and
+keep the largest, with an optional minimum kept fraction per layer so that no layer collapses at
+high sparsity."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from sparsekern.pruning._common import MaskPruner, check_fraction, topk_mask
+
+__all__ = ["GlobalMagnitudePruner", "global_magnitude_masks"]
+
+
+@torch.no_grad()
+def global_magnitude_masks(
+    layers: dict[str, nn.Module], sparsity: float, min_density: float = 0.0
+) -> dict[str, torch.Tensor]:
+    """New masks keeping exactly ``round((1 - sparsity) * N)`` weights of the ``N`` weights of
+    ``layers``: the largest ``|w|`` over all layers together, among the weights each mask still
+    keeps (a pruned weight never returns).
+
+    With ``min_density > 0`` every layer first keeps its ``ceil(min_density * numel)`` largest
+    surviving weights (all of them if it has fewer); the rest of the budget goes to the largest
+    remaining ``|w|`` globally.
+
+    Args:
+        layers: ``{name: sparse module}`` (weights ``[out, in]`` or ``[out, in/g, kh, kw]``).
+        sparsity: target pruned fraction of all the layers' weights, in [0, 1].
+        min_density: floor on each layer's kept fraction, in [0, 1].
+
+    Returns:
+        ``{name: bool mask}`` of each weight's shape, within the current masks. When the current
+        masks keep fewer weights than the target, they are returned unchanged.
+
+    Raises:
+        ValueError: the floors alone exceed the target (e.g. ``min_density > 1 - sparsity``).
+    """
+    check_fraction(sparsity, "global_magnitude_masks")
+    check_fraction(min_density, "global_magnitude_masks", "min_density")
+    names = list(layers)
+    total = sum(layers[n].weight.numel() for n in names)
+    target = round((1.0 - sparsity) * total)
+    alive = sum(int(layers[n].mask.count_nonzero()) for n in names)
+    if alive <= target:
+        return {n: layers[n].mask.clone() for n in names}
+    scores = []
+    floors = 0
+    for n in names:
+        m = layers[n]
+        # float64: |w| ties between float32 values stay ties; pruned entries rank below every
+        # surviving one (-1 < 0 <= |w|)
+        s = m.weight.detach().abs().double().masked_fill(~m.mask, -1.0)
+        if min_density > 0:
+            floor = min(math.ceil(min_density * m.weight.numel()), int(m.mask.count_nonzero()))
+            floors += floor
+            # the floor's weights are taken first: lift them above every other score
+            s = s.masked_fill(topk_mask(s, floor), math.inf)
+        scores.append(s.flatten())
+    if floors > target:
+        raise ValueError(
+            f"global_magnitude_masks: expected the per-layer floors (min_density {min_density}: "
+            f"{floors} weights) to fit in the target of {target} kept weights "
+            f"(sparsity {sparsity}); lower min_density"
+        )
+    keep = topk_mask(torch.cat([s.to(scores[0].device) for s in scores]), target)
+    out, i = {}, 0
+    for n in names:
+        k = layers[n].weight.numel()
+        out[n] = keep[i : i + k].view_as(layers[n].mask).to(layers[n].mask.device)
+        i += k
+    return out
+
+
+class GlobalMagnitudePruner(MaskPruner):
+    """Global magnitude pruning behind the lifecycle API.
+
+    Lifecycle::
+
+        pruner = GlobalMagnitudePruner(model, sparsity=0.95, optimizer=opt, min_density=0.01)
+        ... train dense: opt.step(); pruner.step()
+        kept = pruner.prune()               # one shot (or several calls with rising sparsity)
+        ... fine-tune: opt.step(); pruner.step()
+        summary = pruner.finalize()
+
+    Args:
+        model: a model with sparse layers (``sparsekern.sparsify``).
+        sparsity: target pruned fraction of all the sparse layers' weights together.
+        optimizer: its state is zeroed at pruned entries (``set_mask``).
+        min_density: minimum kept fraction per layer (0: pure global ranking).
+        layers: restrict to these sparse-layer names (default: all).
+    """
+
+    name = "global"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        optimizer: torch.optim.Optimizer | None = None,
+        min_density: float = 0.0,
+        layers=None,
+    ) -> None:
+        super().__init__(model, optimizer, layers)
+        self.sparsity = check_fraction(sparsity, "GlobalMagnitudePruner")
+        self.min_density = check_fraction(min_density, "GlobalMagnitudePruner", "min_density")
+        if self.min_density > 1.0 - self.sparsity:
+            raise ValueError(
+                f"GlobalMagnitudePruner: expected min_density <= 1 - sparsity = "
+                f"{1 - self.sparsity:.4g}, got {self.min_density}"
+            )
+
+    @torch.no_grad()
+    def prune(self, sparsity: float | None = None) -> dict[str, float]:
+        """Prune to ``sparsity`` (default: the constructor's) and return ``{layer: kept
+        fraction}``. Never regrows a weight."""
+        s = self.sparsity if sparsity is None else check_fraction(sparsity, "prune")
+        self._install(global_magnitude_masks(self.layers, s, self.min_density))
+        return self._record(sparsity=s)
+
+    def step(self) -> None:
+        """Per-optimizer-step hook: counts steps (the masks change only in :meth:`prune`)."""
+        self.steps += 1

@@ -1,0 +1,115 @@
+"""SNIP (Lee et al. 2019, "Single-shot Network Pruning based on Connection Sensitivity"): prune
+once, at initialisation, by connection sensitivity ``|dL/dc| = |g * w|`` (``g`` the gradient of
+the loss w.r.t. the weight, on one or a few batches, of the *dense* net), keeping the largest
+scores over all layers together; then train the sparse net normally."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from sparsekern.pruning._common import MaskPruner, check_fraction, dense_weight_grads, topk_mask
+
+__all__ = ["SNIPPruner", "snip_masks", "snip_scores"]
+
+
+def snip_scores(
+    layers: dict[str, nn.Module], loss_fn: Callable[[object], torch.Tensor], batches: Iterable
+) -> dict[str, torch.Tensor]:
+    """Connection sensitivity ``|g * w|`` per weight, ``g`` the dense gradient of the loss
+    averaged over ``batches``.
+
+    The gradient is the dense one even if some masks are not all True (they are swapped for
+    all-True masks while it is computed, see :func:`sparsekern.pruning._common.dense_weight_grads`);
+    at initialisation (SNIP's setting) the masks are all True anyway.
+
+    Args:
+        layers: ``{name: sparse module}``.
+        loss_fn: ``batch -> 0-d loss`` (runs the model on the batch).
+        batches: one or a few batches (anything ``loss_fn`` takes).
+
+    Returns:
+        ``{name: score}``, float32 of each weight's shape, >= 0.
+    """
+    total: dict[str, torch.Tensor] | None = None
+    count = 0
+    for batch in batches:
+        g = dense_weight_grads(layers, lambda b=batch: loss_fn(b))
+        total = g if total is None else {n: total[n] + g[n] for n in total}
+        count += 1
+    if count == 0:
+        raise ValueError("snip_scores: expected at least one batch, got none")
+    return {n: (total[n] / count * layers[n].weight.detach()).abs().float() for n in total}
+
+
+@torch.no_grad()
+def snip_masks(scores: dict[str, torch.Tensor], density: float) -> dict[str, torch.Tensor]:
+    """Keep exactly ``round(density * N)`` of the ``N`` weights: the largest scores over all
+    layers together (SNIP's global top-kappa).
+
+    Args:
+        scores: ``{name: score}`` (from :func:`snip_scores`).
+        density: kept fraction in [0, 1].
+    """
+    check_fraction(density, "snip_masks", "density")
+    names = list(scores)
+    flat = torch.cat([scores[n].flatten().double().cpu() for n in names])
+    keep = topk_mask(flat, round(density * flat.numel()))
+    out, i = {}, 0
+    for n in names:
+        k = scores[n].numel()
+        out[n] = keep[i : i + k].view(scores[n].shape).to(scores[n].device)
+        i += k
+    return out
+
+
+class SNIPPruner(MaskPruner):
+    """SNIP behind the lifecycle API: one-shot masks at initialisation.
+
+    Lifecycle::
+
+        model = sparsify(MyNet())                           # dense: masks all True
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        pruner = SNIPPruner(model, sparsity=0.98, optimizer=opt)
+        batches = [next(iter(loader))]                      # one batch (SNIP) or a few
+        kept = pruner.prune(lambda b: F.cross_entropy(model(b[0]), b[1]), batches)
+        ... train the sparse net normally: opt.step(); pruner.step()
+
+    Args:
+        model: a model with sparse layers, at initialisation.
+        sparsity: target pruned fraction of all the sparse layers' weights together.
+        optimizer: its state is zeroed at pruned entries.
+        layers: restrict to these sparse-layer names (default: all).
+    """
+
+    name = "snip"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        sparsity: float,
+        optimizer: torch.optim.Optimizer | None = None,
+        layers=None,
+    ) -> None:
+        super().__init__(model, optimizer, layers)
+        self.sparsity = check_fraction(sparsity, "SNIPPruner")
+        self.scores: dict[str, torch.Tensor] | None = None
+
+    def prune(self, loss_fn: Callable[[object], torch.Tensor], batches: Iterable) -> dict:
+        """Score on ``batches`` (dense gradient), install the global top-``(1 - sparsity)``
+        masks through ``set_mask``; returns ``{layer: kept fraction}``. ``self.scores`` keeps the
+        scores."""
+        was = self.model.training
+        self.model.train()
+        try:
+            self.scores = snip_scores(self.layers, loss_fn, batches)
+        finally:
+            self.model.train(was)
+        self._install(snip_masks(self.scores, 1.0 - self.sparsity))
+        return self._record(sparsity=self.sparsity)
+
+    def step(self) -> None:
+        """Per-optimizer-step hook: counts steps (SNIP's masks are fixed after :meth:`prune`)."""
+        self.steps += 1
