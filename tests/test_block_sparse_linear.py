@@ -248,3 +248,35 @@ def test_errors_name_expected_and_got(device):
         block_masked_linear(
             torch.randn(3, 40, device=device), w.t(), torch.ones(40, 40, dtype=torch.bool), None, 16
         )
+
+
+@pytest.mark.parametrize("holes", [False, True], ids=["whole_blocks", "holes_in_blocks"])
+def test_dw_split_reduction(holes, device):
+    """Batches over 64 rows split dW's reduction (2 ways under the interpreter) into fp32
+    partials that a second kernel sums and writes: same result, pruned blocks never written."""
+    block = (16, 32)
+    M = 150
+    assert bsl.dw_splits(9, M) >= 2 or device.type == "cuda"
+    mask = _block_mask("empty_rows_cols", (N_OUT, K_IN), block, device)
+    if holes:
+        mask &= torch.rand(N_OUT, K_IN, device=device) < 0.7
+    w = (torch.randn(N_OUT, K_IN, device=device) * mask).contiguous()
+    x = torch.randn(M, K_IN, device=device)
+    dy = torch.randn(M, N_OUT, device=device)
+    lay = bsl.layout_of_mask(mask, block)
+    assert (lay.keep is not None) == holes
+    dw = bsl.bsr_dw_launch(
+        dy, x, w, lay, out=torch.full((N_OUT, K_IN), float("nan"), device=device)
+    )
+    ref = (dy.double().t() @ x.double()) * mask
+    kept_blocks = bsl.block_occupancy(mask, block)
+    in_blocks = kept_blocks.repeat_interleave(16, 0).repeat_interleave(32, 1)[:N_OUT, :K_IN]
+    assert torch.isnan(dw[~in_blocks]).all(), "dW wrote into pruned blocks"
+    _close(dw[in_blocks], ref[in_blocks], torch.float32, M, "dW (split)")
+    # compact storage through the same split path
+    W = BlockSparseMatrix.from_dense(w, block, mask=mask)
+    g = bsl.bsr_dw_launch(dy, x, W.values, bsl.layout_of_matrix(W))
+    dense_g = BlockSparseMatrix(g, W.row_ptr, W.col_idx, W.shape, block).to_dense()
+    _close(
+        dense_g, (dy.double().t() @ x.double()) * W.to_mask(), torch.float32, M, "dvalues (split)"
+    )

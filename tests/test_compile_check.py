@@ -25,8 +25,8 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert rows and all(r["ok"] and r["cubin"] for r in rows)
     kernels = {r["kernel"].split("[")[0] for r in rows}
     expected = {"masked_linear.mask_b", "masked_linear.mask_c"}
-    expected |= {f"block_sparse_linear.{k}" for k in ("fwd", "dx", "dw")}
-    expected |= {f"block_sparse_conv2d.{k}" for k in ("fwd", "dx", "dw", "dw_reduce")}
+    expected |= {f"block_sparse_linear.{k}" for k in ("fwd", "dx", "dw", "dw_split", "dw_reduce")}
+    expected |= {f"block_sparse_conv2d.{k}" for k in ("fwd", "dx", "dw")}
     expected |= {f"masked_conv2d.{k}" for k in ("fwd", "fwd_strided", "dx", "dw", "dw_split")}
     assert expected <= kernels, f"missing {expected - kernels}"
     # The big bf16 tiles must lower to Hopper's warpgroup MMA, not the older mma.sync path.

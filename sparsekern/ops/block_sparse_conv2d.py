@@ -20,8 +20,9 @@ which no tile-level ``tl.dot`` can express. With one tap per block:
 * dW ``block p = dy[:, co-block]^T @ x_shift[:, ci-block]``, reduced over all N*OH*OW output
   pixels (VGG-16 conv1_2 at batch 64: 3.2 M): ``_bsc_dw_kernel`` splits that reduction over a
   second grid axis into fp32 partials per stored block (deterministic, no atomics) that
-  ``_bsc_dw_reduce_kernel`` sums and writes to the stored block, masked inside the block if the
-  mask has holes there. Pruned blocks get no program.
+  ``block_sparse_linear._bsr_dw_reduce_kernel`` (shared with the linear dW) sums and writes to
+  the stored block, masked inside the block if the mask has holes there. Pruned blocks get no
+  program.
 
 Storages, as in ``block_sparse_linear``: a dense contiguous ``weight`` with a block-structured bool
 ``mask`` (``block_masked_conv2d``: SparseConv2d's block mode, any optimizer, the mask invariant)
@@ -39,7 +40,13 @@ import triton.language as tl
 from sparsekern.formats.block_sparse import BlockSparseMatrix, _pair
 from sparsekern.ops._dispatch import interpreter_enabled, use_kernels
 from sparsekern.ops._mask_cache import cached_on_mask
-from sparsekern.ops.block_sparse_linear import _keep, _Layout, layout_from_occupancy
+from sparsekern.ops.block_sparse_linear import (
+    _bsr_dw_reduce_kernel,
+    _keep,
+    _Layout,
+    dw_splits,
+    layout_from_occupancy,
+)
 from sparsekern.ops.masked_conv2d import _out_size, _precision
 from sparsekern.ops.masked_linear import KERNEL_DTYPES, _out, _upcast
 
@@ -327,34 +334,6 @@ def _bsc_dw_kernel(
     tl.store(part_ptr + base + offs_i[:, None] * BK + offs_j[None, :], acc)
 
 
-@triton.jit
-def _bsc_dw_reduce_kernel(
-    part_ptr, blk_off_ptr, block_row_ptr, col_idx_ptr, keep_ptr, dw_ptr,
-    C_out, C_in, CB, NNZ, SPLITS,
-    stride_wr, stride_wc,
-    MASKED: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
-    """dW block p = sum_s part[s, p], masked inside the block if needed, stored in place."""
-    p = tl.program_id(0)
-    r = tl.load(block_row_ptr + p)
-    c = tl.load(col_idx_ptr + p)
-    off = tl.load(blk_off_ptr + p)
-    cb = c % CB
-    offs_i = tl.arange(0, BM)
-    offs_j = tl.arange(0, BK)
-    inner = offs_i[:, None] * BK + offs_j[None, :]
-    acc = tl.zeros((BM, BK), dtype=tl.float32)
-    pp = p.to(tl.int64)
-    for s in range(0, SPLITS):
-        acc += tl.load(part_ptr + (s * NNZ + pp) * (BM * BK) + inner)
-    w_offs = off + offs_i[:, None] * stride_wr + offs_j[None, :] * stride_wc
-    w_ok = ((r * BM + offs_i) < C_out)[:, None] & ((cb * BK + offs_j) < C_in)[None, :]
-    if MASKED:
-        keep = tl.load(keep_ptr + w_offs, mask=w_ok, other=0)
-        acc = tl.where(keep != 0, acc, tl.zeros_like(acc))
-    tl.store(dw_ptr + w_offs, acc.to(dw_ptr.dtype.element_ty), mask=w_ok)
-
-
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
@@ -426,14 +405,6 @@ def bsc_dx_launch(dy, w, lay: _Layout, x_shape, geometry, out=None) -> torch.Ten
     return dx
 
 
-def _splits(nnz: int, M: int) -> int:
-    """Split the dW reduction so that ~2 programs per SM of an H100 (132) run, each with at least
-    2048 output pixels to reduce: 1 under the interpreter (it runs programs one by one)."""
-    if interpreter_enabled() or nnz == 0:
-        return 1 if M <= 64 else 2  # 2 exercises the split and the reduction in tests
-    return max(1, min(_cdiv(264, nnz), _cdiv(M, 2048)))
-
-
 def bsc_dw_launch(dy, x, w, lay: _Layout, geometry, out=None) -> torch.Tensor:
     """Gradient of the storage ``w`` (its shape): stored blocks only; ``out`` must be zeroed
     (None: a fresh zeroed tensor)."""
@@ -446,7 +417,7 @@ def bsc_dw_launch(dy, x, w, lay: _Layout, geometry, out=None) -> torch.Tensor:
     if lay.nnz == 0:
         return g
     M = B * OH * OW
-    S = _splits(lay.nnz, M)
+    S = dw_splits(lay.nnz, M)
     chunk = _cdiv(M, S)
     bm, bk = lay.block
     part = torch.empty((S, lay.nnz, bm, bk), device=w.device, dtype=torch.float32)
@@ -459,7 +430,7 @@ def bsc_dw_launch(dy, x, w, lay: _Layout, geometry, out=None) -> torch.Tensor:
         UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype), BM=bm, BK=bk,
     )  # fmt: skip
     keep, masked = _keep(lay)
-    _bsc_dw_reduce_kernel[(lay.nnz,)](
+    _bsr_dw_reduce_kernel[(lay.nnz,)](
         part, lay.blk_off, lay.block_row, lay.col_idx, keep, g,
         c_out, c_in, CB, lay.nnz, S,
         *lay.strides,
@@ -657,16 +628,3 @@ def compile_specs():
                     consts |= {"BM": bm, "BK": bk, "BLOCK_M": block_m}
                     name = f"block_sparse_conv2d.{kind}[{dt},b{bm}x{bk},m{block_m},w{w},s{s}]"
                     yield name, kernel.fn, sig, consts, w, s
-        for bm, bk in _SPEC_BLOCKS:
-            sig = {"part_ptr": "*fp32", "blk_off_ptr": "*i64", "block_row_ptr": "*i32",
-                   "col_idx_ptr": "*i32", "keep_ptr": "*u8", "dw_ptr": f"*{dt}"}  # fmt: skip
-            sig |= st("C_out", "C_in", "CB", "NNZ", "SPLITS", "stride_wr", "stride_wc")
-            consts = {"MASKED": True, "BM": bm, "BK": bk}
-            yield (
-                f"block_sparse_conv2d.dw_reduce[{dt},b{bm}x{bk}]",
-                _bsc_dw_reduce_kernel,
-                sig,
-                consts,
-                4,
-                1,
-            )

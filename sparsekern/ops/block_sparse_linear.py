@@ -210,35 +210,41 @@ def _bsr_dx_kernel(
 
 
 @triton.autotune(
-    configs=_configs("dw"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_smem}
+    configs=_configs("dw"),
+    key=_AUTOTUNE_KEY + ["CHUNK"],
+    prune_configs_by={"early_config_prune": _prune_smem},
 )
 @triton.jit
 def _bsr_dw_kernel(
-    dy_ptr, x_ptr, blk_off_ptr, block_row_ptr, col_idx_ptr, keep_ptr, dw_ptr,
-    M, N, K,
+    dy_ptr, x_ptr, blk_off_ptr, block_row_ptr, col_idx_ptr, keep_ptr, dw_ptr, part_ptr,
+    M, N, K, CHUNK, NNZ,
     stride_dym, stride_dyn,
     stride_xm, stride_xk,
     stride_wr, stride_wc,
-    MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr, MASKED: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
     BM: tl.constexpr, BK: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    """dW[block p] = dy[:, rows of p]^T @ x[:, cols of p], one program per stored block p."""
+    """dW[block p] = dy[:, rows of p]^T @ x[:, cols of p], one program per (stored block p,
+    batch split s) reducing rows ``[s*CHUNK, (s+1)*CHUNK)``. SPLIT: the fp32 partial goes to
+    ``part[s, p]`` (summed by ``_bsr_dw_reduce_kernel``); else the block is written in place."""
     p = tl.program_id(0)
+    s = tl.program_id(1)
     r = tl.load(block_row_ptr + p)
     c = tl.load(col_idx_ptr + p)
-    off = tl.load(blk_off_ptr + p)
     offs_i = tl.arange(0, BM)
     offs_j = tl.arange(0, BK)
     n_idx = (r * BM + offs_i).to(tl.int64)
     k_idx = (c * BK + offs_j).to(tl.int64)
     n_ok = n_idx < N
     k_ok = k_idx < K
-    offs_m = tl.arange(0, BLOCK_M).to(tl.int64)
+    m_start = s.to(tl.int64) * CHUNK
+    m_end = tl.minimum(m_start + CHUNK, M)
+    offs_m = m_start + tl.arange(0, BLOCK_M).to(tl.int64)
     a_ptrs = dy_ptr + n_idx[:, None] * stride_dyn + offs_m[None, :] * stride_dym  # [BM, BLOCK_M]
     b_ptrs = x_ptr + offs_m[:, None] * stride_xm + k_idx[None, :] * stride_xk  # [BLOCK_M, BK]
     acc = tl.zeros((BM, BK), dtype=tl.float32)
-    for m0 in range(0, tl.cdiv(M, BLOCK_M)):
-        m_ok = offs_m < M - m0 * BLOCK_M
+    for m0 in range(0, tl.cdiv(m_end - m_start, BLOCK_M)):
+        m_ok = offs_m < m_end - m0 * BLOCK_M
         a = tl.load(a_ptrs, mask=n_ok[:, None] & m_ok[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         if UPCAST:
@@ -247,12 +253,59 @@ def _bsr_dw_kernel(
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_M * stride_dym
         b_ptrs += BLOCK_M * stride_xm
-    w_off = off + offs_i[:, None] * stride_wr + offs_j[None, :] * stride_wc
-    w_ok = n_ok[:, None] & k_ok[None, :]
-    if MASKED:  # dW exactly 0 at pruned weights inside a kept block
-        keep = tl.load(keep_ptr + w_off, mask=w_ok, other=0)
+    if SPLIT:
+        base = (s.to(tl.int64) * NNZ + p) * (BM * BK)
+        tl.store(part_ptr + base + offs_i[:, None] * BK + offs_j[None, :], acc)
+    else:
+        off = tl.load(blk_off_ptr + p)
+        w_off = off + offs_i[:, None] * stride_wr + offs_j[None, :] * stride_wc
+        w_ok = n_ok[:, None] & k_ok[None, :]
+        if MASKED:  # dW exactly 0 at pruned weights inside a kept block
+            keep = tl.load(keep_ptr + w_off, mask=w_ok, other=0)
+            acc = tl.where(keep != 0, acc, tl.zeros_like(acc))
+        tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=w_ok)
+
+
+@triton.jit
+def _bsr_dw_reduce_kernel(
+    part_ptr, blk_off_ptr, block_row_ptr, col_idx_ptr, keep_ptr, dw_ptr,
+    ROWS, COLS, CB, NNZ, SPLITS,
+    stride_wr, stride_wc,
+    MASKED: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+):  # fmt: skip
+    """dW block p = sum_s part[s, p], masked inside the block if needed, stored in place. Block
+    column c covers columns ``(c % CB) * BK + j < COLS`` (linear: CB = the number of block
+    columns; conv: CB = channel blocks per tap, COLS = C_in)."""
+    p = tl.program_id(0)
+    r = tl.load(block_row_ptr + p)
+    c = tl.load(col_idx_ptr + p)
+    off = tl.load(blk_off_ptr + p)
+    cb = c % CB
+    offs_i = tl.arange(0, BM)
+    offs_j = tl.arange(0, BK)
+    inner = offs_i[:, None] * BK + offs_j[None, :]
+    acc = tl.zeros((BM, BK), dtype=tl.float32)
+    pp = p.to(tl.int64)
+    for s in range(0, SPLITS):
+        acc += tl.load(part_ptr + (s * NNZ + pp) * (BM * BK) + inner)
+    w_offs = off + offs_i[:, None] * stride_wr + offs_j[None, :] * stride_wc
+    w_ok = ((r * BM + offs_i) < ROWS)[:, None] & ((cb * BK + offs_j) < COLS)[None, :]
+    if MASKED:
+        keep = tl.load(keep_ptr + w_offs, mask=w_ok, other=0)
         acc = tl.where(keep != 0, acc, tl.zeros_like(acc))
-    tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=w_ok)
+    tl.store(dw_ptr + w_offs, acc.to(dw_ptr.dtype.element_ty), mask=w_ok)
+
+
+def dw_splits(nnz: int, rows: int) -> int:
+    """How many ways to split dW's reduction over ``rows`` batch rows: enough programs for ~2 per
+    SM of an H100 (132 SMs; at d=0.05 a 4096x4096 layer has only 51 blocks of 128x128), each
+    reducing at least 2048 rows. Under the interpreter: 2 once rows > 64, so tests cover both
+    paths."""
+    if nnz == 0:
+        return 1
+    if interpreter_enabled():
+        return 1 if rows <= 64 else 2
+    return max(1, min(-(-264 // nnz), -(-rows // 2048)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -418,15 +471,27 @@ def bsr_dw_launch(dy, x, w, lay: _Layout, out=None) -> torch.Tensor:
     if lay.nnz == 0:
         return dw
     keep, masked = _keep(lay)
-    _bsr_dw_kernel[(lay.nnz,)](
-        dy, x, lay.blk_off, lay.block_row, lay.col_idx, keep, dw,
-        M, N, K,
+    S = dw_splits(lay.nnz, M)
+    chunk = -(-M // S)
+    bm, bk = lay.block
+    part = torch.empty((S, lay.nnz, bm, bk), device=w.device, dtype=torch.float32) if S > 1 else dw
+    _bsr_dw_kernel[(lay.nnz, S)](
+        dy, x, lay.blk_off, lay.block_row, lay.col_idx, keep, dw, part,
+        M, N, K, chunk, lay.nnz,
         dy.stride(0), dy.stride(1),
         x.stride(0), x.stride(1),
         lay.strides[0], lay.strides[1],
-        MASKED=masked, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
-        BM=lay.block[0], BK=lay.block[1],
+        SPLIT=S > 1, MASKED=masked, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
+        BM=bm, BK=bk,
     )  # fmt: skip
+    if S > 1:
+        _, C = block_grid(lay.shape, lay.block)
+        _bsr_dw_reduce_kernel[(lay.nnz,)](
+            part, lay.blk_off, lay.block_row, lay.col_idx, keep, dw,
+            N, K, C, lay.nnz, S,
+            lay.strides[0], lay.strides[1],
+            MASKED=masked, BM=bm, BK=bk,
+        )  # fmt: skip
     return dw
 
 
@@ -625,16 +690,18 @@ def compile_specs():
                 _bsr_dw_kernel,
                 {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "blk_off_ptr": "*i64",
                  "block_row_ptr": "*i32", "col_idx_ptr": "*i32", "keep_ptr": "*u8",
-                 "dw_ptr": f"*{dt}", "M": i32, "N": i32, "K": i32, "stride_dym": i32,
+                 "dw_ptr": f"*{dt}", "part_ptr": "*fp32", "M": i32, "N": i32, "K": i32,
+                 "CHUNK": i32, "NNZ": i32, "stride_dym": i32,
                  "stride_dyn": i32, "stride_xm": i32, "stride_xk": i32, "stride_wr": i32,
                  "stride_wc": i32},
-                {},
+                {"SPLIT": False},
             ),
         }  # fmt: skip
+        kernels["dw_split"] = (_bsr_dw_kernel, kernels["dw"][1], {"SPLIT": True})
         esize = 4 if dt == "fp32" else 2
         for kind, (kernel, sig, extra) in kernels.items():
             for bm, bk in _SPEC_BLOCKS:
-                for block_m, w, s in _GPU_CONFIGS[kind]:
+                for block_m, w, s in _GPU_CONFIGS[kind.removesuffix("_split")]:
                     # The configs the launch-time pruning would drop are not compiled either.
                     if (block_m * max(bm, bk) + bm * bk) * esize * s > 200 * 1024:
                         continue
@@ -642,3 +709,11 @@ def compile_specs():
                     consts |= {"PRECISION": prec, "BM": bm, "BK": bk, "BLOCK_M": block_m}
                     name = f"block_sparse_linear.{kind}[{dt},b{bm}x{bk},m{block_m},w{w},s{s}]"
                     yield name, kernel.fn, sig, consts, w, s
+        reduce_sig = {"part_ptr": "*fp32", "blk_off_ptr": "*i64", "block_row_ptr": "*i32",
+                      "col_idx_ptr": "*i32", "keep_ptr": "*u8", "dw_ptr": f"*{dt}"}  # fmt: skip
+        reduce_sig |= {k: i32 for k in ("ROWS", "COLS", "CB", "NNZ", "SPLITS")}
+        reduce_sig |= {"stride_wr": i32, "stride_wc": i32}
+        for bm, bk in _SPEC_BLOCKS:
+            consts = {"MASKED": True, "BM": bm, "BK": bk}
+            name = f"block_sparse_linear.dw_reduce[{dt},b{bm}x{bk}]"
+            yield name, _bsr_dw_reduce_kernel, reduce_sig, consts, 4, 1
