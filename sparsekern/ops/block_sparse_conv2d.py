@@ -38,12 +38,13 @@ import triton
 import triton.language as tl
 
 from sparsekern.formats.block_sparse import BlockSparseMatrix, _pair
-from sparsekern.ops._dispatch import interpreter_enabled, use_kernels
+from sparsekern.ops._dispatch import use_kernels
 from sparsekern.ops._mask_cache import cached_on_mask
 from sparsekern.ops.block_sparse_linear import (
     _bsr_dw_reduce_kernel,
     _keep,
     _Layout,
+    batch_tile_configs,
     dw_splits,
     layout_from_occupancy,
 )
@@ -76,8 +77,7 @@ _KEY = ["M", "C_out", "C_in", "BM", "BK", "KH", "KW"]
 
 
 def _configs(kind: str) -> list[triton.Config]:
-    rows = [_INTERPRETER_CONFIG] if interpreter_enabled() else _GPU_CONFIGS[kind]
-    return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m, w, s in rows]
+    return batch_tile_configs(_GPU_CONFIGS[kind], _INTERPRETER_CONFIG)
 
 
 # ---------------------------------------------------------------------------------------------

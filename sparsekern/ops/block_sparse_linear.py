@@ -83,9 +83,15 @@ _GPU_CONFIGS = {
 _INTERPRETER_CONFIG = (32, 4, 1)
 
 
-def _configs(kind: str) -> list[triton.Config]:
-    rows = [_INTERPRETER_CONFIG] if interpreter_enabled() else _GPU_CONFIGS[kind]
+def batch_tile_configs(gpu_rows, interpreter_row=_INTERPRETER_CONFIG) -> list[triton.Config]:
+    """``triton.Config`` objects from ``(BLOCK_M, num_warps, num_stages)`` rows; under the
+    interpreter only ``interpreter_row``."""
+    rows = [interpreter_row] if interpreter_enabled() else gpu_rows
     return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m, w, s in rows]
+
+
+def _configs(kind: str) -> list[triton.Config]:
+    return batch_tile_configs(_GPU_CONFIGS[kind])
 
 
 def _prune_smem(configs, named_args, **kwargs):

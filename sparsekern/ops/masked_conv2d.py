@@ -72,6 +72,7 @@ from sparsekern.ops.masked_linear import (
     _compute_tile_flags,
     _grouped_tile,
     _upcast,
+    tile_configs,
 )
 
 __all__ = [
@@ -131,15 +132,7 @@ _DW_MIN_CHUNK = 1024
 
 
 def _configs(kind: str) -> list[triton.Config]:
-    rows = [_INTERPRETER_CONFIG] if interpreter_enabled() else _GPU_CONFIGS[kind]
-    return [
-        triton.Config(
-            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g},
-            num_warps=w,
-            num_stages=s,
-        )
-        for bm, bn, bk, g, w, s in rows
-    ]
+    return tile_configs(_GPU_CONFIGS[kind], _INTERPRETER_CONFIG)
 
 
 # ---------------------------------------------------------------------------------------------

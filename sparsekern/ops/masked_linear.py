@@ -84,8 +84,10 @@ _GPU_CONFIGS = {
 _INTERPRETER_CONFIG = (32, 32, 32, 4, 4, 1)
 
 
-def _configs(kind: str) -> list[triton.Config]:
-    rows = [_INTERPRETER_CONFIG] if interpreter_enabled() else _GPU_CONFIGS[kind]
+def tile_configs(gpu_rows, interpreter_row=_INTERPRETER_CONFIG) -> list[triton.Config]:
+    """``triton.Config`` objects from ``(BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps,
+    num_stages)`` rows; under the interpreter only ``interpreter_row``."""
+    rows = [interpreter_row] if interpreter_enabled() else gpu_rows
     return [
         triton.Config(
             {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": g},
@@ -94,6 +96,10 @@ def _configs(kind: str) -> list[triton.Config]:
         )
         for bm, bn, bk, g, w, s in rows
     ]
+
+
+def _configs(kind: str) -> list[triton.Config]:
+    return tile_configs(_GPU_CONFIGS[kind])
 
 
 @triton.jit
