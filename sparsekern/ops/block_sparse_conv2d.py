@@ -41,12 +41,15 @@ from sparsekern.formats.block_sparse import BlockSparseMatrix, _pair
 from sparsekern.ops._dispatch import use_kernels
 from sparsekern.ops._mask_cache import cached_on_mask
 from sparsekern.ops.block_sparse_linear import (
+    _block_offsets,
     _bsr_dw_reduce_kernel,
     _keep,
     _Layout,
+    _load_block,
     batch_tile_configs,
     dw_splits,
     layout_from_occupancy,
+    layout_of_matrix,
 )
 from sparsekern.ops.masked_conv2d import _out_size, _precision
 from sparsekern.ops.masked_linear import KERNEL_DTYPES, _out, _upcast
@@ -89,7 +92,9 @@ def _cdiv(a: int, b: int) -> int:
 
 def conv_weight_to_gemm(w: torch.Tensor, bk: int) -> torch.Tensor:
     """``[C_out, C_in, kH, kW] -> [C_out, kH*kW*C_in_pad]`` (columns (kh, kw, ci), ``C_in`` padded
-    with zeros to a multiple of ``bk``)."""
+    with zeros (False for a bool mask) to a multiple of ``bk``)."""
+    if w.dtype == torch.bool:  # padded as bytes: constant padding of bool is not in every torch
+        return conv_weight_to_gemm(w.view(torch.uint8), bk).view(torch.bool)
     c_out, c_in, kh, kw = w.shape
     t = w.permute(0, 2, 3, 1)  # [C_out, kH, kW, C_in]
     t = F.pad(t, (0, _cdiv(c_in, bk) * bk - c_in))
@@ -107,7 +112,7 @@ def conv_block_occupancy(mask: torch.Tensor, block_size) -> torch.Tensor:
     """``[ceil(C_out/bm), kH*kW*ceil(C_in/bk)]`` bool: blocks of the tap-major view holding any
     True of the 4-D ``mask``."""
     bm, bk = _pair(block_size)
-    g = conv_weight_to_gemm(mask.view(torch.uint8), bk)
+    g = conv_weight_to_gemm(mask, bk).view(torch.uint8)  # amax over bytes
     rows, cols = g.shape
     R = _cdiv(rows, bm)
     g = F.pad(g, (0, 0, 0, R * bm - rows))
@@ -141,11 +146,9 @@ def conv_layout_of_mask(mask: torch.Tensor, block_size) -> _Layout:
 
 
 def conv_layout_of_matrix(w: BlockSparseMatrix, weight_shape) -> _Layout:
-    """Layout of compact values: ``w`` is the BlockSparseMatrix of the tap-major view."""
-    bm, bk = w.block_size
-    occ = w.block_mask()
-    off = lambda r, c: torch.arange(r.numel(), device=r.device, dtype=torch.int64) * (bm * bk)  # noqa: E731
-    return layout_from_occupancy(occ, weight_shape, (bm, bk), off, (bk, 1), None)
+    """Layout of compact values: ``w`` is the BlockSparseMatrix of the tap-major view. The same
+    metadata as the matrix's own layout; only ``shape`` is the conv weight's."""
+    return layout_of_matrix(w)._replace(shape=tuple(weight_shape))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,12 +201,8 @@ def _bsc_fwd_kernel(
         pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x_offs = (n * sx_n + ih * sx_h + iw * sx_w)[:, None] + (ci * sx_c)[None, :]
         a = tl.load(x_ptr + x_offs, mask=pix_ok[:, None] & ci_ok[None, :], other=0.0)
-        w_offs = off + offs_i[:, None] * stride_wr + offs_j[None, :] * stride_wc
-        w_ok = co_ok[:, None] & ci_ok[None, :]
-        w = tl.load(w_ptr + w_offs, mask=w_ok, other=0.0)  # [BM, BK]
-        if MASKED:
-            keep = tl.load(keep_ptr + w_offs, mask=w_ok, other=0)
-            w = tl.where(keep != 0, w, tl.zeros_like(w))
+        w_off = _block_offsets(off, stride_wr, stride_wc, BM, BK)
+        w = _load_block(w_ptr, keep_ptr, w_off, co_ok[:, None] & ci_ok[None, :], MASKED)
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -266,12 +265,8 @@ def _bsc_dx_kernel(
                 mask=ok[:, None] & co_ok[None, :],
                 other=0.0,
             )
-            w_offs = off + offs_i[:, None] * stride_wr + offs_j[None, :] * stride_wc
-            w_ok = co_ok[:, None] & ci_ok[None, :]
-            w = tl.load(w_ptr + w_offs, mask=w_ok, other=0.0)
-            if MASKED:
-                keep = tl.load(keep_ptr + w_offs, mask=w_ok, other=0)
-                w = tl.where(keep != 0, w, tl.zeros_like(w))
+            w_off = _block_offsets(off, stride_wr, stride_wc, BM, BK)
+            w = _load_block(w_ptr, keep_ptr, w_off, co_ok[:, None] & ci_ok[None, :], MASKED)
             if UPCAST:
                 a = a.to(tl.float32)
                 w = w.to(tl.float32)

@@ -54,7 +54,6 @@ from sparsekern.ops.masked_linear import (
     _precision,
     _upcast,
     masked_linear,
-    masked_linear_reference,
 )
 
 __all__ = [
@@ -112,6 +111,33 @@ def _prune_smem(configs, named_args, **kwargs):
 _AUTOTUNE_KEY = ["M", "N", "K", "BM", "BK"]
 
 
+@triton.jit
+def _block_offsets(off, stride_wr, stride_wc, BM: tl.constexpr, BK: tl.constexpr):
+    """Element offsets ``[BM, BK]`` of the block that starts at ``off`` (int64)."""
+    return off + tl.arange(0, BM)[:, None] * stride_wr + tl.arange(0, BK)[None, :] * stride_wc
+
+
+@triton.jit
+def _load_block(w_ptr, keep_ptr, w_off, w_ok, MASKED: tl.constexpr):
+    """A stored block ``w[w_off]`` (zero outside ``w_ok``, the matrix); with MASKED the mask (read
+    as bytes at the same offsets) is applied inside the block too."""
+    w = tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
+    if MASKED:  # mask not made of whole blocks: apply it inside the kept block too
+        keep = tl.load(keep_ptr + w_off, mask=w_ok, other=0)
+        w = tl.where(keep != 0, w, tl.zeros_like(w))
+    return w
+
+
+@triton.jit
+def _store_block(dw_ptr, keep_ptr, w_off, w_ok, acc, MASKED: tl.constexpr):
+    """Store a block's fp32 gradient ``acc`` at ``dw[w_off]`` (inside ``w_ok``); with MASKED it is
+    exactly 0 at pruned weights inside the kept block."""
+    if MASKED:
+        keep = tl.load(keep_ptr + w_off, mask=w_ok, other=0)
+        acc = tl.where(keep != 0, acc, tl.zeros_like(acc))
+    tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=w_ok)
+
+
 @triton.autotune(
     configs=_configs("fwd"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _prune_smem}
 )
@@ -148,12 +174,8 @@ def _bsr_fwd_kernel(
             mask=m_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
-        w_off = off + offs_i[:, None] * stride_wr + offs_j[None, :] * stride_wc
-        w_ok = n_ok[:, None] & k_ok[None, :]
-        w = tl.load(w_ptr + w_off, mask=w_ok, other=0.0)  # [BM, BK]
-        if MASKED:  # mask not made of whole blocks: apply it inside the kept block too
-            keep = tl.load(keep_ptr + w_off, mask=w_ok, other=0)
-            w = tl.where(keep != 0, w, tl.zeros_like(w))
+        w_off = _block_offsets(off, stride_wr, stride_wc, BM, BK)
+        w = _load_block(w_ptr, keep_ptr, w_off, n_ok[:, None] & k_ok[None, :], MASKED)  # [BM, BK]
         if UPCAST:  # the interpreter's bf16 dot is wrong; fp32 is exact there
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -201,12 +223,8 @@ def _bsr_dx_kernel(
             mask=m_ok[:, None] & n_ok[None, :],
             other=0.0,
         )
-        w_off = off + offs_i[:, None] * stride_wr + offs_j[None, :] * stride_wc
-        w_ok = n_ok[:, None] & k_ok[None, :]
-        w = tl.load(w_ptr + w_off, mask=w_ok, other=0.0)  # [BM, BK]
-        if MASKED:
-            keep = tl.load(keep_ptr + w_off, mask=w_ok, other=0)
-            w = tl.where(keep != 0, w, tl.zeros_like(w))
+        w_off = _block_offsets(off, stride_wr, stride_wc, BM, BK)
+        w = _load_block(w_ptr, keep_ptr, w_off, n_ok[:, None] & k_ok[None, :], MASKED)  # [BM, BK]
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -263,13 +281,8 @@ def _bsr_dw_kernel(
         base = (s.to(tl.int64) * NNZ + p) * (BM * BK)
         tl.store(part_ptr + base + offs_i[:, None] * BK + offs_j[None, :], acc)
     else:
-        off = tl.load(blk_off_ptr + p)
-        w_off = off + offs_i[:, None] * stride_wr + offs_j[None, :] * stride_wc
-        w_ok = n_ok[:, None] & k_ok[None, :]
-        if MASKED:  # dW exactly 0 at pruned weights inside a kept block
-            keep = tl.load(keep_ptr + w_off, mask=w_ok, other=0)
-            acc = tl.where(keep != 0, acc, tl.zeros_like(acc))
-        tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=w_ok)
+        w_off = _block_offsets(tl.load(blk_off_ptr + p), stride_wr, stride_wc, BM, BK)
+        _store_block(dw_ptr, keep_ptr, w_off, n_ok[:, None] & k_ok[None, :], acc, MASKED)
 
 
 @triton.jit
@@ -294,12 +307,9 @@ def _bsr_dw_reduce_kernel(
     pp = p.to(tl.int64)
     for s in range(0, SPLITS):
         acc += tl.load(part_ptr + (s * NNZ + pp) * (BM * BK) + inner)
-    w_offs = off + offs_i[:, None] * stride_wr + offs_j[None, :] * stride_wc
     w_ok = ((r * BM + offs_i) < ROWS)[:, None] & ((cb * BK + offs_j) < COLS)[None, :]
-    if MASKED:
-        keep = tl.load(keep_ptr + w_offs, mask=w_ok, other=0)
-        acc = tl.where(keep != 0, acc, tl.zeros_like(acc))
-    tl.store(dw_ptr + w_offs, acc.to(dw_ptr.dtype.element_ty), mask=w_ok)
+    w_off = _block_offsets(off, stride_wr, stride_wc, BM, BK)
+    _store_block(dw_ptr, keep_ptr, w_off, w_ok, acc, MASKED)
 
 
 def dw_splits(nnz: int, rows: int) -> int:
@@ -655,10 +665,6 @@ def block_masked_linear(
     _check_common("block_masked_linear", x, weight.shape[0], weight.shape[1], weight, bias)
     lay = layout_of_mask(mask, (bm, bk))
     return _BlockSparseFunction.apply(x, weight, bias, lay)
-
-
-# Keep the reference twin of the dense-storage mode reachable by name.
-block_masked_linear_reference = masked_linear_reference
 
 
 # ---------------------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ from sparsekern.ops.masked_linear import (
     KERNEL_DTYPES,
     _compute_tile_flags,
     _grouped_tile,
+    _tile_kept_blocks,
     _upcast,
     tile_configs,
 )
@@ -338,11 +339,9 @@ def _conv_dw_kernel(
     col_ok = offs_n < N
     out_ok = row_ok[:, None] & col_ok[None, :]
 
-    fm = pid_m * (BLOCK_M // FLAG) + tl.arange(0, BLOCK_M // FLAG)
-    fn = pid_n * (BLOCK_N // FLAG) + tl.arange(0, BLOCK_N // FLAG)
-    f_ok = (fm[:, None] < FLAG_M) & (fn[None, :] < FLAG_N)
-    flags = tl.load(flags_ptr + fm[:, None] * FLAG_N + fn[None, :], mask=f_ok, other=0)
-    n_kept_blocks = tl.sum(tl.sum(flags.to(tl.int32), axis=1), axis=0)
+    n_kept_blocks = _tile_kept_blocks(
+        flags_ptr, pid_m, pid_n, FLAG_M, FLAG_N, FLAG, BLOCK_M, BLOCK_N
+    )
 
     ci, kh, kw = _cols_ckk(offs_n, KH, KW)  # the tile's weight columns, fixed over the reduction
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

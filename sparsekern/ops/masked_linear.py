@@ -165,6 +165,20 @@ def _mm_mask_b_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+@triton.jit
+def _tile_kept_blocks(
+    flags_ptr, pid_m, pid_n, FLAG_M, FLAG_N,
+    FLAG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """How many FLAG x FLAG blocks of output tile (pid_m, pid_n) keep anything: the tile's
+    ``BLOCK_M/FLAG x BLOCK_N/FLAG`` bytes of ``flags [FLAG_M, FLAG_N]`` (uint8, contiguous)."""
+    fm = pid_m * (BLOCK_M // FLAG) + tl.arange(0, BLOCK_M // FLAG)
+    fn = pid_n * (BLOCK_N // FLAG) + tl.arange(0, BLOCK_N // FLAG)
+    f_ok = (fm[:, None] < FLAG_M) & (fn[None, :] < FLAG_N)
+    flags = tl.load(flags_ptr + fm[:, None] * FLAG_N + fn[None, :], mask=f_ok, other=0)
+    return tl.sum(tl.sum(flags.to(tl.int32), axis=1), axis=0)
+
+
 @triton.autotune(configs=_configs("mask_c"), key=["M", "N", "K"])
 @triton.jit
 def _mm_mask_c_kernel(
@@ -191,11 +205,9 @@ def _mm_mask_c_kernel(
     col_ok = offs_n < N
     out_ok = row_ok[:, None] & col_ok[None, :]
 
-    fm = pid_m * (BLOCK_M // FLAG) + tl.arange(0, BLOCK_M // FLAG)
-    fn = pid_n * (BLOCK_N // FLAG) + tl.arange(0, BLOCK_N // FLAG)
-    f_ok = (fm[:, None] < FLAG_M) & (fn[None, :] < FLAG_N)
-    flags = tl.load(flags_ptr + fm[:, None] * FLAG_N + fn[None, :], mask=f_ok, other=0)
-    n_kept_blocks = tl.sum(tl.sum(flags.to(tl.int32), axis=1), axis=0)
+    n_kept_blocks = _tile_kept_blocks(
+        flags_ptr, pid_m, pid_n, FLAG_M, FLAG_N, FLAG, BLOCK_M, BLOCK_N
+    )
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if n_kept_blocks > 0:
