@@ -1,11 +1,12 @@
-"""What SparseLinear and SparseConv2d share: the ``mask`` buffer, ``density``, ``set_mask``, and
-state-dict loading that accepts dense checkpoints."""
+"""What SparseLinear and SparseConv2d share: the ``mask`` buffer, ``density``, ``set_mask``, the
+block mode's ``block_size``, and state-dict loading that accepts dense checkpoints."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from sparsekern.formats.block_sparse import _pair
 from sparsekern.nn import masks as _masks
 
 
@@ -23,6 +24,7 @@ class SparseModuleMixin:
     """
 
     mask: torch.Tensor
+    block_size: tuple[int, int] | None
 
     def _init_mask(self) -> None:
         # Same device as the weight (meta included); persistent so it is saved and loaded.
@@ -40,8 +42,16 @@ class SparseModuleMixin:
         see :func:`sparsekern.nn.set_mask`."""
         _masks.set_mask(self, mask, optimizer)
 
+    def set_block_size(self, block_size: int | tuple[int, int] | None) -> None:
+        """Switch to block mode with ``(bm, bk)`` blocks (an int means square), or back to the
+        unstructured kernels with None. Changes no weight and no mask."""
+        self.block_size = None if block_size is None else _pair(block_size)
+
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, density={self.density:.4f}"
+        bs = getattr(self, "block_size", None)  # None for modules pickled before block mode
+        return f"{super().extra_repr()}, density={self.density:.4f}" + (
+            "" if bs is None else f", block_size={bs}"
+        )
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -110,9 +120,15 @@ def check_convertible(dense: nn.Module, expected: type[nn.Module], who: str) -> 
         )
 
 
-def adopt_parameters(sparse: SparseModuleMixin, dense: nn.Module, mask: torch.Tensor | None):
+def adopt_parameters(
+    sparse: SparseModuleMixin, dense: nn.Module, mask: torch.Tensor | None, block_size=None
+):
     """Make ``sparse`` (built on the meta device) use ``dense``'s Parameter objects, its training
-    mode and its mask (if it has one), then install ``mask`` if given. Returns ``sparse``."""
+    mode, its mask and its block size (if it has them), then install ``mask`` and ``block_size``
+    if given. Returns ``sparse``."""
+    if block_size is None:
+        block_size = getattr(dense, "block_size", None)
+    sparse.set_block_size(block_size)
     sparse.weight = dense.weight  # the same Parameter object: optimizers keep working
     sparse.bias = dense.bias
     old = dense._buffers.get("mask")

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from sparsekern.formats.block_sparse import BlockSparseMatrix, _pair
-from sparsekern.nn.sparse_conv2d import SparseConv2d
+from sparsekern.nn.sparse_conv2d import SparseConv2d, symmetric_zero_padding
 from sparsekern.nn.sparse_linear import SparseLinear
 from sparsekern.ops.block_sparse_conv2d import (
     block_sparse_conv2d,
@@ -205,21 +205,6 @@ class BlockSparseLinear(_BlockSparseLayer):
         return {"shape": (self.out_features, self.in_features)}
 
 
-def _conv_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
-    """Symmetric zero padding of ``conv`` as a pair, or None if it has another kind."""
-    if conv.padding_mode != "zeros":
-        return None
-    p = conv.padding
-    if p == "valid":
-        return (0, 0)
-    if p == "same":
-        total = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-        if any(t % 2 for t in total) or tuple(conv.stride) != (1, 1):
-            return None
-        return (total[0] // 2, total[1] // 2)
-    return (int(p[0]), int(p[1]))
-
-
 class BlockSparseConv2d(_BlockSparseLayer):
     """A groups=1 ``Conv2d`` whose weight is stored as the kept blocks of its tap-major GEMM view
     ``[C_out, kH*kW*C_in_pad]`` (see ``sparsekern.ops.block_sparse_conv2d``): ``values [nnz, bm,
@@ -260,7 +245,11 @@ class BlockSparseConv2d(_BlockSparseLayer):
     @classmethod
     def from_sparse(cls, conv: nn.Conv2d, block_size=None) -> BlockSparseConv2d:
         """From a ``SparseConv2d`` (or ``nn.Conv2d``) with groups=1 and zero padding."""
-        if not isinstance(conv, nn.Conv2d) or conv.groups != 1 or _conv_padding(conv) is None:
+        if (
+            not isinstance(conv, nn.Conv2d)
+            or conv.groups != 1
+            or symmetric_zero_padding(conv) is None
+        ):
             raise TypeError(
                 "BlockSparseConv2d.from_sparse: expected an nn.Conv2d / SparseConv2d with "
                 f"groups=1 and symmetric zero padding, got {conv!r}"
@@ -272,11 +261,11 @@ class BlockSparseConv2d(_BlockSparseLayer):
         with torch.no_grad():
             w = conv.weight.detach()
             g = conv_weight_to_gemm(w if mask is None else w * mask, bk)
-            gm = None if mask is None else conv_weight_to_gemm(mask.view(torch.uint8), bk).bool()
+            gm = None if mask is None else conv_weight_to_gemm(mask, bk)
             W = BlockSparseMatrix.from_dense(g, (bm, bk), mask=gm)
         new = cls(
             W, tuple(w.shape), None if conv.bias is None else conv.bias.detach(),
-            conv.stride, _conv_padding(conv), conv.dilation,
+            conv.stride, symmetric_zero_padding(conv), conv.dilation,
         )  # fmt: skip
         new.values.requires_grad_(conv.weight.requires_grad)
         new.train(conv.training)
@@ -359,7 +348,7 @@ def to_inference(
         if isinstance(m, SparseLinear) or (dense_too and type(m) is nn.Linear):
             return BlockSparseLinear.from_sparse
         convish = isinstance(m, SparseConv2d) or (dense_too and type(m) is nn.Conv2d)
-        if conv and convish and m.groups == 1 and _conv_padding(m) is not None:
+        if conv and convish and m.groups == 1 and symmetric_zero_padding(m) is not None:
             return BlockSparseConv2d.from_sparse
         return None
 

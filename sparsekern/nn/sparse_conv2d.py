@@ -7,12 +7,21 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from sparsekern.formats.block_sparse import _pair as _block_pair
 from sparsekern.nn._sparse_module import SparseModuleMixin, adopt_parameters, check_convertible
 from sparsekern.ops.block_sparse_conv2d import block_masked_conv2d
-from sparsekern.ops.masked_conv2d import masked_conv2d
+from sparsekern.ops.masked_conv2d import _resolve_padding, masked_conv2d
 
-__all__ = ["SparseConv2d"]
+__all__ = ["SparseConv2d", "symmetric_zero_padding"]
+
+
+def symmetric_zero_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """``conv``'s padding as a symmetric pair of zero paddings (what the block-sparse conv
+    kernels take), or None when it is not one: a ``padding_mode`` other than ``'zeros'``, or a
+    ``'same'`` padding whose total is odd."""
+    if conv.padding_mode != "zeros":
+        return None
+    pad, extra = _resolve_padding(conv.padding, conv.weight, conv.stride, conv.dilation)
+    return None if extra is not None else pad
 
 
 class SparseConv2d(SparseModuleMixin, nn.Conv2d):
@@ -37,8 +46,6 @@ class SparseConv2d(SparseModuleMixin, nn.Conv2d):
     view (``bm`` output x ``bk`` input channels of one kernel tap); prune whole blocks with
     ``sparsekern.pruning.block.prune_blocks_``. Same results and gradients as the default mode.
     """
-
-    block_size: tuple[int, int] | None
 
     def __init__(
         self,
@@ -75,51 +82,33 @@ class SparseConv2d(SparseModuleMixin, nn.Conv2d):
         """Switch to block mode with ``(bm, bk)`` blocks (groups=1 only), or back with None."""
         if block_size is not None and self.groups != 1:
             raise ValueError(f"SparseConv2d: block mode needs groups=1, got groups={self.groups}")
-        self.block_size = None if block_size is None else _block_pair(block_size)
-
-    def _block_padding(self) -> tuple[int, int] | None:
-        """Symmetric zero padding as a pair, or None ('same' with an odd total: masked path)."""
-        p = self.padding
-        if p == "valid":
-            return (0, 0)
-        if p == "same":
-            totals = [d * (k - 1) for d, k in zip(self.dilation, self.kernel_size)]
-            return None if any(t % 2 for t in totals) else (totals[0] // 2, totals[1] // 2)
-        return (int(p[0]), int(p[1]))
+        super().set_block_size(block_size)
 
     def _conv_forward(
         self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
         # Mirrors nn.Conv2d._conv_forward with masked_conv2d in place of F.conv2d.
+        x, padding = input, self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = _pair(0)
         bs = getattr(self, "block_size", None)  # None for modules pickled before block mode
         if bs is not None and not torch.compiler.is_compiling():
-            pad = (0, 0) if self.padding_mode != "zeros" else self._block_padding()
-            if pad is not None:
-                x = input
-                if self.padding_mode != "zeros":
-                    x = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            pad = (0, 0) if self.padding_mode != "zeros" else symmetric_zero_padding(self)
+            if pad is not None:  # else an asymmetric 'same': the masked kernels handle it
                 unbatched = x.dim() == 3
                 x = x.unsqueeze(0) if unbatched else x
                 y = block_masked_conv2d(
                     x, weight, self.mask, bias, self.stride, pad, self.dilation, bs
                 )
                 return y.squeeze(0) if unbatched else y
-        if self.padding_mode != "zeros":
-            padded = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
-            return masked_conv2d(
-                padded, weight, self.mask, bias, self.stride, _pair(0), self.dilation, self.groups
-            )
         return masked_conv2d(
-            input, weight, self.mask, bias, self.stride, self.padding, self.dilation, self.groups
+            x, weight, self.mask, bias, self.stride, padding, self.dilation, self.groups
         )
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``[N, in_channels, H, W] -> [N, out_channels, H_out, W_out]`` (batch dim optional)."""
         return self._conv_forward(input, self.weight, self.bias)
-
-    def extra_repr(self) -> str:
-        bs = getattr(self, "block_size", None)
-        return super().extra_repr() + ("" if bs is None else f", block_size={bs}")
 
     @classmethod
     def from_dense(
@@ -154,7 +143,4 @@ class SparseConv2d(SparseModuleMixin, nn.Conv2d):
             device="meta",  # no memory or random init for a weight about to be replaced
             dtype=conv.weight.dtype,
         )
-        if block_size is None:
-            block_size = getattr(conv, "block_size", None)
-        sparse.set_block_size(block_size)
-        return adopt_parameters(sparse, conv, mask)
+        return adopt_parameters(sparse, conv, mask, block_size)

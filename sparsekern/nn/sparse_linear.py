@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsekern.formats.block_sparse import _pair
 from sparsekern.nn._sparse_module import SparseModuleMixin, adopt_parameters, check_convertible
 from sparsekern.ops.block_sparse_linear import block_masked_linear
 from sparsekern.ops.masked_linear import masked_linear
@@ -36,8 +35,6 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
     the layer into a ``BlockSparseLinear`` that stores only the kept blocks.
     """
 
-    block_size: tuple[int, int] | None
-
     def __init__(
         self,
         in_features: int,
@@ -51,11 +48,6 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
         self._init_mask()
         self.set_block_size(block_size)
 
-    def set_block_size(self, block_size: int | tuple[int, int] | None) -> None:
-        """Switch to block mode with ``(bm, bk)`` blocks (an int means square), or back to the
-        unstructured kernels with None. Changes no weight and no mask."""
-        self.block_size = None if block_size is None else _pair(block_size)
-
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``[..., in_features] -> [..., out_features]``."""
         bs = getattr(self, "block_size", None)  # None for modules pickled before block mode
@@ -63,10 +55,6 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
             # Under torch.compile the masked op's custom ops (same semantics) keep the graph whole.
             return masked_linear(input, self.weight, self.mask, self.bias)
         return block_masked_linear(input, self.weight, self.mask, self.bias, bs)
-
-    def extra_repr(self) -> str:
-        bs = getattr(self, "block_size", None)
-        return super().extra_repr() + ("" if bs is None else f", block_size={bs}")
 
     @classmethod
     def from_dense(
@@ -99,7 +87,4 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
             device="meta",
             dtype=linear.weight.dtype,
         )
-        if block_size is None:
-            block_size = getattr(linear, "block_size", None)
-        sparse.set_block_size(block_size)
-        return adopt_parameters(sparse, linear, mask)
+        return adopt_parameters(sparse, linear, mask, block_size)

@@ -37,11 +37,7 @@ NORMS = ("l1", "l2")
 
 def _gemm_view(t: torch.Tensor, bk: int) -> torch.Tensor:
     """Linear ``[out, in]`` as is; conv ``[out, in, kh, kw]`` -> ``[out, kh*kw*in_pad]``."""
-    if t.dim() == 2:
-        return t
-    if t.dtype == torch.bool:
-        return conv_weight_to_gemm(t.view(torch.uint8), bk).bool()
-    return conv_weight_to_gemm(t, bk)
+    return t if t.dim() == 2 else conv_weight_to_gemm(t, bk)
 
 
 def block_scores(
@@ -75,7 +71,7 @@ def expand_block_mask(blocks: torch.Tensor, shape, block_size) -> torch.Tensor:
     full = blocks.repeat_interleave(bm, 0).repeat_interleave(bk, 1)[: shape[0]]
     if len(shape) == 2:
         return full[:, : shape[1]].contiguous()
-    return conv_weight_from_gemm(full.view(torch.uint8), tuple(shape), bk).bool()
+    return conv_weight_from_gemm(full, tuple(shape), bk)
 
 
 def _top_blocks(scores: torch.Tensor, k: int) -> torch.Tensor:
