@@ -30,3 +30,11 @@ def device() -> torch.device:
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def reference_path(monkeypatch):
+    """Run the ops' plain-PyTorch path on the CPU instead of the Triton interpreter, for tests
+    about training loops and pruning (the kernels have their own tests). On CUDA it changes
+    nothing: CUDA tensors always run the kernels."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")

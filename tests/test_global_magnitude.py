@@ -6,28 +6,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from _nets import TinyNet as Net
 
 from sparsekern.nn import sparsify
 from sparsekern.pruning import GlobalMagnitudePruner, global_magnitude_masks, sparse_layers
 
-
-@pytest.fixture(autouse=True)
-def _reference_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")  # plain-PyTorch CPU path: fast
-
-
-class Net(nn.Module):
-    """conv(1->4, 3x3) -> relu -> flatten -> fc1(64->16) -> relu -> fc2(16->4). Input [B,1,6,6]."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.fc1 = nn.Linear(64, 16)
-        self.fc2 = nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(F.relu(self.conv(x)).flatten(1))))
+# The plain-PyTorch CPU path (fast); the kernels have their own tests.
+pytestmark = pytest.mark.usefixtures("reference_path")
 
 
 def _train(model, opt, pruner, steps, device):

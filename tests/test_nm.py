@@ -4,6 +4,7 @@ chosen, the pruner's lifecycle, and the 2:4 semi-structured export (skipped with
 import pytest
 import torch
 import torch.nn.functional as F
+from _nets import TinyNet as Net
 from torch import nn
 
 from sparsekern.nn import sparsify
@@ -16,10 +17,8 @@ from sparsekern.pruning import (
     semi_structured_support,
 )
 
-
-@pytest.fixture(autouse=True)
-def _reference_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+# The plain-PyTorch CPU path (fast); the kernels have their own tests.
+pytestmark = pytest.mark.usefixtures("reference_path")
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (1, 10), (3, 7)])
@@ -63,17 +62,6 @@ def test_check_nm_rejects_other_patterns():
     assert not check_nm(mask, 2, 4)
     with pytest.raises(ValueError, match="1 <= N <= M, got N=5, M=4"):
         nm_mask(torch.randn(4, 8), 5, 4)
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.fc1 = nn.Linear(64, 16)
-        self.fc2 = nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(F.relu(self.conv(x)).flatten(1))))
 
 
 def test_pruner_lifecycle(device):

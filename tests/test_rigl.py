@@ -2,33 +2,23 @@
 optimizer state, cosine drop fraction, dense gradient only on update steps."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _nets import TinyNet
 from torch import nn
 
 from sparsekern.nn import sparsify
 from sparsekern.pruning import RigLPruner, erk_densities, layer_densities, sparse_layers
 from sparsekern.pruning._common import allocate_counts, dense_weight_grads
 
-
-@pytest.fixture(autouse=True)
-def _reference_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+# The plain-PyTorch CPU path (fast); the kernels have their own tests.
+pytestmark = pytest.mark.usefixtures("reference_path")
 
 
-class Net(nn.Module):
-    """conv(1->4, 3x3) -> relu -> fc1(64->32) -> relu -> fc2(32->4). Input [B, 1, 6, 6]."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.fc1 = nn.Linear(64, 32)
-        self.fc2 = nn.Linear(32, 4)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(F.relu(self.conv(x)).flatten(1))))
+Net = partial(TinyNet, hidden=32)  # fc1 64 -> 32
 
 
 class Wide(nn.Module):

@@ -3,26 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from _nets import TinyNet as Net
 
 from sparsekern.nn import set_mask, sparsify
 from sparsekern.pruning import SNIPPruner, snip_masks, snip_scores, sparse_layers
 
-
-@pytest.fixture(autouse=True)
-def _reference_path(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 4, 3)
-        self.fc1 = nn.Linear(64, 16)
-        self.fc2 = nn.Linear(16, 4)
-
-    def forward(self, x):
-        return self.fc2(F.relu(self.fc1(F.relu(self.conv(x)).flatten(1))))
+# The plain-PyTorch CPU path (fast); the kernels have their own tests.
+pytestmark = pytest.mark.usefixtures("reference_path")
 
 
 def _batches(n, device):
