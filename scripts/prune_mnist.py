@@ -515,10 +515,10 @@ def parse_nm(args) -> tuple[int, int]:
     return 1, round(1.0 / (1.0 - args.sparsity))
 
 
-def run_method(args, argv=None) -> dict:
-    """Train `args.model` with one of the post-Han methods for `args.total_epochs` epochs and
-    write <out>/summary.json (error, kept per layer, wall time, schedule)."""
-    t_start = time.time()
+def setup_run(args, argv=None):
+    """What every run starts with: threads, the output folder, the command line that reproduces
+    the run, the seed, and MNIST (cut to --subset / --test-subset).
+    Returns ``(out, command, x_tr, y_tr, x_te, y_te)``."""
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -533,6 +533,14 @@ def run_method(args, argv=None) -> dict:
         x_tr, y_tr = x_tr[: args.subset], y_tr[: args.subset]
     if args.test_subset:
         x_te, y_te = x_te[: args.test_subset], y_te[: args.test_subset]
+    return out, command, x_tr, y_tr, x_te, y_te
+
+
+def run_method(args, argv=None) -> dict:
+    """Train `args.model` with one of the post-Han methods for `args.total_epochs` epochs and
+    write <out>/summary.json (error, kept per layer, wall time, schedule)."""
+    t_start = time.time()
+    out, command, x_tr, y_tr, x_te, y_te = setup_run(args, argv)
     model = build_model(args.model, sparse=True, dropout=args.dropout)
     layers = dict(sparse_modules(model))
     n_w, n_b = count_weights(model)
@@ -708,23 +716,9 @@ def main(argv=None):
     if args.method != "han":
         return run_method(args, argv)
     t_start = time.time()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out, command, x_tr, y_tr, x_te, y_te = setup_run(args, argv)
     ckpt_path = out / "ckpt.pt"
     paper = PAPER[args.model]
-    command = "python " + " ".join([os.path.relpath(sys.argv[0], ROOT)] + sys.argv[1:])
-    if argv is not None:
-        command = "python scripts/prune_mnist.py " + " ".join(argv)
-
-    torch.manual_seed(args.seed)
-    data = load_mnist(args.data)
-    x_tr, y_tr, x_te, y_te = data["x_train"], data["y_train"], data["x_test"], data["y_test"]
-    if args.subset:
-        x_tr, y_tr = x_tr[: args.subset], y_tr[: args.subset]
-    if args.test_subset:
-        x_te, y_te = x_te[: args.test_subset], y_te[: args.test_subset]
     x_sens, y_sens = x_tr[: args.sens_n], y_tr[: args.sens_n]  # sensitivity: training images
 
     model = build_model(args.model, sparse=True, dropout=args.dropout)
