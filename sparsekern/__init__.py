@@ -1,13 +1,18 @@
-"""sparsekern: Triton kernels for sparse training and inference.
+"""sparsekern: sparse training and sparse inference for PyTorch, with Triton kernels where they
+can beat the vendor libraries.
 
-The pruning mask is fused into the GEMM kernels (forward, dX, dW), so a pruned layer costs no
-extra passes over its weights. Public names (see ``shared/API.md``):
+The rule: a sparse layer never costs more than its dense twin with the same weights, and pays
+where a format or kernel can skip the zeros. Pruned weights are exactly zero (the mask invariant),
+so a sparse module's forward and dX run the vendor kernels on the weight; the mask goes into dW
+only. Block-sparse layers skip pruned blocks in Triton kernels. Public names (see
+``shared/API.md``):
 
-* ``sparsekern.ops``: ``masked_linear``, ``masked_conv2d``, ``block_sparse_linear``,
-  ``block_masked_linear`` (functional, autograd-aware)
+* ``sparsekern.ops``: ``masked_linear``, ``masked_conv2d``, ``masked_weight``,
+  ``block_sparse_linear``, ``block_masked_linear``, ``block_sparse_conv2d``,
+  ``block_masked_conv2d`` (functional, autograd-aware)
 * ``BlockSparseMatrix``: a matrix stored as its kept blocks (``sparsekern.formats.block_sparse``)
 * ``sparsekern.nn``: ``SparseLinear`` (``block_size=`` for the block kernels), ``SparseConv2d``,
-  ``sparsify``, ``set_mask``, ``BlockSparseLinear`` and ``to_inference`` (export)
+  ``sparsify``, ``set_mask``, ``check_masks``, ``BlockSparseLinear`` and ``to_inference``
 * ``sparsekern.pruning``: Han et al.'s magnitude pruning and its lifecycle
 * ``save_compressed`` / ``load_compressed``: Han's relative-index sparse storage
 """
@@ -19,6 +24,7 @@ from sparsekern.nn import (
     SparseConv2d,
     SparseLinear,
     apply_masks,
+    check_masks,
     set_mask,
     sparse_modules,
     sparsify,
@@ -33,6 +39,7 @@ __all__ = [
     "SparseConv2d",
     "SparseLinear",
     "apply_masks",
+    "check_masks",
     "load_compressed",
     "save_compressed",
     "set_mask",

@@ -34,7 +34,14 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["BLOCK_SIZES", "BlockSparseMatrix", "BlockSparseFormatError"]
+__all__ = [
+    "BLOCK_SIZES",
+    "BlockSparseFormatError",
+    "BlockSparseMatrix",
+    "block_grid",
+    "block_occupancy",
+    "block_size_pair",
+]
 
 BLOCK_SIZES = (16, 32, 64, 128)
 _FORMAT = "sparsekern.BlockSparseMatrix/1"
@@ -44,11 +51,16 @@ class BlockSparseFormatError(ValueError):
     """A BlockSparseMatrix (or its saved form) is inconsistent; the message says expected vs got."""
 
 
-def _pair(block_size) -> tuple[int, int]:
-    if isinstance(block_size, int):
+def block_size_pair(block_size) -> tuple[int, int]:
+    """``block_size`` (an int or a pair of ints, each in :data:`BLOCK_SIZES`) as ``(bm, bk)``;
+    raises :class:`BlockSparseFormatError` naming expected vs got (``16.9`` is refused, not
+    truncated)."""
+    if isinstance(block_size, int) and not isinstance(block_size, bool):
         block_size = (block_size, block_size)
     try:
-        bm, bk = (int(b) for b in block_size)
+        bm, bk = block_size
+        if not all(isinstance(b, int) and not isinstance(b, bool) for b in (bm, bk)):
+            raise TypeError
     except (TypeError, ValueError):
         raise BlockSparseFormatError(
             f"block_size: expected an int or a pair of ints from {BLOCK_SIZES}, got {block_size!r}"
@@ -72,7 +84,7 @@ def block_grid(shape: tuple[int, int], block_size: tuple[int, int]) -> tuple[int
 
 def block_occupancy(mask: torch.Tensor, block_size) -> torch.Tensor:
     """``[R, C]`` bool: which ``bm x bk`` blocks of the 2-D ``mask`` hold any True (nonzero)."""
-    bm, bk = _pair(block_size)
+    bm, bk = block_size_pair(block_size)
     if mask.dim() != 2:
         raise BlockSparseFormatError(f"mask: expected a 2-D tensor, got shape {list(mask.shape)}")
     m = mask if mask.dtype == torch.bool else mask != 0
@@ -99,7 +111,7 @@ class BlockSparseMatrix:
     """
 
     def __init__(self, values, row_ptr, col_idx, shape, block_size, *, _validate: bool = True):
-        bm, bk = _pair(block_size)
+        bm, bk = block_size_pair(block_size)
         try:
             rows, cols = (int(s) for s in shape)
         except (TypeError, ValueError):
@@ -186,7 +198,7 @@ class BlockSparseMatrix:
     def from_dense(cls, dense: torch.Tensor, block_size=(32, 32), mask: torch.Tensor | None = None):
         """Keep the blocks of ``dense [rows, cols]`` that hold any nonzero, or, with ``mask`` (bool,
         ``dense``'s shape), any True; stored blocks hold ``dense * mask``."""
-        bm, bk = _pair(block_size)
+        bm, bk = block_size_pair(block_size)
         if not isinstance(dense, torch.Tensor) or dense.dim() != 2:
             got = list(dense.shape) if isinstance(dense, torch.Tensor) else type(dense).__name__
             raise BlockSparseFormatError(f"dense: expected a 2-D tensor, got {got}")

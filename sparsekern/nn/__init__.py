@@ -2,7 +2,13 @@
 block-sparse inference (``BlockSparseLinear``, ``to_inference``)."""
 
 from sparsekern.nn.inference import BlockSparseConv2d, BlockSparseLinear, to_inference
-from sparsekern.nn.masks import apply_masks, set_mask, zero_optimizer_state
+from sparsekern.nn.masks import (
+    apply_masks,
+    check_masks,
+    mask_problems,
+    set_mask,
+    zero_optimizer_state,
+)
 from sparsekern.nn.sparse_conv2d import SparseConv2d
 from sparsekern.nn.sparse_linear import SparseLinear
 from sparsekern.nn.sparsify import sparse_modules, sparsify
@@ -13,6 +19,8 @@ __all__ = [
     "SparseConv2d",
     "SparseLinear",
     "apply_masks",
+    "check_masks",
+    "mask_problems",
     "set_mask",
     "sparse_modules",
     "sparsify",

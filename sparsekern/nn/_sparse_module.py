@@ -1,13 +1,30 @@
 """What SparseLinear and SparseConv2d share: the ``mask`` buffer, ``density``, ``set_mask``, the
-block mode's ``block_size``, and state-dict loading that accepts dense checkpoints."""
+block mode's ``block_size``, state-dict loading that accepts dense checkpoints, and the guard that
+keeps the mask invariant when the mask buffer is edited in place.
+
+The mask invariant (pruned weights are exactly zero) is what lets the forward and dX run the
+vendor kernels on the weight with no mask at all. It is kept by ``set_mask`` (weights, grads and
+optimizer state), by the masked weight gradient, by ``load_state_dict``, and by this guard: every
+forward compares the mask buffer (object and version counter) with the one it last saw; after an
+in-place edit (``layer.mask[3] = False``, ``layer.mask &= m``) or a new buffer
+(``layer.mask = m``), it zeroes the weight (and its ``.grad``) where the mask is now False
+before running. It cannot reach an optimizer: to zero momentum and Adam moments too, change masks
+with ``set_mask(layer, mask, optimizer)``.
+
+What no guard can see (writes that bypass version counters), and ``sparsekern.check_masks(model)``
+finds afterwards: writes through ``.data`` or ``.numpy()`` (of the weight or of the mask),
+``nn.init`` on the weight, a weight tied to another module, optimizer state that is not
+parameter-shaped (flat shards).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from sparsekern.formats.block_sparse import _pair
-from sparsekern.nn import masks as _masks
+from sparsekern.formats.block_sparse import block_size_pair
+from sparsekern.nn.masks import note_mask_synced
+from sparsekern.nn.masks import set_mask as install_mask
 
 
 class SparseModuleMixin:
@@ -31,6 +48,24 @@ class SparseModuleMixin:
         self.register_buffer(
             "mask", torch.ones_like(self.weight, dtype=torch.bool), persistent=True
         )
+        note_mask_synced(self)
+
+    def checked_mask(self) -> torch.Tensor:
+        """The mask buffer, after restoring the invariant if it changed since the last call (an
+        in-place edit bumps its version counter; a new buffer is another object). About 0.3 us
+        when nothing changed."""
+        mask = self._buffers["mask"]
+        if torch.compiler.is_compiling():  # version counters are not traceable; eager mode guards
+            return mask
+        synced = self.__dict__.get("_mask_synced")
+        if synced is None or synced[0] is not mask or synced[1] != mask._version:
+            with torch.no_grad():
+                pruned = ~mask
+                self.weight.masked_fill_(pruned, 0)
+                if self.weight.grad is not None:
+                    self.weight.grad.masked_fill_(pruned, 0)
+            note_mask_synced(self)
+        return mask
 
     @property
     def density(self) -> float:
@@ -40,12 +75,12 @@ class SparseModuleMixin:
     def set_mask(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Install ``mask`` (bool, the weight's shape and device) and keep the mask invariant;
         see :func:`sparsekern.nn.set_mask`."""
-        _masks.set_mask(self, mask, optimizer)
+        install_mask(self, mask, optimizer)
 
     def set_block_size(self, block_size: int | tuple[int, int] | None) -> None:
         """Switch to block mode with ``(bm, bk)`` blocks (an int means square), or back to the
         unstructured kernels with None. Changes no weight and no mask."""
-        self.block_size = None if block_size is None else _pair(block_size)
+        self.block_size = None if block_size is None else block_size_pair(block_size)
 
     def extra_repr(self) -> str:
         bs = getattr(self, "block_size", None)  # None for modules pickled before block mode
@@ -96,6 +131,7 @@ class SparseModuleMixin:
         elif has_mask:
             with torch.no_grad():
                 self.weight.masked_fill_(~self.mask, 0)
+        note_mask_synced(self)
 
 
 def is_sparse_module(module: nn.Module) -> bool:

@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import nn
 
-from sparsekern.formats.block_sparse import BlockSparseMatrix, _pair
+from sparsekern.formats.block_sparse import BlockSparseMatrix, block_size_pair
 from sparsekern.nn.sparse_conv2d import SparseConv2d, symmetric_zero_padding
 from sparsekern.nn.sparse_linear import SparseLinear
 from sparsekern.ops.block_sparse_conv2d import (
@@ -174,7 +174,9 @@ class BlockSparseLinear(_BlockSparseLayer):
             block_size = getattr(layer, "block_size", None) or DEFAULT_BLOCK
         mask = layer._buffers.get("mask")
         with torch.no_grad():
-            w = BlockSparseMatrix.from_dense(layer.weight.detach(), _pair(block_size), mask=mask)
+            w = BlockSparseMatrix.from_dense(
+                layer.weight.detach(), block_size_pair(block_size), mask=mask
+            )
         new = cls(w, None if layer.bias is None else layer.bias.detach())
         new.values.requires_grad_(layer.weight.requires_grad)
         new.train(layer.training)
@@ -256,7 +258,7 @@ class BlockSparseConv2d(_BlockSparseLayer):
             )
         if block_size is None:
             block_size = getattr(conv, "block_size", None) or DEFAULT_BLOCK
-        bm, bk = _pair(block_size)
+        bm, bk = block_size_pair(block_size)
         mask = conv._buffers.get("mask")
         with torch.no_grad():
             w = conv.weight.detach()
@@ -340,7 +342,7 @@ def to_inference(
         the new layer).
     """
     if block_size is not None:
-        block_size = _pair(block_size)  # fail before anything is converted
+        block_size = block_size_pair(block_size)  # fail before anything is converted
     if not isinstance(model, nn.Module):
         raise TypeError(f"to_inference: expected an nn.Module, got {type(model).__name__}")
 

@@ -20,7 +20,16 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-__all__ = ["apply_masks", "set_mask", "zero_optimizer_state"]
+from sparsekern.ops._mask_cache import drop_cache, stale_tags
+
+__all__ = [
+    "apply_masks",
+    "check_masks",
+    "mask_problems",
+    "note_mask_synced",
+    "set_mask",
+    "zero_optimizer_state",
+]
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -53,6 +62,14 @@ def _check_sparse_module(module, what: str) -> None:
             f"{what}: expected a sparse module with a `mask` buffer (SparseLinear, SparseConv2d; "
             f"see sparsekern.sparsify), got {type(module).__name__}"
         )
+
+
+def note_mask_synced(module: nn.Module) -> None:
+    """Record that ``module``'s weight is zero where its mask buffer is False now (after
+    ``set_mask``, a load or a resync), so the next forward does not zero it again."""
+    mask = module._buffers.get("mask")
+    if isinstance(mask, torch.Tensor):
+        module.__dict__["_mask_synced"] = (mask, mask._version)
 
 
 def zero_optimizer_state(
@@ -102,6 +119,7 @@ def _apply_checked(
         weight.grad.masked_fill_(reset, 0)
     if optimizer is not None:
         zero_optimizer_state(optimizer, weight, reset)
+    note_mask_synced(module)
 
 
 def set_mask(
@@ -172,3 +190,64 @@ def apply_masks(
         checked.append((module, mask))
     for module, mask in checked:
         _apply_checked(module, mask, optimizer)
+
+
+def _masked_modules(model: nn.Module):
+    seen = set()
+    for name, module in model.named_modules():
+        mask = module._buffers.get("mask")
+        weight = getattr(module, "weight", None)
+        sparse = isinstance(mask, torch.Tensor) and isinstance(weight, torch.Tensor)
+        if sparse and id(module) not in seen and mask.shape == weight.shape:
+            seen.add(id(module))
+            yield name, module
+
+
+@torch.no_grad()
+def mask_problems(model: nn.Module, fix: bool = False) -> dict[str, list[str]]:
+    """What breaks the mask invariant in ``model``, per sparse module: ``{name: [problem, ...]}``
+    (empty when it holds; names as in ``model.named_modules()``, ``""`` for ``model`` itself).
+    Checked: pruned weights that are not exactly zero, pruned entries of ``weight.grad`` that are
+    not zero, and cached values derived from the mask (tile flags, block
+    layouts, masked copies) that a recomputation no longer reproduces: what writes that bypass
+    version counters (``.data``, ``.numpy()``, ``nn.init``, tied weights) leave behind.
+
+    Args:
+        model: any module (sparse modules are found by their ``weight`` and ``mask`` buffer).
+        fix: also repair what is found: zero the pruned weights and grads, drop the stale caches.
+            Optimizer state is not reachable from here: after a fix, call ``set_mask`` with the
+            optimizer (or ``zero_optimizer_state``) for momentum and Adam moments.
+    """
+    found: dict[str, list[str]] = {}
+    for name, module in _masked_modules(model):
+        mask, weight = module._buffers["mask"], module.weight
+        if mask.dtype != torch.bool:
+            found[name] = [f"mask dtype: expected torch.bool, got {mask.dtype}"]
+            continue
+        problems = []
+        bad = int(torch.count_nonzero(torch.where(mask, 0, weight.detach())))
+        if bad:
+            problems.append(f"{bad} pruned weights are not zero")
+        if weight.grad is not None:
+            bad_g = int(torch.count_nonzero(torch.where(mask, 0, weight.grad)))
+            if bad_g:
+                problems.append(f"{bad_g} pruned entries of weight.grad are not zero")
+        stale = stale_tags(mask)
+        if stale:
+            problems.append(f"stale cached values derived from the mask: {stale}")
+        if problems:
+            found[name] = problems
+            if fix:
+                weight.masked_fill_(~mask, 0)
+                if weight.grad is not None:
+                    weight.grad.masked_fill_(~mask, 0)
+                drop_cache(mask)
+                note_mask_synced(module)
+    return found
+
+
+def check_masks(model: nn.Module) -> list[str]:
+    """Names of the sparse modules of ``model`` whose mask invariant is broken (pruned weights or
+    grads not exactly zero, stale mask caches); empty when it holds. See :func:`mask_problems`
+    for the details and a repair."""
+    return list(mask_problems(model))

@@ -8,8 +8,9 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from sparsekern.nn._sparse_module import SparseModuleMixin, adopt_parameters, check_convertible
+from sparsekern.ops._conv import resolve_padding
 from sparsekern.ops.block_sparse_conv2d import block_masked_conv2d
-from sparsekern.ops.masked_conv2d import _resolve_padding, masked_conv2d
+from sparsekern.ops.masked_conv2d import masked_conv2d
 
 __all__ = ["SparseConv2d", "symmetric_zero_padding"]
 
@@ -20,7 +21,7 @@ def symmetric_zero_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
     ``'same'`` padding whose total is odd."""
     if conv.padding_mode != "zeros":
         return None
-    pad, extra = _resolve_padding(conv.padding, conv.weight, conv.stride, conv.dilation)
+    pad, extra = resolve_padding(conv.padding, conv.weight, conv.stride, conv.dilation)
     return None if extra is not None else pad
 
 
@@ -34,8 +35,10 @@ class SparseConv2d(SparseModuleMixin, nn.Conv2d):
     Shapes: ``weight [out_channels, in_channels / groups, kH, kW]``, ``mask`` bool of the same
     shape (persistent buffer, all True at construction), ``bias [out_channels]``; ``forward`` maps
     ``[N, in_channels, H, W]`` (or unbatched ``[in_channels, H, W]``) to
-    ``[N, out_channels, H_out, W_out]`` through :func:`sparsekern.ops.masked_conv2d.masked_conv2d`,
-    whose ``weight.grad`` is exactly zero where the mask is False.
+    ``[N, out_channels, H_out, W_out]``. As for :class:`sparsekern.nn.SparseLinear`, the forward
+    and dX are ``F.conv2d``'s own (cuDNN, oneDNN) on the weight, whose pruned entries are exactly
+    zero, and ``weight.grad`` is exactly zero where the mask is False
+    (:func:`sparsekern.ops.masked_conv2d`).
 
     Change the mask with :meth:`set_mask`; state dict, deepcopy and pickle behave as for
     :class:`sparsekern.nn.SparseLinear` (keys ``weight``, ``bias``, ``mask``; a dense
@@ -92,19 +95,24 @@ class SparseConv2d(SparseModuleMixin, nn.Conv2d):
         if self.padding_mode != "zeros":
             x = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = _pair(0)
+        mask = self.checked_mask()
         bs = getattr(self, "block_size", None)  # None for modules pickled before block mode
-        if bs is not None and not torch.compiler.is_compiling():
+        if bs is not None:
             pad = (0, 0) if self.padding_mode != "zeros" else symmetric_zero_padding(self)
-            if pad is not None:  # else an asymmetric 'same': the masked kernels handle it
+            if pad is not None:  # else an asymmetric 'same': the vendor conv handles it
                 unbatched = x.dim() == 3
                 x = x.unsqueeze(0) if unbatched else x
                 y = block_masked_conv2d(
-                    x, weight, self.mask, bias, self.stride, pad, self.dilation, bs
-                )
+                    x, weight, mask, bias, self.stride, pad, self.dilation, bs,
+                    assume_pruned_zero=True,
+                )  # fmt: skip
                 return y.squeeze(0) if unbatched else y
-        return masked_conv2d(
-            x, weight, self.mask, bias, self.stride, padding, self.dilation, self.groups
-        )
+        if torch.is_grad_enabled() and weight.requires_grad:
+            return masked_conv2d(
+                x, weight, mask, bias, self.stride, padding, self.dilation, self.groups,
+                assume_pruned_zero=True,
+            )  # fmt: skip
+        return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``[N, in_channels, H, W] -> [N, out_channels, H_out, W_out]`` (batch dim optional)."""

@@ -1,8 +1,9 @@
-"""SparseLinear: ``nn.Linear`` with a bool mask fused into the matmul (``sparsekern.ops``)."""
+"""SparseLinear: ``nn.Linear`` with a bool mask; the vendor GEMM on the weight, the mask in dW."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sparsekern.nn._sparse_module import SparseModuleMixin, adopt_parameters, check_convertible
@@ -17,9 +18,16 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
 
     Shapes: ``weight [out_features, in_features]``, ``mask`` bool ``[out_features, in_features]``
     (a persistent buffer, all True at construction: the layer starts dense), ``bias
-    [out_features]``; ``forward`` maps ``[..., in_features] -> [..., out_features]`` through
-    :func:`sparsekern.ops.masked_linear.masked_linear`, whose ``weight.grad`` is exactly zero where
-    the mask is False.
+    [out_features]``; ``forward`` maps ``[..., in_features] -> [..., out_features]``.
+
+    What runs: pruned weights are exactly zero (the mask invariant), so ``x @ (W*M)^T`` is
+    ``x @ W^T``: the forward and dX are ``F.linear``'s own (cuBLAS, MKL/oneDNN), with no mask and
+    no copy, exactly what ``nn.Linear`` runs. Without a weight gradient to compute (``no_grad``,
+    ``inference_mode``, a frozen weight) the forward is ``F.linear`` itself. With one, the only
+    addition is :func:`sparsekern.ops.masked_linear`'s masked dW: ``weight.grad`` is exactly zero
+    where the mask is False (one pass over the gradient, or a fused Triton kernel where whole tiles
+    are pruned). An in-place edit of the mask buffer is seen at the next forward, which zeroes the
+    newly pruned weights first (see ``sparsekern.nn._sparse_module``).
 
     Change the mask with :meth:`set_mask` (or :func:`sparsekern.nn.set_mask`), which also zeroes
     pruned weights and their optimizer state. ``state_dict()`` keys: ``weight``, ``bias``,
@@ -50,11 +58,15 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``[..., in_features] -> [..., out_features]``."""
+        mask = self.checked_mask()
         bs = getattr(self, "block_size", None)  # None for modules pickled before block mode
-        if bs is None or torch.compiler.is_compiling():
-            # Under torch.compile the masked op's custom ops (same semantics) keep the graph whole.
-            return masked_linear(input, self.weight, self.mask, self.bias)
-        return block_masked_linear(input, self.weight, self.mask, self.bias, bs)
+        if bs is not None:
+            return block_masked_linear(
+                input, self.weight, mask, self.bias, bs, assume_pruned_zero=True
+            )
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            return masked_linear(input, self.weight, mask, self.bias, assume_pruned_zero=True)
+        return F.linear(input, self.weight, self.bias)
 
     @classmethod
     def from_dense(

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from sparsekern.formats.block_sparse import _pair
+from sparsekern.formats.block_sparse import block_size_pair
 from sparsekern.nn._sparse_module import is_sparse_module
 from sparsekern.nn.sparse_conv2d import SparseConv2d
 from sparsekern.nn.sparse_linear import SparseLinear
@@ -60,7 +60,7 @@ def sparsify(model: nn.Module, layers=(nn.Linear, nn.Conv2d), block_size=None) -
     """
     targets = _targets(layers)
     if block_size is not None:
-        _pair(block_size)  # fail before anything is swapped
+        block_size_pair(block_size)  # fail before anything is swapped
     converted: dict[int, nn.Module] = {}  # id(dense) -> sparse, for shared modules
 
     def convert(module: nn.Module) -> nn.Module:

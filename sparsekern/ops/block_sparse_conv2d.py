@@ -20,7 +20,7 @@ which no tile-level ``tl.dot`` can express. With one tap per block:
 * dW ``block p = dy[:, co-block]^T @ x_shift[:, ci-block]``, reduced over all N*OH*OW output
   pixels (VGG-16 conv1_2 at batch 64: 3.2 M): ``_bsc_dw_kernel`` splits that reduction over a
   second grid axis into fp32 partials per stored block (deterministic, no atomics) that
-  ``block_sparse_linear._bsr_dw_reduce_kernel`` (shared with the linear dW) sums and writes to
+  ``block_sparse_linear.bsr_dw_reduce_kernel`` (shared with the linear dW) sums and writes to
   the stored block, masked inside the block if the mask has holes there. Pruned blocks get no
   program.
 
@@ -34,25 +34,26 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+from torch.autograd.function import once_differentiable
 
-from sparsekern.formats.block_sparse import BlockSparseMatrix, _pair
-from sparsekern.ops._dispatch import use_kernels
-from sparsekern.ops._mask_cache import cached_on_mask
-from sparsekern.ops.block_sparse_linear import (
-    _block_offsets,
-    _bsr_dw_reduce_kernel,
-    _keep,
-    _Layout,
-    _load_block,
-    batch_tile_configs,
+from sparsekern.formats.block_sparse import BlockSparseMatrix, block_size_pair
+from sparsekern.ops._block_kernels import (
+    Layout,
+    block_keep,
+    block_offsets,
+    bsr_dw_reduce_kernel,
     dw_splits,
     layout_from_occupancy,
-    layout_of_matrix,
+    load_block,
 )
-from sparsekern.ops.masked_conv2d import _out_size, _precision
-from sparsekern.ops.masked_linear import KERNEL_DTYPES, _out, _upcast
+from sparsekern.ops._conv import conv_out_size, conv_pair
+from sparsekern.ops._dispatch import use_kernels
+from sparsekern.ops._launch import KERNEL_DTYPES, dot_precision, interpreter_upcast, out_tensor
+from sparsekern.ops._mask_cache import cached_on_mask
+from sparsekern.ops._tiles import batch_tile_configs
+from sparsekern.ops._triton import require_triton, tl, triton
+from sparsekern.ops.block_sparse_linear import layout_of_matrix
+from sparsekern.ops.masked_conv2d import masked_conv2d
 
 __all__ = [
     "block_masked_conv2d",
@@ -79,7 +80,13 @@ _INTERPRETER_CONFIG = (32, 4, 1)
 _KEY = ["M", "C_out", "C_in", "BM", "BK", "KH", "KW"]
 
 
-def _configs(kind: str) -> list[triton.Config]:
+def _conv_precision(dtype: torch.dtype) -> str:
+    # fp32 uses TF32 exactly when F.conv2d would: cuDNN follows torch.backends.cudnn.allow_tf32
+    # (True by default, unlike cuBLAS's matmul flag).
+    return dot_precision(dtype, torch.backends.cudnn.allow_tf32)
+
+
+def _configs(kind: str) -> list:
     return batch_tile_configs(_GPU_CONFIGS[kind], _INTERPRETER_CONFIG)
 
 
@@ -111,7 +118,7 @@ def conv_weight_from_gemm(g: torch.Tensor, shape, bk: int) -> torch.Tensor:
 def conv_block_occupancy(mask: torch.Tensor, block_size) -> torch.Tensor:
     """``[ceil(C_out/bm), kH*kW*ceil(C_in/bk)]`` bool: blocks of the tap-major view holding any
     True of the 4-D ``mask``."""
-    bm, bk = _pair(block_size)
+    bm, bk = block_size_pair(block_size)
     g = conv_weight_to_gemm(mask, bk).view(torch.uint8)  # amax over bytes
     rows, cols = g.shape
     R = _cdiv(rows, bm)
@@ -119,7 +126,7 @@ def conv_block_occupancy(mask: torch.Tensor, block_size) -> torch.Tensor:
     return g.view(R, bm, cols // bk, bk).amax(dim=(1, 3)).bool()
 
 
-def _compute_conv_mask_layout(mask: torch.Tensor, block) -> _Layout:
+def _compute_conv_mask_layout(mask: torch.Tensor, block) -> Layout:
     bm, bk = block
     c_out, c_in, kh, kw = mask.shape
     CB = _cdiv(c_in, bk)
@@ -138,14 +145,14 @@ def _compute_conv_mask_layout(mask: torch.Tensor, block) -> _Layout:
     return layout_from_occupancy(occ, mask.shape, block, blk_off, (s_o, s_c), keep)
 
 
-def conv_layout_of_mask(mask: torch.Tensor, block_size) -> _Layout:
+def conv_layout_of_mask(mask: torch.Tensor, block_size) -> Layout:
     """Layout of a dense contiguous conv weight whose kept blocks (tap-major view) are those of
     ``mask`` holding any True. Cached on the mask; recomputed when it changes in place."""
-    block = _pair(block_size)
+    block = block_size_pair(block_size)
     return cached_on_mask(mask, f"bsc:{block}", lambda m: _compute_conv_mask_layout(m, block))
 
 
-def conv_layout_of_matrix(w: BlockSparseMatrix, weight_shape) -> _Layout:
+def conv_layout_of_matrix(w: BlockSparseMatrix, weight_shape) -> Layout:
     """Layout of compact values: ``w`` is the BlockSparseMatrix of the tap-major view. The same
     metadata as the matrix's own layout; only ``shape`` is the conv weight's."""
     return layout_of_matrix(w)._replace(shape=tuple(weight_shape))
@@ -201,8 +208,8 @@ def _bsc_fwd_kernel(
         pix_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
         x_offs = (n * sx_n + ih * sx_h + iw * sx_w)[:, None] + (ci * sx_c)[None, :]
         a = tl.load(x_ptr + x_offs, mask=pix_ok[:, None] & ci_ok[None, :], other=0.0)
-        w_off = _block_offsets(off, stride_wr, stride_wc, BM, BK)
-        w = _load_block(w_ptr, keep_ptr, w_off, co_ok[:, None] & ci_ok[None, :], MASKED)
+        w_off = block_offsets(off, stride_wr, stride_wc, BM, BK)
+        w = load_block(w_ptr, keep_ptr, w_off, co_ok[:, None] & ci_ok[None, :], MASKED)
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -265,8 +272,8 @@ def _bsc_dx_kernel(
                 mask=ok[:, None] & co_ok[None, :],
                 other=0.0,
             )
-            w_off = _block_offsets(off, stride_wr, stride_wc, BM, BK)
-            w = _load_block(w_ptr, keep_ptr, w_off, co_ok[:, None] & ci_ok[None, :], MASKED)
+            w_off = block_offsets(off, stride_wr, stride_wc, BM, BK)
+            w = load_block(w_ptr, keep_ptr, w_off, co_ok[:, None] & ci_ok[None, :], MASKED)
             if UPCAST:
                 a = a.to(tl.float32)
                 w = w.to(tl.float32)
@@ -332,7 +339,7 @@ def _bsc_dw_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
-def _check(name, lay: _Layout, w: torch.Tensor, **acts) -> None:
+def _check(name, lay: Layout, w: torch.Tensor, **acts) -> None:
     if w.dtype not in KERNEL_DTYPES:
         raise TypeError(f"{name}: kernels take float16, bfloat16 or float32, got {w.dtype}")
     for k, t in acts.items():
@@ -349,58 +356,58 @@ def _geom(geometry):
     return sh, sw, ph, pw, dh, dw
 
 
-def bsc_fwd_launch(x, w, lay: _Layout, bias, geometry, out=None) -> torch.Tensor:
+def bsc_fwd_launch(x, w, lay: Layout, bias, geometry, out=None) -> torch.Tensor:
     """``y [N, C_out, OH, OW]`` from ``x [N, C_in, H, W]`` and the stored blocks of ``w``."""
     _check("block_sparse_conv2d forward", lay, w, x=x)
     c_out, c_in, KH, KW = lay.shape
     sh, sw, ph, pw, dh, dw = _geom(geometry)
     B, _, H, W = x.shape
-    OH, OW = _out_size(H, KH, sh, ph, dh), _out_size(W, KW, sw, pw, dw)
-    y = _out(out, (B, c_out, OH, OW), x, x.dtype)
+    OH, OW = conv_out_size(H, KH, sh, ph, dh), conv_out_size(W, KW, sw, pw, dw)
+    y = out_tensor(out, (B, c_out, OH, OW), x, x.dtype)
     M = B * OH * OW
     if M == 0:
         return y
     R = _cdiv(c_out, lay.block[0])
     CB = _cdiv(c_in, lay.block[1])
-    keep, masked = _keep(lay)
+    keep, masked = block_keep(lay)
     grid = lambda meta: (R * triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _bsc_fwd_kernel[grid](
         x, w, lay.blk_off, lay.row_ptr, lay.col_idx, keep, bias if bias is not None else x, y,
         M, c_out, c_in, H, W, OH, OW, KH, KW, CB, R,
         sh, sw, ph, pw, dh, dw,
         *x.stride(), *lay.strides, *y.stride(),
-        HAS_BIAS=bias is not None, MASKED=masked, UPCAST=_upcast(x.dtype),
-        PRECISION=_precision(x.dtype), BM=lay.block[0], BK=lay.block[1],
+        HAS_BIAS=bias is not None, MASKED=masked, UPCAST=interpreter_upcast(x.dtype),
+        PRECISION=_conv_precision(x.dtype), BM=lay.block[0], BK=lay.block[1],
     )  # fmt: skip
     return y
 
 
-def bsc_dx_launch(dy, w, lay: _Layout, x_shape, geometry, out=None) -> torch.Tensor:
+def bsc_dx_launch(dy, w, lay: Layout, x_shape, geometry, out=None) -> torch.Tensor:
     """``dx [N, C_in, H, W]`` from ``dy [N, C_out, OH, OW]`` and the stored blocks of ``w``."""
     _check("block_sparse_conv2d dx", lay, w, dy=dy)
     c_out, c_in, KH, KW = lay.shape
     sh, sw, ph, pw, dh, dw = _geom(geometry)
     B, _, H, W = x_shape
     OH, OW = dy.shape[2], dy.shape[3]
-    dx = _out(out, (B, c_in, H, W), dy, dy.dtype)
+    dx = out_tensor(out, (B, c_in, H, W), dy, dy.dtype)
     M = B * H * W
     if M == 0:
         return dx
     CB = _cdiv(c_in, lay.block[1])
-    keep, masked = _keep(lay)
+    keep, masked = block_keep(lay)
     grid = lambda meta: (CB * triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _bsc_dx_kernel[grid](
         dy, w, lay.t_off, lay.col_ptr, lay.t_row, keep, dx,
         M, c_out, c_in, H, W, OH, OW, KH, KW, CB,
         sh, sw, ph, pw, dh, dw,
         *dy.stride(), *lay.strides, *dx.stride(),
-        MASKED=masked, UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype),
-        BM=lay.block[0], BK=lay.block[1],
+        MASKED=masked, UPCAST=interpreter_upcast(dy.dtype),
+        PRECISION=_conv_precision(dy.dtype), BM=lay.block[0], BK=lay.block[1],
     )  # fmt: skip
     return dx
 
 
-def bsc_dw_launch(dy, x, w, lay: _Layout, geometry, out=None) -> torch.Tensor:
+def bsc_dw_launch(dy, x, w, lay: Layout, geometry, out=None) -> torch.Tensor:
     """Gradient of the storage ``w`` (its shape): stored blocks only; ``out`` must be zeroed
     (None: a fresh zeroed tensor)."""
     _check("block_sparse_conv2d dweight", lay, w, dy=dy, x=x)
@@ -422,10 +429,10 @@ def bsc_dw_launch(dy, x, w, lay: _Layout, geometry, out=None) -> torch.Tensor:
         M, c_out, c_in, H, W, OH, OW, KH, KW, CB, chunk, lay.nnz,
         sh, sw, ph, pw, dh, dw,
         *dy.stride(), *x.stride(),
-        UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype), BM=bm, BK=bk,
+        UPCAST=interpreter_upcast(x.dtype), PRECISION=_conv_precision(x.dtype), BM=bm, BK=bk,
     )  # fmt: skip
-    keep, masked = _keep(lay)
-    _bsr_dw_reduce_kernel[(lay.nnz,)](
+    keep, masked = block_keep(lay)
+    bsr_dw_reduce_kernel[(lay.nnz,)](
         part, lay.blk_off, lay.block_row, lay.col_idx, keep, g,
         c_out, c_in, CB, lay.nnz, S,
         *lay.strides,
@@ -437,46 +444,205 @@ def bsc_dw_launch(dy, x, w, lay: _Layout, geometry, out=None) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Autograd and public ops
 # ---------------------------------------------------------------------------------------------
+# Implementations, one per (storage, GEMM), shared by eager mode and the custom ops. geometry: the
+# six ints (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w). Storage "masked": a dense weight and
+# its bool mask; "compact": values with row_ptr / col_idx of the tap-major matrix.
+def _geom6(geometry) -> tuple:
+    g = [int(v) for v in geometry]
+    return (g[0], g[1]), (g[2], g[3]), (g[4], g[5])
+
+
+def _compact_conv_layout(values, row_ptr, col_idx, weight_shape) -> Layout:
+    c_out, c_in, kh, kw = weight_shape
+    bm, bk = values.shape[1], values.shape[2]
+    cols = kh * kw * _cdiv(c_in, bk) * bk
+    tag = f"bsc:{tuple(weight_shape)}:{bm}x{bk}:{id(col_idx)}:{col_idx._version}"
+
+    def compute(rp):
+        m = BlockSparseMatrix(values, rp, col_idx, (c_out, cols), (bm, bk), _validate=False)
+        return conv_layout_of_matrix(m, tuple(weight_shape))
+
+    return cached_on_mask(row_ptr, tag, compute)
+
+
+def _masked_fwd(x, w, mask, bias, geometry, bm: int, bk: int):
+    return bsc_fwd_launch(x, w, conv_layout_of_mask(mask, (bm, bk)), bias, _geom6(geometry))
+
+
+def _masked_dx(dy, w, mask, x_shape, geometry, bm: int, bk: int):
+    lay = conv_layout_of_mask(mask, (bm, bk))
+    return bsc_dx_launch(dy, w, lay, tuple(x_shape), _geom6(geometry))
+
+
+def _masked_dw(dy, x, w, mask, geometry, bm: int, bk: int):
+    return bsc_dw_launch(dy, x, w, conv_layout_of_mask(mask, (bm, bk)), _geom6(geometry))
+
+
+def _compact_fwd(x, values, row_ptr, col_idx, bias, weight_shape, geometry):
+    lay = _compact_conv_layout(values, row_ptr, col_idx, weight_shape)
+    return bsc_fwd_launch(x, values, lay, bias, _geom6(geometry))
+
+
+def _compact_dx(dy, values, row_ptr, col_idx, x_shape, weight_shape, geometry):
+    lay = _compact_conv_layout(values, row_ptr, col_idx, weight_shape)
+    return bsc_dx_launch(dy, values, lay, tuple(x_shape), _geom6(geometry))
+
+
+def _compact_dw(dy, x, values, row_ptr, col_idx, weight_shape, geometry):
+    lay = _compact_conv_layout(values, row_ptr, col_idx, weight_shape)
+    return bsc_dw_launch(dy, x, values, lay, _geom6(geometry))
+
+
+_IMPLS = {
+    ("masked", "fwd"): _masked_fwd, ("masked", "dx"): _masked_dx, ("masked", "dw"): _masked_dw,
+    ("compact", "fwd"): _compact_fwd, ("compact", "dx"): _compact_dx,
+    ("compact", "dw"): _compact_dw,
+}  # fmt: skip
+_OP_NAMES = {"masked": "block_masked_conv2d", "compact": "block_sparse_conv2d"}
+
+
+def _out_hw(x_shape, weight_shape, geometry) -> tuple[int, int]:
+    (sh, sw), (ph, pw), (dh, dw) = _geom6(geometry)
+    kh, kw = weight_shape[-2:]
+    return (
+        conv_out_size(x_shape[2], kh, sh, ph, dh),
+        conv_out_size(x_shape[3], kw, sw, pw, dw),
+    )
+
+
+# torch.library custom ops: opaque to torch.compile, so a compiled model runs the same kernels.
+@torch.library.custom_op("sparsekern::block_masked_conv2d_fwd", mutates_args=())
+def _masked_fwd_op(
+    x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, bias: torch.Tensor | None,
+    geometry: list[int], bm: int, bk: int,
+) -> torch.Tensor:  # fmt: skip
+    return _masked_fwd(x, w, mask, bias, geometry, bm, bk)
+
+
+@_masked_fwd_op.register_fake
+def _(x, w, mask, bias, geometry, bm, bk):
+    return x.new_empty((x.shape[0], w.shape[0], *_out_hw(x.shape, w.shape, geometry)))
+
+
+@torch.library.custom_op("sparsekern::block_masked_conv2d_dx", mutates_args=())
+def _masked_dx_op(
+    dy: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, x_shape: list[int],
+    geometry: list[int], bm: int, bk: int,
+) -> torch.Tensor:  # fmt: skip
+    return _masked_dx(dy, w, mask, x_shape, geometry, bm, bk)
+
+
+@_masked_dx_op.register_fake
+def _(dy, w, mask, x_shape, geometry, bm, bk):
+    return dy.new_empty(tuple(x_shape))
+
+
+@torch.library.custom_op("sparsekern::block_masked_conv2d_dw", mutates_args=())
+def _masked_dw_op(
+    dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor,
+    geometry: list[int], bm: int, bk: int,
+) -> torch.Tensor:  # fmt: skip
+    return _masked_dw(dy, x, w, mask, geometry, bm, bk)
+
+
+@_masked_dw_op.register_fake
+def _(dy, x, w, mask, geometry, bm, bk):
+    return torch.empty_like(w, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("sparsekern::block_sparse_conv2d_fwd", mutates_args=())
+def _compact_fwd_op(
+    x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+    bias: torch.Tensor | None, weight_shape: list[int], geometry: list[int],
+) -> torch.Tensor:  # fmt: skip
+    return _compact_fwd(x, values, row_ptr, col_idx, bias, weight_shape, geometry)
+
+
+@_compact_fwd_op.register_fake
+def _(x, values, row_ptr, col_idx, bias, weight_shape, geometry):
+    return x.new_empty((x.shape[0], weight_shape[0], *_out_hw(x.shape, weight_shape, geometry)))
+
+
+@torch.library.custom_op("sparsekern::block_sparse_conv2d_dx", mutates_args=())
+def _compact_dx_op(
+    dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+    x_shape: list[int], weight_shape: list[int], geometry: list[int],
+) -> torch.Tensor:  # fmt: skip
+    return _compact_dx(dy, values, row_ptr, col_idx, x_shape, weight_shape, geometry)
+
+
+@_compact_dx_op.register_fake
+def _(dy, values, row_ptr, col_idx, x_shape, weight_shape, geometry):
+    return dy.new_empty(tuple(x_shape))
+
+
+@torch.library.custom_op("sparsekern::block_sparse_conv2d_dw", mutates_args=())
+def _compact_dw_op(
+    dy: torch.Tensor, x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
+    col_idx: torch.Tensor, weight_shape: list[int], geometry: list[int],
+) -> torch.Tensor:  # fmt: skip
+    return _compact_dw(dy, x, values, row_ptr, col_idx, weight_shape, geometry)
+
+
+@_compact_dw_op.register_fake
+def _(dy, x, values, row_ptr, col_idx, weight_shape, geometry):
+    return torch.empty_like(values, memory_format=torch.contiguous_format)
+
+
+def _run(kind: str, gemm: str, *args):
+    """One GEMM through its custom op under torch.compile, else the implementation directly."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.sparsekern, f"{_OP_NAMES[kind]}_{gemm}")(*args)
+    return _IMPLS[kind, gemm](*args)
+
+
 class _BlockSparseConvFunction(torch.autograd.Function):
+    """Autograd over the storage tensor ``w``. ``kind`` "masked": ``a`` = mask, ``b`` = None,
+    ``dims`` = (bm, bk); "compact": ``a`` = row_ptr, ``b`` = col_idx, ``dims`` = weight_shape."""
+
     @staticmethod
-    def forward(ctx, x, w, bias, lay, geometry):
+    def forward(ctx, x, w, bias, a, b, kind, dims, geometry):
         x = x if x.is_contiguous() else x.contiguous()
-        y = bsc_fwd_launch(x, w, lay, bias, geometry)
-        ctx.save_for_backward(x, w)
-        ctx.lay, ctx.geometry, ctx.has_bias = lay, geometry, bias is not None
+        geo = [v for pair in geometry for v in pair]
+        if kind == "masked":
+            y = _run(kind, "fwd", x, w, a, bias, geo, *dims)
+            ctx.save_for_backward(x, w, a)
+        else:
+            y = _run(kind, "fwd", x, w, a, b, bias, list(dims), geo)
+            ctx.save_for_backward(x, w, a, b)
+        ctx.kind, ctx.dims, ctx.geo, ctx.has_bias = kind, dims, geo, bias is not None
         return y
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable: refuse, loudly
     def backward(ctx, dy):
-        x, w = ctx.saved_tensors
+        x, w, *meta = ctx.saved_tensors
         dy = dy if dy.is_contiguous() else dy.contiguous()
+        kind, dims, geo = ctx.kind, ctx.dims, ctx.geo
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
-            dx = bsc_dx_launch(dy, w, ctx.lay, x.shape, ctx.geometry)
-        if ctx.needs_input_grad[1]:
-            dw = bsc_dw_launch(dy, x, w, ctx.lay, ctx.geometry)
+        if kind == "masked":
+            if ctx.needs_input_grad[0]:
+                dx = _run(kind, "dx", dy, w, meta[0], list(x.shape), geo, *dims)
+            if ctx.needs_input_grad[1]:
+                dw = _run(kind, "dw", dy, x, w, meta[0], geo, *dims)
+        else:
+            if ctx.needs_input_grad[0]:
+                dx = _run(kind, "dx", dy, w, *meta, list(x.shape), list(dims), geo)
+            if ctx.needs_input_grad[1]:
+                dw = _run(kind, "dw", dy, x, w, *meta, list(dims), geo)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum(dim=(0, 2, 3))
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None, None, None
 
 
-def _int_pair(v, name: str, minimum: int) -> tuple[int, int]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        v = (v, v)
-    if not (
-        isinstance(v, (tuple, list))
-        and len(v) == 2
-        and all(isinstance(i, int) and not isinstance(i, bool) and i >= minimum for i in v)
-    ):
-        raise ValueError(f"block-sparse conv2d: expected {name} as int(s) >= {minimum}, got {v!r}")
-    return int(v[0]), int(v[1])
+_WHO = "block-sparse conv2d"
 
 
 def _geometry_of(stride, padding, dilation):
     return (
-        _int_pair(stride, "stride", 1),
-        _int_pair(padding, "padding", 0),
-        _int_pair(dilation, "dilation", 1),
+        conv_pair(stride, "stride", 1, _WHO),
+        conv_pair(padding, "padding", 0, _WHO),
+        conv_pair(dilation, "dilation", 1, _WHO),
     )
 
 
@@ -495,8 +661,8 @@ def _check_x(who, x, c_in, w, bias, c_out, geometry, kernel):
             f"{who}: bias must be [{c_out}] {x.dtype}, got {list(bias.shape)} {bias.dtype}"
         )
     (sh, sw), (ph, pw), (dh, dw) = geometry
-    oh = _out_size(x.shape[2], kernel[0], sh, ph, dh)
-    ow = _out_size(x.shape[3], kernel[1], sw, pw, dw)
+    oh = conv_out_size(x.shape[2], kernel[0], sh, ph, dh)
+    ow = conv_out_size(x.shape[3], kernel[1], sw, pw, dw)
     if oh < 1 or ow < 1:
         raise ValueError(
             f"{who}: output would be {oh}x{ow} for input {tuple(x.shape[2:])}, kernel {kernel}, "
@@ -505,13 +671,16 @@ def _check_x(who, x, c_in, w, bias, c_out, geometry, kernel):
 
 
 def block_masked_conv2d(
-    x, weight, mask, bias=None, stride=1, padding=0, dilation=1, block_size=(32, 32)
-) -> torch.Tensor:
+    x, weight, mask, bias=None, stride=1, padding=0, dilation=1, block_size=(32, 32), *,
+    assume_pruned_zero: bool = False,
+) -> torch.Tensor:  # fmt: skip
     """``F.conv2d(x, weight * mask, bias, stride, padding, dilation)`` (groups=1) on a dense
-    contiguous weight, the kernels skipping every all-False block of ``mask``'s tap-major view
-    (``bm`` output x ``bk`` input channels of one tap). ``dweight`` is exactly 0 where ``mask``
-    is False and never written at pruned blocks. CPU without the interpreter: the reference."""
-    block = _pair(block_size)
+    weight, the kernels skipping every all-False block of ``mask``'s tap-major view (``bm``
+    output x ``bk`` input channels of one tap). ``dweight`` is exactly 0 where ``mask`` is False
+    and never written at pruned blocks; pruned entries are ignored (NaN included). Where the
+    Triton kernels do not run: :func:`sparsekern.ops.masked_conv2d` (``assume_pruned_zero`` passed
+    on)."""
+    block = block_size_pair(block_size)
     geometry = _geometry_of(stride, padding, dilation)
     if weight.dim() != 4 or mask.shape != weight.shape or mask.dtype != torch.bool:
         raise ValueError(
@@ -521,14 +690,16 @@ def block_masked_conv2d(
     c_out, c_in, kh, kw = weight.shape
     _check_x("block_masked_conv2d", x, c_in, weight, bias, c_out, geometry, (kh, kw))
     if not (use_kernels(x) and x.dtype in KERNEL_DTYPES):
-        return F.conv2d(x, weight * mask, bias, *geometry)
-    if not (weight.is_contiguous() and mask.is_contiguous()):
-        raise ValueError(
-            "block_masked_conv2d: weight and mask must be contiguous (block offsets assume "
-            f"[C_out, C_in, kH, kW] storage), got strides {weight.stride()} and {mask.stride()}"
+        return masked_conv2d(
+            x, weight, mask, bias, *geometry, assume_pruned_zero=assume_pruned_zero
         )
-    lay = conv_layout_of_mask(mask, block)
-    return _BlockSparseConvFunction.apply(x, weight, bias, lay, geometry)
+    require_triton("block_masked_conv2d on this device")
+    # Block offsets assume [C_out, C_in, kH, kW] storage: a strided weight runs on a contiguous
+    # copy (its gradient flows back through the copy).
+    weight = weight if weight.is_contiguous() else weight.contiguous()
+    mask = mask if mask.is_contiguous() else mask.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    return _BlockSparseConvFunction.apply(x, weight, bias, mask, None, "masked", block, geometry)
 
 
 def block_sparse_conv2d_reference(x, weight: BlockSparseMatrix, weight_shape, bias=None,
@@ -565,11 +736,13 @@ def block_sparse_conv2d(
     _check_x("block_sparse_conv2d", x, c_in, weight.values, bias, c_out, geometry, (kh, kw))
     if not (use_kernels(x) and x.dtype in KERNEL_DTYPES):
         return block_sparse_conv2d_reference(x, weight, weight_shape, bias, *geometry)
-    lay = getattr(weight, "_conv_layout", None)
-    if lay is None or lay.row_ptr.device != weight.device or lay.shape != (c_out, c_in, kh, kw):
-        lay = conv_layout_of_matrix(weight, (c_out, c_in, kh, kw))
-        weight._conv_layout = lay
-    return _BlockSparseConvFunction.apply(x, weight.values, bias, lay, geometry)
+    require_triton("block_sparse_conv2d on this device")
+    values = weight.values if weight.values.is_contiguous() else weight.values.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    return _BlockSparseConvFunction.apply(
+        x, values, bias, weight.row_ptr, weight.col_idx, "compact", (c_out, c_in, kh, kw),
+        geometry,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,15 +751,30 @@ def block_sparse_conv2d(
 _SPEC_BLOCKS = [(16, 16), (32, 32), (64, 64), (128, 128), (64, 128)]
 
 
+def _bench_values(bm: int, bk: int) -> dict[str, dict[str, int]]:
+    """Integer arguments of each kernel at the benchmark shape: VGG-16 conv3_2 (256 -> 256
+    channels, 3x3, pad 1, 56x56) at batch 64, NCHW contiguous, compact storage, d = 0.1."""
+    n, c, h, w = 64, 256, 56, 56
+    R, CB = c // bm, c // bk
+    nnz = max(1, (R * CB * 9) // 10)
+    dims = {"M": n * h * w, "C_out": c, "C_in": c, "H": h, "W": w, "OH": h, "OW": w,
+            "KH": 3, "KW": 3, "CB": CB}  # fmt: skip
+    geo = {"stride_h": 1, "stride_w": 1, "pad_h": 1, "pad_w": 1, "dil_h": 1, "dil_w": 1}
+    act = dict(zip(("n", "c", "h", "w"), (c * h * w, h * w, w, 1)))
+    strides = lambda prefix: {f"{prefix}_{k}": v for k, v in act.items()}  # noqa: E731
+    wst = {"stride_wr": bk, "stride_wc": 1}
+    return {
+        "fwd": {**dims, "NUM_BLOCK_ROWS": R, **geo, **strides("sx"), **wst, **strides("sy")},
+        "dx": {**dims, **geo, **strides("sdy"), **wst, **strides("sdx")},
+        "dw": {**dims, "CHUNK": n * h * w, "NNZ": nnz, **geo, **strides("sdy"), **strides("sx")},
+    }
+
+
 def compile_specs():
-    """Yield ``(name, jit_fn, signature, constexprs, num_warps, num_stages)``."""
+    """Yield one spec dict per kernel, block shape, config and dtype (``name``, ``fn``,
+    ``signature``, ``constexprs``, ``values`` at VGG-16 conv3_2 batch 64, ``num_warps``,
+    ``num_stages``, ``hot``: the bf16 configs)."""
     i32 = "i32"
-    geo = {k: i32 for k in ("stride_h", "stride_w", "pad_h", "pad_w", "dil_h", "dil_w")}
-    dims = {k: i32 for k in ("M", "C_out", "C_in", "H", "W", "OH", "OW", "KH", "KW", "CB")}
-
-    def st(*names):
-        return {n: i32 for n in names}
-
     for dt in ("bf16", "fp16", "fp32"):
         prec = "ieee" if dt == "fp32" else "tf32"
         kernels = {
@@ -594,32 +782,37 @@ def compile_specs():
                 _bsc_fwd_kernel,
                 {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "blk_off_ptr": "*i64",
                  "row_ptr_ptr": "*i32", "col_idx_ptr": "*i32", "keep_ptr": "*u8",
-                 "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}", **dims, "NUM_BLOCK_ROWS": i32, **geo,
-                 **st("sx_n", "sx_c", "sx_h", "sx_w", "stride_wr", "stride_wc",
-                      "sy_n", "sy_c", "sy_h", "sy_w")},
+                 "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}"},
                 {"HAS_BIAS": True, "MASKED": False},
             ),
             "dx": (
                 _bsc_dx_kernel,
                 {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "t_off_ptr": "*i64",
                  "col_ptr_ptr": "*i32", "t_row_ptr": "*i32", "keep_ptr": "*u8",
-                 "dx_ptr": f"*{dt}", **dims, **geo,
-                 **st("sdy_n", "sdy_c", "sdy_h", "sdy_w", "stride_wr", "stride_wc",
-                      "sdx_n", "sdx_c", "sdx_h", "sdx_w")},
+                 "dx_ptr": f"*{dt}"},
                 {"MASKED": True},
             ),
             "dw": (
                 _bsc_dw_kernel,
                 {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "block_row_ptr": "*i32",
-                 "col_idx_ptr": "*i32", "part_ptr": "*fp32", **dims, "CHUNK": i32, "NNZ": i32,
-                 **geo, **st("sdy_n", "sdy_c", "sdy_h", "sdy_w", "sx_n", "sx_c", "sx_h", "sx_w")},
+                 "col_idx_ptr": "*i32", "part_ptr": "*fp32"},
                 {},
             ),
         }  # fmt: skip
-        for kind, (kernel, sig, extra) in kernels.items():
+        for kind, (kernel, ptrs, extra) in kernels.items():
             for bm, bk in _SPEC_BLOCKS:
+                values = _bench_values(bm, bk)[kind]
+                sig = ptrs | {k: i32 for k in values}
                 for block_m, w, s in _GPU_CONFIGS[kind]:
                     consts = {**extra, "UPCAST": False, "PRECISION": prec}
                     consts |= {"BM": bm, "BK": bk, "BLOCK_M": block_m}
-                    name = f"block_sparse_conv2d.{kind}[{dt},b{bm}x{bk},m{block_m},w{w},s{s}]"
-                    yield name, kernel.fn, sig, consts, w, s
+                    yield {
+                        "name": f"block_sparse_conv2d.{kind}[{dt},b{bm}x{bk},m{block_m},w{w},s{s}]",
+                        "fn": kernel.fn,
+                        "signature": sig,
+                        "constexprs": consts,
+                        "values": values,
+                        "num_warps": w,
+                        "num_stages": s,
+                        "hot": dt == "bf16",
+                    }

@@ -13,7 +13,7 @@ Three GEMMs, three Triton kernels, each touching only stored blocks of W (and of
   stored block, reducing over the batch; pruned blocks get no program, no load and no store.
 
 One set of kernels serves two storages of W, through a per-block element offset ``blk_off`` and
-in-block strides (``_Layout``):
+in-block strides (``Layout``):
 
 * compact (``BlockSparseMatrix.values [nnz, bm, bk]``, block p at ``p * bm * bk``): inference
   and training with memory that falls with density (``block_sparse_linear``);
@@ -33,28 +33,40 @@ reference twin (``block_sparse_linear_reference``) is ``F.linear`` on the densif
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
+from torch.autograd.function import once_differentiable
 
 from sparsekern.formats.block_sparse import (
     BlockSparseMatrix,
-    _pair,
     block_grid,
     block_occupancy,
+    block_size_pair,
 )
-from sparsekern.ops._dispatch import interpreter_enabled, use_kernels
-from sparsekern.ops._mask_cache import cached_on_mask
-from sparsekern.ops.masked_linear import (
+from sparsekern.ops._block_kernels import (
+    Layout,
+    block_keep,
+    block_offsets,
+    bsr_dw_reduce_kernel,
+    dw_splits,
+    layout_from_occupancy,
+    load_block,
+    store_block,
+)
+from sparsekern.ops._dispatch import use_kernels
+from sparsekern.ops._launch import (
     KERNEL_DTYPES,
-    _out,
-    _precision,
-    _upcast,
-    masked_linear,
+    as_rows,
+    autocast_to,
+    dot_precision,
+    interpreter_upcast,
+    out_tensor,
 )
+from sparsekern.ops._mask_cache import cached_on_mask
+from sparsekern.ops._tiles import batch_tile_configs
+from sparsekern.ops._triton import require_triton, tl, triton
+from sparsekern.ops.masked_linear import masked_linear
+from sparsekern.ops.masked_weight import check_mask
 
 __all__ = [
     "block_sparse_linear",
@@ -79,17 +91,9 @@ _GPU_CONFIGS = {
     "dx": [(16, 4, 3), (64, 4, 3), (128, 4, 3), (128, 8, 3), (256, 8, 3), (64, 4, 5)],
     "dw": [(32, 4, 3), (64, 4, 3), (64, 4, 5), (128, 4, 3), (128, 8, 4), (256, 8, 3)],
 }
-_INTERPRETER_CONFIG = (32, 4, 1)
 
 
-def batch_tile_configs(gpu_rows, interpreter_row=_INTERPRETER_CONFIG) -> list[triton.Config]:
-    """``triton.Config`` objects from ``(BLOCK_M, num_warps, num_stages)`` rows; under the
-    interpreter only ``interpreter_row``."""
-    rows = [interpreter_row] if interpreter_enabled() else gpu_rows
-    return [triton.Config({"BLOCK_M": m}, num_warps=w, num_stages=s) for m, w, s in rows]
-
-
-def _configs(kind: str) -> list[triton.Config]:
+def _configs(kind: str) -> list:
     return batch_tile_configs(_GPU_CONFIGS[kind])
 
 
@@ -109,33 +113,6 @@ def _prune_smem(configs, named_args, **kwargs):
 
 
 _AUTOTUNE_KEY = ["M", "N", "K", "BM", "BK"]
-
-
-@triton.jit
-def _block_offsets(off, stride_wr, stride_wc, BM: tl.constexpr, BK: tl.constexpr):
-    """Element offsets ``[BM, BK]`` of the block that starts at ``off`` (int64)."""
-    return off + tl.arange(0, BM)[:, None] * stride_wr + tl.arange(0, BK)[None, :] * stride_wc
-
-
-@triton.jit
-def _load_block(w_ptr, keep_ptr, w_off, w_ok, MASKED: tl.constexpr):
-    """A stored block ``w[w_off]`` (zero outside ``w_ok``, the matrix); with MASKED the mask (read
-    as bytes at the same offsets) is applied inside the block too."""
-    w = tl.load(w_ptr + w_off, mask=w_ok, other=0.0)
-    if MASKED:  # mask not made of whole blocks: apply it inside the kept block too
-        keep = tl.load(keep_ptr + w_off, mask=w_ok, other=0)
-        w = tl.where(keep != 0, w, tl.zeros_like(w))
-    return w
-
-
-@triton.jit
-def _store_block(dw_ptr, keep_ptr, w_off, w_ok, acc, MASKED: tl.constexpr):
-    """Store a block's fp32 gradient ``acc`` at ``dw[w_off]`` (inside ``w_ok``); with MASKED it is
-    exactly 0 at pruned weights inside the kept block."""
-    if MASKED:
-        keep = tl.load(keep_ptr + w_off, mask=w_ok, other=0)
-        acc = tl.where(keep != 0, acc, tl.zeros_like(acc))
-    tl.store(dw_ptr + w_off, acc.to(dw_ptr.dtype.element_ty), mask=w_ok)
 
 
 @triton.autotune(
@@ -174,8 +151,8 @@ def _bsr_fwd_kernel(
             mask=m_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
-        w_off = _block_offsets(off, stride_wr, stride_wc, BM, BK)
-        w = _load_block(w_ptr, keep_ptr, w_off, n_ok[:, None] & k_ok[None, :], MASKED)  # [BM, BK]
+        w_off = block_offsets(off, stride_wr, stride_wc, BM, BK)
+        w = load_block(w_ptr, keep_ptr, w_off, n_ok[:, None] & k_ok[None, :], MASKED)  # [BM, BK]
         if UPCAST:  # the interpreter's bf16 dot is wrong; fp32 is exact there
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -223,8 +200,8 @@ def _bsr_dx_kernel(
             mask=m_ok[:, None] & n_ok[None, :],
             other=0.0,
         )
-        w_off = _block_offsets(off, stride_wr, stride_wc, BM, BK)
-        w = _load_block(w_ptr, keep_ptr, w_off, n_ok[:, None] & k_ok[None, :], MASKED)  # [BM, BK]
+        w_off = block_offsets(off, stride_wr, stride_wc, BM, BK)
+        w = load_block(w_ptr, keep_ptr, w_off, n_ok[:, None] & k_ok[None, :], MASKED)  # [BM, BK]
         if UPCAST:
             a = a.to(tl.float32)
             w = w.to(tl.float32)
@@ -250,7 +227,7 @@ def _bsr_dw_kernel(
 ):  # fmt: skip
     """dW[block p] = dy[:, rows of p]^T @ x[:, cols of p], one program per (stored block p,
     batch split s) reducing rows ``[s*CHUNK, (s+1)*CHUNK)``. SPLIT: the fp32 partial goes to
-    ``part[s, p]`` (summed by ``_bsr_dw_reduce_kernel``); else the block is written in place."""
+    ``part[s, p]`` (summed by ``bsr_dw_reduce_kernel``); else the block is written in place."""
     p = tl.program_id(0)
     s = tl.program_id(1)
     r = tl.load(block_row_ptr + p)
@@ -281,106 +258,21 @@ def _bsr_dw_kernel(
         base = (s.to(tl.int64) * NNZ + p) * (BM * BK)
         tl.store(part_ptr + base + offs_i[:, None] * BK + offs_j[None, :], acc)
     else:
-        w_off = _block_offsets(tl.load(blk_off_ptr + p), stride_wr, stride_wc, BM, BK)
-        _store_block(dw_ptr, keep_ptr, w_off, n_ok[:, None] & k_ok[None, :], acc, MASKED)
+        w_off = block_offsets(tl.load(blk_off_ptr + p), stride_wr, stride_wc, BM, BK)
+        store_block(dw_ptr, keep_ptr, w_off, n_ok[:, None] & k_ok[None, :], acc, MASKED)
 
 
-@triton.jit
-def _bsr_dw_reduce_kernel(
-    part_ptr, blk_off_ptr, block_row_ptr, col_idx_ptr, keep_ptr, dw_ptr,
-    ROWS, COLS, CB, NNZ, SPLITS,
-    stride_wr, stride_wc,
-    MASKED: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-):  # fmt: skip
-    """dW block p = sum_s part[s, p], masked inside the block if needed, stored in place. Block
-    column c covers columns ``(c % CB) * BK + j < COLS`` (linear: CB = the number of block
-    columns; conv: CB = channel blocks per tap, COLS = C_in)."""
-    p = tl.program_id(0)
-    r = tl.load(block_row_ptr + p)
-    c = tl.load(col_idx_ptr + p)
-    off = tl.load(blk_off_ptr + p)
-    cb = c % CB
-    offs_i = tl.arange(0, BM)
-    offs_j = tl.arange(0, BK)
-    inner = offs_i[:, None] * BK + offs_j[None, :]
-    acc = tl.zeros((BM, BK), dtype=tl.float32)
-    pp = p.to(tl.int64)
-    for s in range(0, SPLITS):
-        acc += tl.load(part_ptr + (s * NNZ + pp) * (BM * BK) + inner)
-    w_ok = ((r * BM + offs_i) < ROWS)[:, None] & ((cb * BK + offs_j) < COLS)[None, :]
-    w_off = _block_offsets(off, stride_wr, stride_wc, BM, BK)
-    _store_block(dw_ptr, keep_ptr, w_off, w_ok, acc, MASKED)
-
-
-def dw_splits(nnz: int, rows: int) -> int:
-    """How many ways to split dW's reduction over ``rows`` batch rows: enough programs for ~2 per
-    SM of an H100 (132 SMs; at d=0.05 a 4096x4096 layer has only 51 blocks of 128x128), each
-    reducing at least 2048 rows. Under the interpreter: 2 once rows > 64, so tests cover both
-    paths."""
-    if nnz == 0:
-        return 1
-    if interpreter_enabled():
-        return 1 if rows <= 64 else 2
-    return max(1, min(-(-264 // nnz), -(-rows // 2048)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Layout: where each stored block lives, for both storages.
-# ---------------------------------------------------------------------------------------------
-class _Layout(NamedTuple):
-    """Block metadata the kernels read (int32 indices, int64 element offsets, on W's device).
-
-    ``shape``: the weight's shape ((N, K) for a linear weight, (C_out, C_in, kH, kW) for a conv
-    weight, see ``block_sparse_conv2d``); ``block`` (bm, bk); ``nnz`` stored blocks;
-    ``row_ptr [R+1]``, ``col_idx [nnz]``, ``block_row [nnz]``, ``blk_off [nnz]`` (row-major
-    order); ``col_ptr [C+1]``, ``t_row [nnz]``, ``t_off [nnz]`` (column-major order); in-block
-    strides ``(stride_r, stride_c)``; ``keep``: the mask as bytes when it must be applied inside
-    kept blocks, else None.
-    """
-
-    shape: tuple[int, int]
-    block: tuple[int, int]
-    nnz: int
-    row_ptr: torch.Tensor
-    col_idx: torch.Tensor
-    block_row: torch.Tensor
-    blk_off: torch.Tensor
-    col_ptr: torch.Tensor
-    t_row: torch.Tensor
-    t_off: torch.Tensor
-    strides: tuple[int, int]
-    keep: torch.Tensor | None
-
-
-def layout_of_matrix(w: BlockSparseMatrix) -> _Layout:
+def layout_of_matrix(w: BlockSparseMatrix) -> Layout:
     """The layout of a compact ``BlockSparseMatrix`` (block p at element ``p * bm * bk``)."""
     bm, bk = w.block_size
     blk_off = torch.arange(w.nnz_blocks, device=w.device, dtype=torch.int64) * (bm * bk)
-    return _Layout(
+    return Layout(
         w.shape, (bm, bk), w.nnz_blocks, w.row_ptr, w.col_idx, w.block_row, blk_off,
         w.col_ptr, w.t_row, blk_off[w.t_perm.long()], (bk, 1), None,
     )  # fmt: skip
 
 
-def layout_from_occupancy(occ, shape, block, blk_off_of, strides, keep) -> _Layout:
-    """A layout from the ``[R, C]`` bool grid of stored blocks: ``blk_off_of(rows, cols)`` gives
-    the int64 element offset of each block (row-major order) in the storage; ``strides`` are the
-    in-block strides; ``keep`` the mask bytes to apply inside blocks, or None."""
-    R, C = occ.shape
-    r_idx, c_idx = occ.nonzero(as_tuple=True)  # row-major, as BlockSparseMatrix stores values
-    blk_off = blk_off_of(r_idx, c_idx)
-    row_ptr = torch.cat([occ.new_zeros(1, dtype=torch.long), occ.sum(1).cumsum(0)])
-    col_ptr = torch.cat([occ.new_zeros(1, dtype=torch.long), occ.sum(0).cumsum(0)])
-    order = torch.argsort(c_idx * max(R, 1) + r_idx, stable=True)  # column-major, rows sorted
-    i32 = torch.int32
-    return _Layout(
-        tuple(shape), tuple(block), int(r_idx.numel()), row_ptr.to(i32), c_idx.to(i32),
-        r_idx.to(i32), blk_off, col_ptr.to(i32), r_idx[order].to(i32), blk_off[order],
-        tuple(strides), keep,
-    )  # fmt: skip
-
-
-def _compute_mask_layout(mask: torch.Tensor, block: tuple[int, int]) -> _Layout:
+def _compute_mask_layout(mask: torch.Tensor, block: tuple[int, int]) -> Layout:
     bm, bk = block
     K = mask.shape[1]
     occ = block_occupancy(mask, block)  # [R, C]
@@ -393,17 +285,17 @@ def _compute_mask_layout(mask: torch.Tensor, block: tuple[int, int]) -> _Layout:
     )  # fmt: skip
 
 
-def layout_of_mask(mask: torch.Tensor, block_size) -> _Layout:
+def layout_of_mask(mask: torch.Tensor, block_size) -> Layout:
     """The layout of a dense contiguous weight ``[N, K]`` whose kept blocks are those of ``mask``
     holding any True. Cached on the mask; recomputed only when the mask changes."""
-    block = _pair(block_size)
+    block = block_size_pair(block_size)
     return cached_on_mask(mask, f"bsr:{block}", lambda m: _compute_mask_layout(m, block))
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers: check, allocate, launch. x/dy are 2-D; ``out`` lets tests poison the output.
 # ---------------------------------------------------------------------------------------------
-def _check(name: str, lay: _Layout, w: torch.Tensor, **acts: torch.Tensor) -> None:
+def _check(name: str, lay: Layout, w: torch.Tensor, **acts: torch.Tensor) -> None:
     dtype = w.dtype
     if dtype not in KERNEL_DTYPES:
         raise TypeError(f"{name}: kernels take float16, bfloat16 or float32, got {dtype}")
@@ -423,20 +315,16 @@ def _check(name: str, lay: _Layout, w: torch.Tensor, **acts: torch.Tensor) -> No
         )
 
 
-def _keep(lay: _Layout) -> tuple[torch.Tensor, bool]:
-    return (lay.keep, True) if lay.keep is not None else (lay.row_ptr, False)
-
-
-def bsr_fwd_launch(x, w, lay: _Layout, bias=None, out=None) -> torch.Tensor:
+def bsr_fwd_launch(x, w, lay: Layout, bias=None, out=None) -> torch.Tensor:
     """``y [M, N] = x [M, K] @ W^T (+ bias [N])``; ``w`` is the storage ``lay`` indexes."""
     _check("block_sparse_linear forward", lay, w, x=x)
     M, K = x.shape
     N = lay.shape[0]
-    y = _out(out, (M, N), x, x.dtype)
+    y = out_tensor(out, (M, N), x, x.dtype)
     R, _ = block_grid(lay.shape, lay.block)
     if M == 0 or N == 0:
         return y
-    keep, masked = _keep(lay)
+    keep, masked = block_keep(lay)
     grid = lambda meta: (R * triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _bsr_fwd_kernel[grid](
         x, w, lay.blk_off, lay.row_ptr, lay.col_idx, keep, bias if bias is not None else x, y,
@@ -444,22 +332,22 @@ def bsr_fwd_launch(x, w, lay: _Layout, bias=None, out=None) -> torch.Tensor:
         x.stride(0), x.stride(1),
         lay.strides[0], lay.strides[1],
         y.stride(0), y.stride(1),
-        HAS_BIAS=bias is not None, MASKED=masked, UPCAST=_upcast(x.dtype),
-        PRECISION=_precision(x.dtype), BM=lay.block[0], BK=lay.block[1],
+        HAS_BIAS=bias is not None, MASKED=masked, UPCAST=interpreter_upcast(x.dtype),
+        PRECISION=dot_precision(x.dtype), BM=lay.block[0], BK=lay.block[1],
     )  # fmt: skip
     return y
 
 
-def bsr_dx_launch(dy, w, lay: _Layout, out=None) -> torch.Tensor:
+def bsr_dx_launch(dy, w, lay: Layout, out=None) -> torch.Tensor:
     """``dx [M, K] = dy [M, N] @ W``."""
     _check("block_sparse_linear dx", lay, w, dy=dy)
     M, N = dy.shape
     K = lay.shape[1]
-    dx = _out(out, (M, K), dy, dy.dtype)
+    dx = out_tensor(out, (M, K), dy, dy.dtype)
     _, C = block_grid(lay.shape, lay.block)
     if M == 0 or K == 0:
         return dx
-    keep, masked = _keep(lay)
+    keep, masked = block_keep(lay)
     grid = lambda meta: (C * triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
     _bsr_dx_kernel[grid](
         dy, w, lay.t_off, lay.col_ptr, lay.t_row, keep, dx,
@@ -467,13 +355,13 @@ def bsr_dx_launch(dy, w, lay: _Layout, out=None) -> torch.Tensor:
         dy.stride(0), dy.stride(1),
         lay.strides[0], lay.strides[1],
         dx.stride(0), dx.stride(1),
-        MASKED=masked, UPCAST=_upcast(dy.dtype), PRECISION=_precision(dy.dtype),
+        MASKED=masked, UPCAST=interpreter_upcast(dy.dtype), PRECISION=dot_precision(dy.dtype),
         BM=lay.block[0], BK=lay.block[1],
     )  # fmt: skip
     return dx
 
 
-def bsr_dw_launch(dy, x, w, lay: _Layout, out=None) -> torch.Tensor:
+def bsr_dw_launch(dy, x, w, lay: Layout, out=None) -> torch.Tensor:
     """Gradient of the storage ``w``: stored blocks get ``dy^T x`` sampled there (masked inside a
     block when the layout says so); everything else is 0. ``out`` (w's shape) is written only
     at stored blocks, so pass a zeroed tensor, or None for a fresh zeroed one."""
@@ -483,10 +371,10 @@ def bsr_dw_launch(dy, x, w, lay: _Layout, out=None) -> torch.Tensor:
     if out is None:
         dw = torch.zeros_like(w, memory_format=torch.contiguous_format)
     else:
-        dw = _out(out, tuple(w.shape), w, w.dtype)
+        dw = out_tensor(out, tuple(w.shape), w, w.dtype)
     if lay.nnz == 0:
         return dw
-    keep, masked = _keep(lay)
+    keep, masked = block_keep(lay)
     S = dw_splits(lay.nnz, M)
     chunk = -(-M // S)
     bm, bk = lay.block
@@ -497,12 +385,12 @@ def bsr_dw_launch(dy, x, w, lay: _Layout, out=None) -> torch.Tensor:
         dy.stride(0), dy.stride(1),
         x.stride(0), x.stride(1),
         lay.strides[0], lay.strides[1],
-        SPLIT=S > 1, MASKED=masked, UPCAST=_upcast(x.dtype), PRECISION=_precision(x.dtype),
-        BM=bm, BK=bk,
+        SPLIT=S > 1, MASKED=masked, UPCAST=interpreter_upcast(x.dtype),
+        PRECISION=dot_precision(x.dtype), BM=bm, BK=bk,
     )  # fmt: skip
     if S > 1:
         _, C = block_grid(lay.shape, lay.block)
-        _bsr_dw_reduce_kernel[(lay.nnz,)](
+        bsr_dw_reduce_kernel[(lay.nnz,)](
             part, lay.blk_off, lay.block_row, lay.col_idx, keep, dw,
             N, K, C, lay.nnz, S,
             lay.strides[0], lay.strides[1],
@@ -512,40 +400,172 @@ def bsr_dw_launch(dy, x, w, lay: _Layout, out=None) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd
+# Implementations on 2-D activations, one per (storage, GEMM), shared by eager mode and the custom
+# ops. Storage "masked": a dense weight [N, K] and its bool mask (layout cached on the mask);
+# "compact": values [nnz, bm, bk] with row_ptr / col_idx (layout cached on row_ptr).
 # ---------------------------------------------------------------------------------------------
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    if t.dim() != 2:
-        t = t.reshape(-1, t.shape[-1])
-    return t if t.is_contiguous() else t.contiguous()
+def _compact_layout(values, row_ptr, col_idx, rows: int, cols: int) -> Layout:
+    bm, bk = values.shape[1], values.shape[2]
+    tag = f"bsr:{rows}x{cols}:{bm}x{bk}:{id(col_idx)}:{col_idx._version}:{col_idx.data_ptr()}"
+
+    def compute(rp):
+        m = BlockSparseMatrix(values, rp, col_idx, (rows, cols), (bm, bk), _validate=False)
+        return layout_of_matrix(m)
+
+    return cached_on_mask(row_ptr, tag, compute)
+
+
+def _masked_fwd(x, w, mask, bias, bm: int, bk: int):
+    return bsr_fwd_launch(x, w, layout_of_mask(mask, (bm, bk)), bias)
+
+
+def _masked_dx(dy, w, mask, bm: int, bk: int):
+    return bsr_dx_launch(dy, w, layout_of_mask(mask, (bm, bk)))
+
+
+def _masked_dw(dy, x, w, mask, bm: int, bk: int):
+    return bsr_dw_launch(dy, x, w, layout_of_mask(mask, (bm, bk)))
+
+
+def _compact_fwd(x, values, row_ptr, col_idx, bias, rows: int, cols: int):
+    return bsr_fwd_launch(x, values, _compact_layout(values, row_ptr, col_idx, rows, cols), bias)
+
+
+def _compact_dx(dy, values, row_ptr, col_idx, rows: int, cols: int):
+    return bsr_dx_launch(dy, values, _compact_layout(values, row_ptr, col_idx, rows, cols))
+
+
+def _compact_dw(dy, x, values, row_ptr, col_idx, rows: int, cols: int):
+    return bsr_dw_launch(dy, x, values, _compact_layout(values, row_ptr, col_idx, rows, cols))
+
+
+_IMPLS = {
+    ("masked", "fwd"): _masked_fwd, ("masked", "dx"): _masked_dx, ("masked", "dw"): _masked_dw,
+    ("compact", "fwd"): _compact_fwd, ("compact", "dx"): _compact_dx,
+    ("compact", "dw"): _compact_dw,
+}  # fmt: skip
+_OP_NAMES = {"masked": "block_masked_linear", "compact": "block_sparse_linear"}
+
+
+# torch.library custom ops: opaque to torch.compile, so a compiled model runs the same kernels
+# (and the same layout caches) as eager mode.
+@torch.library.custom_op("sparsekern::block_masked_linear_fwd", mutates_args=())
+def _masked_fwd_op(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None,
+    bm: int,
+    bk: int,
+) -> torch.Tensor:
+    return _masked_fwd(x, w, mask, bias, bm, bk)
+
+
+@_masked_fwd_op.register_fake
+def _(x, w, mask, bias, bm, bk):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+@torch.library.custom_op("sparsekern::block_masked_linear_dx", mutates_args=())
+def _masked_dx_op(
+    dy: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, bm: int, bk: int
+) -> torch.Tensor:
+    return _masked_dx(dy, w, mask, bm, bk)
+
+
+@_masked_dx_op.register_fake
+def _(dy, w, mask, bm, bk):
+    return dy.new_empty((dy.shape[0], w.shape[1]))
+
+
+@torch.library.custom_op("sparsekern::block_masked_linear_dw", mutates_args=())
+def _masked_dw_op(
+    dy: torch.Tensor, x: torch.Tensor, w: torch.Tensor, mask: torch.Tensor, bm: int, bk: int
+) -> torch.Tensor:
+    return _masked_dw(dy, x, w, mask, bm, bk)
+
+
+@_masked_dw_op.register_fake
+def _(dy, x, w, mask, bm, bk):
+    return torch.empty_like(w, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("sparsekern::block_sparse_linear_fwd", mutates_args=())
+def _compact_fwd_op(
+    x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+    bias: torch.Tensor | None, rows: int, cols: int,
+) -> torch.Tensor:  # fmt: skip
+    return _compact_fwd(x, values, row_ptr, col_idx, bias, rows, cols)
+
+
+@_compact_fwd_op.register_fake
+def _(x, values, row_ptr, col_idx, bias, rows, cols):
+    return x.new_empty((x.shape[0], rows))
+
+
+@torch.library.custom_op("sparsekern::block_sparse_linear_dx", mutates_args=())
+def _compact_dx_op(
+    dy: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor, col_idx: torch.Tensor,
+    rows: int, cols: int,
+) -> torch.Tensor:  # fmt: skip
+    return _compact_dx(dy, values, row_ptr, col_idx, rows, cols)
+
+
+@_compact_dx_op.register_fake
+def _(dy, values, row_ptr, col_idx, rows, cols):
+    return dy.new_empty((dy.shape[0], cols))
+
+
+@torch.library.custom_op("sparsekern::block_sparse_linear_dw", mutates_args=())
+def _compact_dw_op(
+    dy: torch.Tensor, x: torch.Tensor, values: torch.Tensor, row_ptr: torch.Tensor,
+    col_idx: torch.Tensor, rows: int, cols: int,
+) -> torch.Tensor:  # fmt: skip
+    return _compact_dw(dy, x, values, row_ptr, col_idx, rows, cols)
+
+
+@_compact_dw_op.register_fake
+def _(dy, x, values, row_ptr, col_idx, rows, cols):
+    return torch.empty_like(values, memory_format=torch.contiguous_format)
+
+
+def _run(kind: str, gemm: str, *args):
+    """One GEMM through its custom op under torch.compile, else the implementation directly (a
+    custom op's dispatcher round trip costs tens of microseconds per call)."""
+    if torch.compiler.is_compiling():
+        return getattr(torch.ops.sparsekern, f"{_OP_NAMES[kind]}_{gemm}")(*args)
+    return _IMPLS[kind, gemm](*args)
 
 
 class _BlockSparseFunction(torch.autograd.Function):
-    """Autograd over the storage tensor ``w`` (compact values or a dense weight) and a layout."""
+    """Autograd over the storage tensor ``w`` (dense weight or compact values). ``a``, ``b``,
+    ``dims``: ``mask, None, (bm, bk)`` ("masked") or ``row_ptr, col_idx, (rows, cols)``
+    ("compact")."""
 
     @staticmethod
-    def forward(ctx, x, w, bias, lay):
-        x2 = _rows(x)
-        y = bsr_fwd_launch(x2, w, lay, bias)
-        ctx.save_for_backward(x2, w)
-        ctx.lay = lay
-        ctx.x_shape = x.shape
+    def forward(ctx, x, w, bias, a, b, kind, dims):
+        x2 = as_rows(x)
+        tensors = (a,) if kind == "masked" else (a, b)
+        y = _run(kind, "fwd", x2, w, *tensors, bias, *dims)
+        ctx.save_for_backward(x2, w, *tensors)
+        ctx.kind, ctx.dims, ctx.x_shape = kind, dims, x.shape
         ctx.has_bias = bias is not None
-        return y.reshape(*x.shape[:-1], lay.shape[0])
+        return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
+    @once_differentiable  # the kernels' backward is not itself differentiable: refuse, loudly
     def backward(ctx, dy):
-        x2, w = ctx.saved_tensors
-        lay = ctx.lay
-        dy2 = _rows(dy)
+        x2, w, *tensors = ctx.saved_tensors
+        kind, dims = ctx.kind, ctx.dims
+        dy2 = as_rows(dy)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = bsr_dx_launch(dy2, w, lay).reshape(ctx.x_shape)
+            dx = _run(kind, "dx", dy2, w, *tensors, *dims).reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
-            dw = bsr_dw_launch(dy2, x2, w, lay)
+            dw = _run(kind, "dw", dy2, x2, w, *tensors, *dims)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0)
-        return dx, dw, db, None
+        return dx, dw, db, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,35 +579,27 @@ def block_sparse_linear_reference(
     return F.linear(x, weight.to_dense(), bias)
 
 
-def _autocast(x, w, bias):
-    dev = x.device.type
-    if torch.is_autocast_enabled(dev) and x.is_floating_point():
-        dt = torch.get_autocast_dtype(dev)
-        return x.to(dt), w.to(dt), None if bias is None else bias.to(dt)
-    return x, w, bias
-
-
 def _check_common(who: str, x, out_features: int, in_features: int, w: torch.Tensor, bias):
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"{who}: x must be a floating-point tensor, got {got}")
+        raise TypeError(f"{who}: expected x as a floating-point tensor, got {got}")
     if x.dim() < 1 or x.shape[-1] != in_features:
         raise ValueError(
-            f"{who}: x must have shape [..., {in_features}] (the weight's in_features), got "
+            f"{who}: expected x of shape [..., {in_features}] (the weight's in_features), got "
             f"{list(x.shape)}"
         )
     if x.dtype != w.dtype:
-        raise TypeError(f"{who}: x and weight dtypes differ: x {x.dtype}, weight {w.dtype}")
+        raise TypeError(f"{who}: expected x of the weight's dtype {w.dtype}, got {x.dtype}")
     if x.device != w.device:
-        raise ValueError(f"{who}: x is on {x.device} but the weight is on {w.device}")
+        raise ValueError(f"{who}: expected x on the weight's device {w.device}, got {x.device}")
     if bias is not None:
-        if tuple(bias.shape) != (out_features,):
-            raise ValueError(
-                f"{who}: bias must have shape ({out_features},), got {tuple(bias.shape)}"
-            )
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,):
+            got = list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"{who}: expected bias of shape [{out_features}], got {got}")
         if bias.dtype != x.dtype or bias.device != x.device:
             raise TypeError(
-                f"{who}: bias must be {x.dtype} on {x.device}, got {bias.dtype} on {bias.device}"
+                f"{who}: expected bias as {x.dtype} on {x.device}, got {bias.dtype} on "
+                f"{bias.device}"
             )
 
 
@@ -597,19 +609,21 @@ def block_sparse_linear(
     """``y = x @ weight.to_dense().T + bias``, touching only the stored blocks.
 
     Args:
-        x: ``[..., in_features]`` float16, bfloat16 or float32 (float64 runs the reference).
+        x: ``[..., in_features]`` float16, bfloat16 or float32 (float64 runs the reference), any
+            strides.
         weight: ``BlockSparseMatrix`` of shape ``(out_features, in_features)``, x's dtype.
-        bias: ``[out_features]`` or None.
+        bias: ``[out_features]`` or None (any strides).
     Returns:
         ``[..., out_features]``. Gradients go to ``x``, ``weight.values`` (``[nnz, bm, bk]``:
         stored blocks only, the padding of edge blocks gets 0) and ``bias``.
     """
     if not isinstance(weight, BlockSparseMatrix):
         raise TypeError(
-            f"block_sparse_linear: weight must be a BlockSparseMatrix, got {type(weight).__name__}"
+            f"block_sparse_linear: expected weight as a BlockSparseMatrix, got "
+            f"{type(weight).__name__}"
         )
     values = weight.values
-    x, values, bias = _autocast(x, values, bias)
+    x, values, bias = autocast_to(x, values, bias)
     if values is not weight.values:
         weight = BlockSparseMatrix(
             values, weight.row_ptr, weight.col_idx, weight.shape, weight.block_size,
@@ -618,16 +632,12 @@ def block_sparse_linear(
     _check_common("block_sparse_linear", x, weight.shape[0], weight.shape[1], values, bias)
     if not (use_kernels(x) and x.dtype in KERNEL_DTYPES):
         return block_sparse_linear_reference(x, weight, bias)
-    lay = _layout_cache(weight)
-    return _BlockSparseFunction.apply(x, values, bias, lay)
-
-
-def _layout_cache(weight: BlockSparseMatrix) -> _Layout:
-    lay = getattr(weight, "_layout", None)
-    if lay is None or lay.row_ptr is not weight.row_ptr:
-        lay = layout_of_matrix(weight)
-        weight._layout = lay
-    return lay
+    require_triton("block_sparse_linear on this device")
+    values = values if values.is_contiguous() else values.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    return _BlockSparseFunction.apply(
+        x, values, bias, weight.row_ptr, weight.col_idx, "compact", tuple(weight.shape)
+    )
 
 
 def block_masked_linear(
@@ -636,35 +646,34 @@ def block_masked_linear(
     mask: torch.Tensor,
     bias: torch.Tensor | None = None,
     block_size=(32, 32),
+    *,
+    assume_pruned_zero: bool = False,
 ) -> torch.Tensor:
     """``y = x @ (weight * mask).T + bias`` on a dense weight, skipping the ``block_size`` blocks
     of ``mask`` that are all False in the forward, dX and dW (``SparseLinear``'s block mode).
 
     Same semantics and gradients as :func:`sparsekern.ops.masked_linear` (``dweight`` exactly 0
-    where ``mask`` is False, nothing written at pruned blocks); time falls with the fraction of
-    blocks kept. ``weight [out, in]`` must be contiguous; ``mask`` bool, its shape and device.
+    where ``mask`` is False, nothing written at pruned blocks; pruned entries ignored, NaN
+    included); time falls with the fraction of blocks kept. Any strides. Where the Triton kernels
+    do not run (CPU without the interpreter, float64) this is ``masked_linear``, with
+    ``assume_pruned_zero`` passed on.
     """
-    bm, bk = _pair(block_size)
+    bm, bk = block_size_pair(block_size)
     if not (use_kernels(x) and x.dtype in KERNEL_DTYPES):
-        return masked_linear(x, weight, mask, bias)  # validates; reference on the CPU
-    x, weight, bias = _autocast(x, weight, bias)
-    if weight.dim() != 2:
-        raise ValueError(
-            f"block_masked_linear: weight must be 2-D [out, in], got {list(weight.shape)}"
-        )
-    if mask.dtype != torch.bool or mask.shape != weight.shape or mask.device != weight.device:
-        raise ValueError(
-            f"block_masked_linear: mask must be torch.bool of shape {list(weight.shape)} on "
-            f"{weight.device}, got {mask.dtype} {list(mask.shape)} on {mask.device}"
-        )
-    if not (weight.is_contiguous() and mask.is_contiguous()):
-        raise ValueError(
-            "block_masked_linear: weight and mask must be contiguous (block offsets assume "
-            f"row-major [out, in] storage), got strides {weight.stride()} and {mask.stride()}"
-        )
+        return masked_linear(x, weight, mask, bias, assume_pruned_zero=assume_pruned_zero)
+    x, weight, bias = autocast_to(x, weight, bias)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        got = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"block_masked_linear: expected weight 2-D [out, in], got {got}")
+    check_mask(mask, weight, "block_masked_linear")
     _check_common("block_masked_linear", x, weight.shape[0], weight.shape[1], weight, bias)
-    lay = layout_of_mask(mask, (bm, bk))
-    return _BlockSparseFunction.apply(x, weight, bias, lay)
+    require_triton("block_masked_linear on this device")
+    # Block offsets assume row-major [out, in] storage: a strided weight runs on a contiguous copy
+    # (its gradient flows back through the copy); the layout is cached on a contiguous mask.
+    weight = weight if weight.is_contiguous() else weight.contiguous()
+    mask = mask if mask.is_contiguous() else mask.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    return _BlockSparseFunction.apply(x, weight, bias, mask, None, "masked", (bm, bk))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -673,10 +682,37 @@ def block_masked_linear(
 _SPEC_BLOCKS = [(16, 16), (32, 32), (64, 64), (128, 128), (64, 128), (128, 64), (16, 64)]
 
 
+def _bench_values(bm: int, bk: int) -> dict[str, dict[str, int]]:
+    """Integer arguments of each kernel at the benchmark shape: M=8192 tokens, N=K=4096, compact
+    storage at d = 0.1, contiguous activations; dW split in two (as ``dw_splits`` does when few
+    blocks are stored)."""
+    M, N, K = 8192, 4096, 4096
+    R, C = N // bm, K // bk
+    nnz = max(1, (R * C) // 10)
+    w = {"stride_wr": bk, "stride_wc": 1}
+    return {
+        "fwd": {"M": M, "N": N, "K": K, "NUM_BLOCK_ROWS": R, "stride_xm": K, "stride_xk": 1,
+                **w, "stride_ym": N, "stride_yn": 1},
+        "dx": {"M": M, "N": N, "K": K, "NUM_BLOCK_COLS": C, "stride_dym": N, "stride_dyn": 1,
+               **w, "stride_dxm": K, "stride_dxk": 1},
+        "dw": {"M": M, "N": N, "K": K, "CHUNK": M // 2, "NNZ": nnz, "stride_dym": N,
+               "stride_dyn": 1, "stride_xm": K, "stride_xk": 1, **w},
+        "dw_reduce": {"ROWS": N, "COLS": K, "CB": C, "NNZ": nnz, "SPLITS": 2, **w},
+    }  # fmt: skip
+
+
+def _spec(name, fn, ptrs, values, consts, warps, stages, hot) -> dict:
+    return {
+        "name": name, "fn": fn, "signature": ptrs | {k: "i32" for k in values},
+        "constexprs": consts, "values": values, "num_warps": warps, "num_stages": stages,
+        "hot": hot,
+    }  # fmt: skip
+
+
 def compile_specs():
-    """Yield ``(name, jit_fn, signature, constexprs, num_warps, num_stages)`` for each kernel,
-    block shape, config and dtype."""
-    i32 = "i32"
+    """Yield one spec dict per kernel, block shape, config and dtype (``name``, ``fn``,
+    ``signature``, ``constexprs``, ``values`` at M=8192, N=K=4096, ``num_warps``,
+    ``num_stages``, ``hot``: the bf16 configs the launch-time pruning keeps)."""
     for dt in ("bf16", "fp16", "fp32"):
         prec = "ieee" if dt == "fp32" else "tf32"
         kernels = {
@@ -684,48 +720,40 @@ def compile_specs():
                 _bsr_fwd_kernel,
                 {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "blk_off_ptr": "*i64",
                  "row_ptr_ptr": "*i32", "col_idx_ptr": "*i32", "keep_ptr": "*u8",
-                 "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}", "M": i32, "N": i32, "K": i32,
-                 "NUM_BLOCK_ROWS": i32, "stride_xm": i32, "stride_xk": i32, "stride_wr": i32,
-                 "stride_wc": i32, "stride_ym": i32, "stride_yn": i32},
+                 "bias_ptr": f"*{dt}", "y_ptr": f"*{dt}"},
                 {"HAS_BIAS": True},
             ),
             "dx": (
                 _bsr_dx_kernel,
                 {"dy_ptr": f"*{dt}", "w_ptr": f"*{dt}", "t_off_ptr": "*i64",
                  "col_ptr_ptr": "*i32", "t_row_ptr": "*i32", "keep_ptr": "*u8",
-                 "dx_ptr": f"*{dt}", "M": i32, "N": i32, "K": i32, "NUM_BLOCK_COLS": i32,
-                 "stride_dym": i32, "stride_dyn": i32, "stride_wr": i32, "stride_wc": i32,
-                 "stride_dxm": i32, "stride_dxk": i32},
+                 "dx_ptr": f"*{dt}"},
                 {},
             ),
             "dw": (
                 _bsr_dw_kernel,
                 {"dy_ptr": f"*{dt}", "x_ptr": f"*{dt}", "blk_off_ptr": "*i64",
                  "block_row_ptr": "*i32", "col_idx_ptr": "*i32", "keep_ptr": "*u8",
-                 "dw_ptr": f"*{dt}", "part_ptr": "*fp32", "M": i32, "N": i32, "K": i32,
-                 "CHUNK": i32, "NNZ": i32, "stride_dym": i32,
-                 "stride_dyn": i32, "stride_xm": i32, "stride_xk": i32, "stride_wr": i32,
-                 "stride_wc": i32},
-                {"SPLIT": False},
+                 "dw_ptr": f"*{dt}", "part_ptr": "*fp32"},
+                {"SPLIT": True},
             ),
         }  # fmt: skip
-        kernels["dw_split"] = (_bsr_dw_kernel, kernels["dw"][1], {"SPLIT": True})
         esize = 4 if dt == "fp32" else 2
-        for kind, (kernel, sig, extra) in kernels.items():
+        for kind, (kernel, ptrs, extra) in kernels.items():
             for bm, bk in _SPEC_BLOCKS:
-                for block_m, w, s in _GPU_CONFIGS[kind.removesuffix("_split")]:
+                values = _bench_values(bm, bk)[kind]
+                for block_m, w, s in _GPU_CONFIGS[kind]:
                     # The configs the launch-time pruning would drop are not compiled either.
                     if (block_m * max(bm, bk) + bm * bk) * esize * s > 200 * 1024:
                         continue
                     consts = {**extra, "MASKED": kind != "fwd", "UPCAST": False}
                     consts |= {"PRECISION": prec, "BM": bm, "BK": bk, "BLOCK_M": block_m}
                     name = f"block_sparse_linear.{kind}[{dt},b{bm}x{bk},m{block_m},w{w},s{s}]"
-                    yield name, kernel.fn, sig, consts, w, s
-        reduce_sig = {"part_ptr": "*fp32", "blk_off_ptr": "*i64", "block_row_ptr": "*i32",
-                      "col_idx_ptr": "*i32", "keep_ptr": "*u8", "dw_ptr": f"*{dt}"}  # fmt: skip
-        reduce_sig |= {k: i32 for k in ("ROWS", "COLS", "CB", "NNZ", "SPLITS")}
-        reduce_sig |= {"stride_wr": i32, "stride_wc": i32}
+                    yield _spec(name, kernel.fn, ptrs, values, consts, w, s, dt == "bf16")
+        reduce_ptrs = {"part_ptr": "*fp32", "blk_off_ptr": "*i64", "block_row_ptr": "*i32",
+                       "col_idx_ptr": "*i32", "keep_ptr": "*u8", "dw_ptr": f"*{dt}"}  # fmt: skip
         for bm, bk in _SPEC_BLOCKS:
+            values = _bench_values(bm, bk)["dw_reduce"]
             consts = {"MASKED": True, "BM": bm, "BK": bk}
             name = f"block_sparse_linear.dw_reduce[{dt},b{bm}x{bk}]"
-            yield name, _bsr_dw_reduce_kernel, reduce_sig, consts, 4, 1
+            yield _spec(name, bsr_dw_reduce_kernel.fn, reduce_ptrs, values, consts, 4, 1, False)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsekern.formats.block_sparse import _pair, block_grid
+from sparsekern.formats.block_sparse import block_grid, block_size_pair
 from sparsekern.nn.masks import set_mask
 from sparsekern.ops.block_sparse_conv2d import conv_weight_from_gemm, conv_weight_to_gemm
 from sparsekern.pruning._layers import require_sparse_layers, resolve_per_layer
@@ -48,7 +48,7 @@ def block_scores(
     weights, counting only those kept by ``mask`` (pruned weights count as 0)."""
     if norm not in NORMS:
         raise ValueError(f"block_scores: norm must be one of {NORMS}, got {norm!r}")
-    bm, bk = _pair(block_size)
+    bm, bk = block_size_pair(block_size)
     w = weight.detach().double()
     if mask is not None:
         w = w * mask
@@ -67,7 +67,7 @@ def block_scores(
 def expand_block_mask(blocks: torch.Tensor, shape, block_size) -> torch.Tensor:
     """``[R, C]`` bool -> a bool mask of ``shape`` (a weight's shape; conv weights through their
     tap-major view), True inside the kept blocks."""
-    bm, bk = _pair(block_size)
+    bm, bk = block_size_pair(block_size)
     full = blocks.repeat_interleave(bm, 0).repeat_interleave(bk, 1)[: shape[0]]
     if len(shape) == 2:
         return full[:, : shape[1]].contiguous()
@@ -106,14 +106,14 @@ def block_magnitude_mask(
 
 def _layer_block(module: nn.Module, block_size) -> tuple[int, int]:
     if block_size is not None:
-        return _pair(block_size)
+        return block_size_pair(block_size)
     own = getattr(module, "block_size", None)
     if own is None:
         raise ValueError(
             f"prune_blocks_: expected block_size=(bm, bk) or layers in block mode, got a "
             f"{type(module).__name__} without a block size"
         )
-    return _pair(own)
+    return block_size_pair(own)
 
 
 def prune_blocks_(

@@ -1,4 +1,5 @@
-"""masked_linear: the Triton kernels (through the interpreter on CPU) against a float64 reference.
+"""masked_linear against a float64 reference: the vendor path and the fused Triton dW kernel
+(through the interpreter on CPU), exact mode and the modules' ``assume_pruned_zero`` mode.
 
 Every case draws fresh random inputs, uses sizes that are not multiples of the tiles, masks of
 density 0, 1 and in between, and checks y, dx, dweight and dbias by name."""
@@ -9,7 +10,7 @@ import math
 import pytest
 import torch
 
-from sparsekern.ops import masked_linear
+from sparsekern.ops import dw_backend, masked_linear
 from sparsekern.ops._dispatch import use_kernels
 
 # The module, not the function of the same name that sparsekern.ops exports.
@@ -33,6 +34,7 @@ SHAPES = [
     ((2, 3, 5), 40, 17),
 ]
 DENSITIES = [0.0, 0.37, 1.0]
+BACKENDS = ["vendor", "kernel"]
 
 
 def _close(got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype, reduce_len: int, name: str):
@@ -68,17 +70,18 @@ def _reference(x, w, mask, b, dy):
     return yr.detach(), xr.grad, wr.grad, (br.grad if br is not None else None)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("batch,K,N", SHAPES)
-def test_forward_and_gradients(batch, K, N, density, dtype, device):
+def test_forward_and_gradients(batch, K, N, density, dtype, backend, device):
     x, w, mask, b = _make(batch, K, N, density, dtype, device)
-    x.requires_grad_()
-    w.requires_grad_()
-    b.requires_grad_()
-    y = masked_linear(x, w, mask, b)
-    dy = torch.randn_like(y)
-    y.backward(dy)
+    for t in (x, w, b):
+        t.requires_grad_()
+    with dw_backend(backend):
+        y = masked_linear(x, w, mask, b)
+        dy = torch.randn_like(y)
+        y.backward(dy)
     yr, dxr, dwr, dbr = _reference(x, w, mask, b, dy)
     M = math.prod(batch)
     _close(y, yr, dtype, K, "y")
@@ -90,54 +93,122 @@ def test_forward_and_gradients(batch, K, N, density, dtype, device):
     assert (w.grad[~mask] == 0).all(), "dweight nonzero at pruned entries"
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_no_bias_and_partial_grads(dtype, device):
+def test_assume_pruned_zero_matches_exact_mode(dtype, backend, device):
+    """The modules' mode: the weight is used as it is (it is zero at pruned entries)."""
+    x, w, mask, b = _make((2, 9), 37, 21, 0.4, dtype, device)
+    w = torch.where(mask, w, 0).requires_grad_()
+    x.requires_grad_()
+    with dw_backend(backend):
+        y = masked_linear(x, w, mask, b, assume_pruned_zero=True)
+        dy = torch.randn_like(y)
+        y.backward(dy)
+    yr, dxr, dwr, _ = _reference(x, w, mask, b, dy)
+    _close(y, yr, dtype, 37, "y")
+    _close(x.grad, dxr, dtype, 21, "dx")
+    _close(w.grad, dwr, dtype, 18, "dweight")
+    assert (w.grad[~mask] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_and_inf_at_pruned_weights_are_ignored(backend, device):
+    """Pruned entries do not exist: a NaN or inf there reaches neither y nor any gradient
+    (``where`` semantics; ``W * M`` would give NaN * 0 = NaN)."""
+    x, w, mask, b = _make((11,), 30, 17, 0.5, torch.float32, device)
+    mask[0, :3] = False
+    w[0, 0], w[0, 1], w[0, 2] = math.nan, math.inf, -math.inf
+    w[~mask] = math.nan
+    w.requires_grad_()
+    x.requires_grad_()
+    with dw_backend(backend):
+        y = masked_linear(x, w, mask, b)
+        y.backward(torch.ones_like(y))
+    assert torch.isfinite(y).all() and torch.isfinite(x.grad).all()
+    assert torch.isfinite(w.grad).all() and (w.grad[~mask] == 0).all()
+    yr = torch.nn.functional.linear(x.double(), torch.where(mask, w, 0).double(), b.double())
+    _close(y, yr, torch.float32, 30, "y")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_no_bias_and_partial_grads(dtype, backend, device):
     x, w, mask, _ = _make((19,), 45, 23, 0.5, dtype, device, bias=False)
     w.requires_grad_()  # x needs no grad: only dW is computed
-    y = masked_linear(x, w, mask)
-    dy = torch.randn_like(y)
-    y.backward(dy)
+    with dw_backend(backend):
+        y = masked_linear(x, w, mask)
+        dy = torch.randn_like(y)
+        y.backward(dy)
     yr, _, dwr, _ = _reference(x, w, mask, None, dy)
     _close(y, yr, dtype, 45, "y")
     _close(w.grad, dwr, dtype, 19, "dweight")
     assert x.grad is None
 
 
-def test_non_contiguous_operands(device):
-    dtype = torch.float32
-    xt = torch.randn(40, 13, device=device)  # x = xt.T is [13, 40], column-major
-    wt = torch.randn(40, 21, device=device)  # weight = wt.T is [21, 40], column-major
-    x, w = xt.t().requires_grad_(), wt.t().detach().requires_grad_()
-    mask = (torch.rand(40, 21, device=device) < 0.5).t()
-    y = masked_linear(x, w, mask)
+def test_frozen_weight_takes_the_vendor_op_directly(device):
+    """No weight gradient to compute: no autograd node of ours, dx still right."""
+    x, w, mask, b = _make((6,), 20, 9, 0.5, torch.float32, device)
+    x.requires_grad_()
+    y = masked_linear(x, w, mask, b)
+    assert "MaskedWeight" not in type(y.grad_fn).__name__
     dy = torch.randn_like(y)
     y.backward(dy)
-    yr, dxr, dwr, _ = _reference(x, w, mask, None, dy)
-    _close(y, yr, dtype, 40, "y")
-    _close(x.grad, dxr, dtype, 21, "dx")
-    _close(w.grad, dwr, dtype, 13, "dweight")
+    _, dxr, _, _ = _reference(x, w, mask, b, dy)
+    _close(x.grad, dxr, torch.float32, 9, "dx")
+    with torch.no_grad():
+        y2 = masked_linear(x, w, mask, b)
+    assert y2.grad_fn is None
+    _close(y2, _reference(x, w, mask, b, dy)[0], torch.float32, 20, "y under no_grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_matches_reference(backend, device):
+    """Gradient penalties and Hessian-vector products need the part of dW that flows through dx."""
+    x, w, mask, b = _make((5,), 8, 6, 0.5, torch.float32, device)
+    x.requires_grad_()
+    w.requires_grad_()
+
+    def penalty(fn):
+        y = fn(x, w)
+        (gx,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        (gw,) = torch.autograd.grad(gx.square().sum(), w)
+        return gw
+
+    with dw_backend(backend):
+        got = penalty(lambda x, w: masked_linear(x, w, mask, b))
+    ref = penalty(lambda x, w: torch.nn.functional.linear(x, w * mask, b))
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    assert (got[~mask] == 0).all()
+
+
+def test_gradgradcheck_float64():
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(3, 5) < 0.5
+    fn = lambda x, w, b: masked_linear(x, w, mask, b)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+    assert torch.autograd.gradgradcheck(fn, (x, w, b))
 
 
 @pytest.mark.parametrize("density", [0.0, 0.5, 1.0])
-def test_launchers_write_every_element(density, device):
-    """Outputs poisoned with NaN before the launch: any element a kernel fails to write shows."""
+def test_dw_launcher_writes_every_element(density, device):
+    """The fused dW's output poisoned with NaN before the launch: any element the kernel fails to
+    write shows."""
     if not use_kernels(torch.empty(0, device=device)):
         pytest.skip("kernels not in use on this device")
     M, N, K = 37, 50, 70
-    x, w, mask, b = _make((M,), K, N, density, torch.float32, device)
+    x, _, mask, _ = _make((M,), K, N, density, torch.float32, device)
     dy = torch.randn(M, N, device=device)
-    y = ml.masked_linear_fwd_launch(x, w, mask, b, out=torch.full((M, N), math.nan, device=device))
-    dx = ml.masked_linear_dx_launch(dy, w, mask, out=torch.full((M, K), math.nan, device=device))
     dw = ml.masked_linear_dw_launch(dy, x, mask, out=torch.full((N, K), math.nan, device=device))
-    wm = w.double() * mask
-    _close(y, x.double() @ wm.t() + b.double(), torch.float32, K, "y")
-    _close(dx, dy.double() @ wm, torch.float32, N, "dx")
     _close(dw, (dy.double().t() @ x.double()) * mask, torch.float32, M, "dweight")
 
 
-def test_dweight_skips_pruned_tiles_exactly(device):
+def test_dweight_kernel_skips_pruned_tiles_exactly(device):
     """A block-structured mask: whole 16x16 flag blocks pruned, including ones that straddle the
     32-wide interpreter tiles and the ragged edge. dW is exact zero there, right elsewhere."""
+    if not use_kernels(torch.empty(0, device=device)):
+        pytest.skip("kernels not in use on this device")
     N, K, M = 70, 90, 29
     mask = torch.ones(N, K, dtype=torch.bool, device=device)
     mask[:32, :64] = False  # tiles fully pruned
@@ -148,9 +219,26 @@ def test_dweight_skips_pruned_tiles_exactly(device):
     flags = ml.tile_flags(mask)
     assert flags.shape == (5, 6)
     assert flags[:2, :4].eq(0).all() and flags[2:, 4:].gt(0).any()
-    dw = ml._dw_impl(dy, x, mask)
+    dw = ml.masked_linear_dw_launch(dy, x, mask)
     _close(dw, (dy.double().t() @ x.double()) * mask, torch.float32, M, "dweight")
     assert (dw[~mask] == 0).all()
+
+
+def test_auto_backend_takes_the_kernel_only_where_tiles_are_skipped(device):
+    x = torch.randn(8, 512, device=device)
+    unstructured = torch.rand(256, 512, device=device) < 0.1
+    assert ml.dw_backend_for(x, unstructured) == "vendor"
+    rows = torch.zeros(256, 512, dtype=torch.bool, device=device)
+    rows[:128] = torch.rand(128, 512, device=device) < 0.5  # half the 128-row tiles empty
+    expected = "kernel" if use_kernels(x) else "vendor"
+    assert ml.dw_backend_for(x, rows) == expected
+    with dw_backend("vendor"):
+        assert ml.dw_backend_for(x, rows) == "vendor"
+    with (
+        pytest.raises(ValueError, match=r"expected one of \('auto', 'vendor', 'kernel'\)"),
+        dw_backend("cublas"),
+    ):
+        pass
 
 
 def test_tile_flags_cache_follows_in_place_changes(device):
@@ -162,53 +250,32 @@ def test_tile_flags_cache_follows_in_place_changes(device):
     assert f2 is not f1 and f2[0, 0] == 0 and f2[1, 1] == 1
 
 
-def test_interpreter_runs_kernels_not_reference(monkeypatch, device):
-    """Under TRITON_INTERPRET=1 (or on CUDA) the Triton kernels must run, not the twin."""
+def test_kernel_backend_runs_the_triton_kernel(monkeypatch, device):
+    """With the kernel backend on (CUDA, or the CPU under TRITON_INTERPRET=1), dW comes from the
+    Triton launcher, not from the vendor GEMM."""
     if not use_kernels(torch.empty(0, device=device)):
         pytest.skip("kernels not in use on this device")
-
-    def boom(*a, **k):
-        raise AssertionError("reference path used")
-
-    for name in ("masked_linear_reference", "_ref_dx", "_ref_dw"):
-        monkeypatch.setattr(ml, name, boom)
+    calls = []
+    real = ml.masked_linear_dw_launch
+    monkeypatch.setattr(ml, "masked_linear_dw_launch", lambda *a: calls.append(1) or real(*a))
     x, w, mask, b = _make((9,), 20, 11, 0.5, torch.float32, device)
     w.requires_grad_()
-    x.requires_grad_()
-    masked_linear(x, w, mask, b).sum().backward()
+    with dw_backend("kernel"):
+        masked_linear(x, w, mask, b).sum().backward()
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("density", DENSITIES)
-def test_cpu_reference_path(density, monkeypatch):
-    """The CPU path without the interpreter: the twin, its saved W*M and cached float mask."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    x, w, mask, b = _make((4, 9), 37, 21, density, torch.float32, torch.device("cpu"))
-    for t in (x, w, b):
-        t.requires_grad_()
-    for step in range(2):  # the second step reuses the cached float mask; then the mask changes
+def test_masked_copy_cache_follows_weight_and_mask(density, device):
+    """Exact mode caches where(mask, weight, 0); an in-place change of either must be seen."""
+    x, w, mask, b = _make((4, 9), 37, 21, density, torch.float32, device)
+    for step in range(3):
         y = masked_linear(x, w, mask, b)
-        dy = torch.randn_like(y)
-        for t in (x, w, b):
-            t.grad = None
-        y.backward(dy)
-        yr, dxr, dwr, dbr = _reference(x, w, mask, b, dy)
-        for got, ref, n, name in (
-            (y, yr, 37, "y"),
-            (x.grad, dxr, 21, "dx"),
-            (w.grad, dwr, 36, "dw"),
-        ):
-            _close(got, ref, torch.float32, n, name)
-        _close(b.grad, dbr, torch.float32, 36, "dbias")
-        assert (w.grad[~mask] == 0).all()
-        mask[step::3, ::2] = ~mask[step::3, ::2]  # in place: the cache must notice
-
-
-def test_float64_runs_reference_and_passes_gradcheck():
-    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    mask = torch.rand(4, 6) < 0.5
-    assert torch.autograd.gradcheck(lambda x, w, b: masked_linear(x, w, mask, b), (x, w, b))
+        _close(y, _reference(x, w, mask, b, torch.zeros_like(y))[0], torch.float32, 37, "y")
+        if step == 0:
+            w.mul_(-2.0)  # in place: weight version moves
+        else:
+            mask[step::3, ::2] = ~mask[step::3, ::2]  # in place: mask version moves
 
 
 def test_autocast_casts_like_linear(device):
@@ -236,14 +303,15 @@ def test_empty_batch(device):
 @pytest.mark.parametrize(
     "case,exc,match",
     [
-        ("mask_shape", ValueError, r"mask must have the weight's shape \(4, 6\), got \(6, 4\)"),
-        ("mask_dtype", TypeError, r"mask must be torch.bool, got torch.float32"),
-        ("device", ValueError, r"one device, got x on cpu, weight on meta"),
-        ("weight_rank", ValueError, r"weight must be 2-D .* got shape \(24,\)"),
-        ("x_int", TypeError, r"x must be a floating-point tensor, got torch.int64"),
-        ("x_features", ValueError, r"weight.shape\[1\] = 6, got x shape \(3, 5\)"),
-        ("bias_shape", ValueError, r"bias must have shape \(4,\), got \(6,\)"),
-        ("dtype_mix", TypeError, r"x torch.float16, weight torch.float32"),
+        ("mask_shape", ValueError, r"expected mask of the weight's shape \[4, 6\], got \[6, 4\]"),
+        ("mask_dtype", TypeError, r"expected mask of dtype torch.bool, got torch.float32"),
+        ("mask_none", TypeError, r"expected mask as a torch.bool Tensor, got NoneType"),
+        ("device", ValueError, r"expected mask on the weight's device meta, got cpu"),
+        ("weight_rank", ValueError, r"expected weight 2-D .* got \[24\]"),
+        ("x_int", TypeError, r"expected x as a floating-point tensor, got torch.int64"),
+        ("x_features", ValueError, r"expected x of shape \[\.\.\., 6\] .* got \[3, 5\]"),
+        ("bias_shape", ValueError, r"expected bias of shape \[4\], got \[6\]"),
+        ("dtype_mix", TypeError, r"expected x of weight's dtype torch.float32, got torch.float16"),
     ],
 )
 def test_bad_input_raises(case, exc, match):
@@ -252,6 +320,8 @@ def test_bad_input_raises(case, exc, match):
         mask = torch.ones(6, 4, dtype=torch.bool)
     elif case == "mask_dtype":
         mask = torch.ones(4, 6)
+    elif case == "mask_none":
+        mask = None
     elif case == "device":
         w = torch.randn(4, 6, device="meta")
     elif case == "weight_rank":
@@ -269,16 +339,16 @@ def test_bad_input_raises(case, exc, match):
 
 
 def test_compile_fullgraph_model_of_sparse_linear(device):
-    """torch.compile(fullgraph=True) traces SparseLinear layers through the custom ops."""
+    """torch.compile(fullgraph=True) traces a model of SparseLinear layers (vendor GEMMs, the
+    masked dW as a traceable where)."""
     from sparsekern.nn import SparseLinear
 
     torch._dynamo.reset()
     model = torch.nn.Sequential(SparseLinear(20, 30), torch.nn.ReLU(), SparseLinear(30, 5)).to(
         device
     )
-    with torch.no_grad():
-        for layer in (model[0], model[2]):
-            layer.mask.copy_(torch.rand_like(layer.weight) < 0.5)
+    for layer in (model[0], model[2]):
+        layer.set_mask(torch.rand_like(layer.weight) < 0.5)
     x = torch.randn(7, 20, device=device)
     ref = model(x)
     ref.square().sum().backward()
@@ -295,15 +365,17 @@ def test_compile_fullgraph_model_of_sparse_linear(device):
 
 # --- GPU only: target sizes and 64-bit offsets ----------------------------------------------------
 @pytest.mark.gpu
-def test_gpu_target_size_bf16():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_target_size_bf16(backend):
     M, N, K = 8192, 4096, 4096
     dev = torch.device("cuda")
     x = torch.randn(M, K, device=dev, dtype=torch.bfloat16, requires_grad=True)
     w = torch.randn(N, K, device=dev, dtype=torch.bfloat16, requires_grad=True)
     mask = torch.rand(N, K, device=dev) < 0.1
-    y = masked_linear(x, w, mask)
-    dy = torch.randn_like(y)
-    y.backward(dy)
+    with dw_backend(backend):
+        y = masked_linear(x, w, mask)
+        dy = torch.randn_like(y)
+        y.backward(dy)
     wm = w.detach().float() * mask
     torch.testing.assert_close(y.float(), x.detach().float() @ wm.t(), rtol=2e-2, atol=2e-2 * 64)
     torch.testing.assert_close(x.grad.float(), dy.float() @ wm, rtol=2e-2, atol=2e-2 * 64)
@@ -313,24 +385,14 @@ def test_gpu_target_size_bf16():
 
 
 @pytest.mark.gpu
-def test_gpu_offsets_beyond_int32():
-    """x has 2^31 + 2^20 elements: row offsets past 2^31 must not wrap."""
+def test_gpu_dw_kernel_offsets_beyond_int32():
+    """x has 2^31 + 2^20 elements: row offsets past 2^31 must not wrap in the fused dW."""
     K, N = 4096, 32
     M = (2**31 + 2**20) // K
     dev = torch.device("cuda")
     x = torch.randn(M, K, device=dev, dtype=torch.bfloat16)
-    w = torch.randn(N, K, device=dev, dtype=torch.bfloat16)
-    mask = torch.rand(N, K, device=dev) < 0.5
-    y = ml.masked_linear_fwd_launch(x, w, mask)
-    tail = slice(M - 300, M)
-    ref = x[tail].float() @ (w.float() * mask).t()
-    torch.testing.assert_close(y[tail].float(), ref, rtol=2e-2, atol=2e-2 * 64)
     dy = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
-    dx = ml.masked_linear_dx_launch(dy, w, mask)
-    torch.testing.assert_close(
-        dx[tail].float(), dy[tail].float() @ (w.float() * mask), rtol=2e-2, atol=2e-2 * 6
-    )
-    del dx, y
+    mask = torch.rand(N, K, device=dev) < 0.5
     dw = ml.masked_linear_dw_launch(dy, x, mask)
     dwr = (dy.float().t() @ x.float()) * mask
     torch.testing.assert_close(dw.float(), dwr, rtol=2e-2, atol=2e-2 * math.sqrt(M))

@@ -206,5 +206,5 @@ def test_gemm_view_round_trip_and_errors(device):
         block_masked_conv2d(
             torch.randn(1, 7, 2, 2, device=device), w, torch.ones_like(w, dtype=torch.bool)
         )
-    with pytest.raises(ValueError, match="stride as int"):
+    with pytest.raises(ValueError, match=r"expected stride >= 1, got 0"):
         block_masked_conv2d(x, w, torch.ones_like(w, dtype=torch.bool), stride=0)
