@@ -7,7 +7,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RESULTS ?= benchmarks/results
 
-.PHONY: venv demo mnist imagenet-smoke test lint format bench gpu-check gpu-bench-full clean
+.PHONY: venv demo mnist imagenet-smoke test lint format bench compile-check gpu-check gpu-bench-full clean
 
 venv: $(STAMP)
 
@@ -43,10 +43,15 @@ format: venv
 	$(VPY) -m ruff check --fix .
 	$(VPY) -m ruff format .
 
-# CPU benchmarks (pytest-benchmark): the reference path against dense and torch.nn.utils.prune.
+# CPU benchmarks: sparse layers against their dense twins (same weights) and torch.nn.utils.prune,
+# interleaved in one process, medians of per-repeat ratios; JSON under benchmarks/results/.
 bench: venv
-	$(VPY) -m pytest -q benchmarks/bench_cpu_masked_linear.py --benchmark-only \
-		--benchmark-columns=median,iqr,rounds --benchmark-sort=name
+	$(VPY) benchmarks/bench_cpu_layers.py --out $(RESULTS)
+
+# The static performance contract, without a GPU: every kernel compiled for sm_90 and sm_80 as the
+# JIT specialises it at its benchmark shape (registers, spills, shared memory, wgmma, overlap).
+compile-check: venv
+	TRITON_INTERPRET=0 $(VPY) -m sparsekern.ops._compile_check --json $(RESULTS)/compile_check.json
 
 # On a GPU machine: every test without the interpreter, then the kernel benchmarks (JSON under
 # benchmarks/results/). Uses the machine's own python3 and packages.

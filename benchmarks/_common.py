@@ -11,7 +11,11 @@ import os
 import platform
 
 import torch
-import triton
+
+try:
+    import triton
+except ImportError:  # the --smoke dry runs on a machine without triton
+    triton = None
 
 
 def environment() -> dict:
@@ -20,7 +24,7 @@ def environment() -> dict:
     return {
         "gpu": torch.cuda.get_device_name() if cuda else "none (interpreter smoke run)",
         "torch": torch.__version__,
-        "triton": triton.__version__,
+        "triton": getattr(triton, "__version__", None),
         "cuda": torch.version.cuda,
         "cudnn": torch.backends.cudnn.version() if cuda else None,
         "python": platform.python_version(),

@@ -211,6 +211,8 @@ def dw_backend_for(x: torch.Tensor, mask: torch.Tensor) -> str:
         return "vendor"  # traceable torch ops; inductor fuses the where into its own kernels
     if _backend == "kernel":
         return "kernel"
+    if dot_precision(x.dtype) == "ieee":
+        return "vendor"  # true fp32 has no wgmma; its configs spill (sm_90: up to 199 STL)
     return "kernel" if skipped_tile_fraction(mask) >= SKIP_TO_WIN else "vendor"
 
 

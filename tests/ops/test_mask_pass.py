@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from sparsekern.ops._mask_pass import zero_pruned, zero_pruned_
+from sparsekern.ops._mask_pass import CACHED_BITS_MAX, zero_pruned, zero_pruned_
 
 
 @pytest.mark.parametrize(
@@ -23,9 +23,10 @@ def test_where_semantics_nan_inf_negative_zero(dtype, device):
     assert torch.equal(zero_pruned(t, mask), ref)
 
 
-@pytest.mark.parametrize("numel", [1, 1000, (1 << 21) + 7])
-def test_large_tensors_split_across_threads(numel, device):
-    """Past 2^20 elements the CPU path splits the work across torch's threads; ragged chunks."""
+@pytest.mark.parametrize("numel", [1, 1000, CACHED_BITS_MAX, CACHED_BITS_MAX + 7])
+def test_small_and_large_tensors(numel, device):
+    """Up to CACHED_BITS_MAX elements the CPU pass ANDs with a cached integer mask; past it, numpy
+    on the bool mask split across torch's threads (ragged chunks)."""
     t = torch.randn(numel, device=device)
     mask = torch.rand(numel, device=device) < 0.3
     ref = torch.where(mask, t, 0.0)
@@ -53,3 +54,12 @@ def test_out_of_place_is_differentiable():
     (g,) = torch.autograd.grad(zero_pruned(t, mask).square().sum(), t, create_graph=True)
     assert torch.equal(g.detach(), torch.where(mask, 2 * t.detach(), 0.0))
     assert g.requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_cached_integer_mask_follows_in_place_mask_changes(dtype, device):
+    mask = torch.rand(30, 20, device=device) < 0.5
+    for _ in range(3):
+        t = torch.randn(30, 20, device=device).to(dtype)
+        assert torch.equal(zero_pruned_(t.clone(), mask), torch.where(mask, t, 0).to(dtype))
+        mask[::2] = ~mask[::2]  # in place: the cached copy must be recomputed

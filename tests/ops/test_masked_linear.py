@@ -225,7 +225,10 @@ def test_dweight_kernel_skips_pruned_tiles_exactly(device):
 
 
 def test_auto_backend_takes_the_kernel_only_where_tiles_are_skipped(device):
-    x = torch.randn(8, 512, device=device)
+    x = torch.randn(8, 512, device=device, dtype=torch.bfloat16)
+    assert ml.dw_backend_for(x.float(), torch.zeros(256, 512, dtype=torch.bool)) == "vendor", (
+        "true fp32 has no wgmma: always cuBLAS"
+    )
     unstructured = torch.rand(256, 512, device=device) < 0.1
     assert ml.dw_backend_for(x, unstructured) == "vendor"
     rows = torch.zeros(256, 512, dtype=torch.bool, device=device)
