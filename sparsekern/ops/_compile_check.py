@@ -15,8 +15,8 @@ arguments instead reports a different kernel than the one that runs (49 KB of sh
 a config the JIT builds at 147 KB, and a wgmma that waits at every K step).
 
 Per kernel it reports: registers, spill stores (``STL`` in SASS) and local memory, shared memory
-(and whether it fits the target), wgmma present (``HGMMA`` in SASS), wgmma overlapped with the
-loads (a ``warp_group_dot_wait`` with ``pendings >= 1`` in TTGIR: the next K step's wgmma is
+(and whether it fits the target), wgmma present (``HGMMA`` in SASS), vector loads
+(``LDG.E.64/128``), wgmma overlapped with the loads (a ``warp_group_dot_wait`` with ``pendings >= 1`` in TTGIR: the next K step's wgmma is
 issued before the previous one is waited for), and async loads (``cp.async``: ``LDGSTS`` in SASS;
 TMA: ``UTMALDG``).
 
@@ -97,6 +97,7 @@ def _sass_figures(cubin: bytes) -> dict:
         "spill_loads": len(re.findall(r"\bLDL(\.\w+)*\b", sass)),
         "hgmma": len(re.findall(r"\bHGMMA\b", sass)),
         "cp_async": len(re.findall(r"\bLDGSTS\b", sass)),
+        "vector_loads": len(re.findall(r"\bLDG\.E(\.\w+)*\.(64|128)\b", sass)),
         "tma_loads": len(re.findall(r"\bUTMALDG\b", sass)),
         "sass_lines": sass.count("\n"),
     }
@@ -111,6 +112,7 @@ def compile_spec(spec: dict, arch: int) -> dict:
 
     row = {
         "kernel": spec["name"], "arch": arch, "hot": bool(spec.get("hot")),
+        "contract": spec.get("contract", "gemm"),
         "num_warps": spec["num_warps"], "num_stages": spec["num_stages"],
     }  # fmt: skip
     t0 = time.perf_counter()
@@ -148,7 +150,10 @@ def op_of(name: str) -> str:
 
 
 def contract_failures(row: dict) -> list[str]:
-    """What a hot kernel's row breaks of the contract (empty: it holds)."""
+    """What a hot kernel's row breaks of the contract (empty: it holds). A spec's ``contract``:
+    ``"gemm"`` (the default: no spills, wgmma overlapped with the loads on sm_90, async loads) or
+    ``"memory"`` for a bandwidth-bound kernel with no matrix product (no spills, 64/128-bit vector
+    loads)."""
     if not row["ok"]:
         return [f"does not compile: {row['error']}"]
     bad = []
@@ -156,6 +161,10 @@ def contract_failures(row: dict) -> list[str]:
         bad.append(f"shared memory {row['shared_bytes']} B over the sm_{row['arch']} limit")
     if row["spill_stores"] or row["local_bytes"]:
         bad.append(f"spills: {row['spill_stores']} STL, {row['local_bytes']} B local memory")
+    if row.get("contract", "gemm") == "memory":
+        if not row["vector_loads"]:
+            bad.append("no 64/128-bit vector loads (LDG.E.64 / LDG.E.128) in SASS")
+        return bad
     if row["arch"] >= 90:
         if not (row["wgmma"] and row["hgmma"]):
             bad.append("no wgmma (HGMMA) in SASS")
