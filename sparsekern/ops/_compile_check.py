@@ -16,9 +16,9 @@ a config the JIT builds at 147 KB, and a wgmma that waits at every K step).
 
 Per kernel it reports: registers, spill stores (``STL`` in SASS) and local memory, shared memory
 (and whether it fits the target), wgmma present (``HGMMA`` in SASS), vector loads
-(``LDG.E.64/128``), wgmma overlapped with the loads (a ``warp_group_dot_wait`` with ``pendings >= 1`` in TTGIR: the next K step's wgmma is
-issued before the previous one is waited for), and async loads (``cp.async``: ``LDGSTS`` in SASS;
-TMA: ``UTMALDG``).
+(``LDG.E.64/128``), wgmma overlapped with the loads (a ``warp_group_dot_wait`` with
+``pendings >= 1`` in TTGIR: the next K step's wgmma is issued before the previous one is waited
+for), and async loads (``cp.async``: ``LDGSTS`` in SASS; TMA: ``UTMALDG``).
 
 :func:`contract_failures` is what CI enforces for the hot specs (bf16 configs the autotuner may
 pick at the benchmark shape) of :data:`CONTRACT_OPS`: no spill, wgmma present, overlapped, async
