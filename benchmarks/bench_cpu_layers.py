@@ -19,12 +19,7 @@ Writes ``benchmarks/results/cpu_layers_<date>.json`` (machine, versions, commit,
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
 
@@ -35,6 +30,8 @@ import torch.nn.utils.prune as prune  # noqa: E402
 from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from _common import cpu_environment, time_interleaved, write_json  # noqa: E402
+
 from sparsekern import SparseConv2d, SparseLinear, set_mask  # noqa: E402
 
 DENSITY = 0.1
@@ -102,33 +99,6 @@ def _step_fn(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor, train: bool):
     return step
 
 
-def time_interleaved(fns: dict, repeats: int, warmup: int = 3) -> dict:
-    """Median over repeats of each fn's time and of its ratio to ``fns['dense']`` within the same
-    repeat; the order is rotated every repeat."""
-    names = list(fns)
-    for _ in range(warmup):
-        for n in names:
-            fns[n]()
-    times = {n: [] for n in names}
-    for r in range(repeats):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for n in order:
-            t0 = time.perf_counter()
-            fns[n]()
-            times[n].append(time.perf_counter() - t0)
-    out = {}
-    for n in names:
-        ratios = [t / d for t, d in zip(times[n], times["dense"])]
-        q = statistics.quantiles(ratios, n=4) if len(ratios) >= 4 else [ratios[0]] * 3
-        out[n] = {
-            "median_ms": round(statistics.median(times[n]) * 1e3, 4),
-            "ratio_median": round(statistics.median(ratios), 4),
-            "ratio_q1": round(q[0], 4),
-            "ratio_q3": round(q[2], 4),
-        }
-    return out
-
-
 def _repeats(base: int, dense_ms: float, quick: bool) -> int:
     budget = 2.0 if quick else 6.0  # seconds of dense time per case
     return max(7 if quick else 11, min(base, int(budget * 1e3 / max(dense_ms, 1e-3))))
@@ -161,27 +131,29 @@ def run_case(group, name, layers, xshape, train, quick):
 
 def memory_rows() -> list[dict]:
     """Bytes per weight each path keeps beyond the dense layer (fp32 weights), read off the
-    modules' buffers and the caches they fill during a training step."""
-    from sparsekern.ops._mask_cache import _entries
+    modules' buffers and the caches a training step fills, for a small and a large layer (the
+    CPU mask pass caches an integer copy of the mask up to 4 M weights only)."""
+    from sparsekern.ops._mask_cache import cached_bytes
 
-    layers = _linear_triple(784, 300)
-    n = 784 * 300
-    x = torch.randn(8, 784)
-    for m in layers.values():
-        m(x).sum().backward()
-    sk = layers["sparsekern"]
-    cached = sum(
-        v[2].numel() * v[2].element_size()
-        for v in _entries(sk.mask).values()
-        if isinstance(v[2], torch.Tensor)
-    )
-    hooked = layers["torch_prune"]
-    tp_extra = hooked.weight_mask.numel() * hooked.weight_mask.element_size()
-    tp_extra += hooked.weight.numel() * hooked.weight.element_size()  # weight = orig * mask
-    return [
-        {"path": "sparsekern (module)", "bytes_per_weight": (sk.mask.numel() + cached) / n},
-        {"path": "torch.nn.utils.prune", "bytes_per_weight": tp_extra / n},
-    ]
+    rows = []
+    for fin, fout in ((784, 300), (9216, 4096)):
+        layers = _linear_triple(fin, fout)
+        n = fin * fout
+        x = torch.randn(8, fin)
+        for m in layers.values():
+            m(x).sum().backward()
+        sk = layers["sparsekern"]
+        cached = cached_bytes(sk.mask)
+        hooked = layers["torch_prune"]
+        tp_extra = hooked.weight_mask.numel() * hooked.weight_mask.element_size()
+        tp_extra += hooked.weight.numel() * hooked.weight.element_size()  # weight = orig * mask
+        shape = f"{fin}->{fout}"
+        rows.append(
+            {"path": f"sparsekern {shape}", "bytes_per_weight": (sk.mask.numel() + cached) / n}
+        )
+        rows.append({"path": f"torch prune {shape}", "bytes_per_weight": tp_extra / n})
+        del layers
+    return rows
 
 
 def main(argv=None) -> int:
@@ -208,25 +180,11 @@ def main(argv=None) -> int:
         print(
             f"memory        {m['path']:32s} {m['bytes_per_weight']:.2f} bytes/weight beyond dense"
         )
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-        cwd=os.path.dirname(__file__),
-    ).stdout.strip()  # fmt: skip
-    env = {
-        "machine": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
-        "command": " ".join(["python", *sys.argv]),
-    }
-    os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, f"cpu_layers_{env['date'][:10]}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"env": env, "rows": rows, "memory": mem}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    env = cpu_environment() | {"command": " ".join(["python", *sys.argv])}
+    path = write_json(
+        os.path.join(args.out, f"cpu_layers_{env['date'][:10]}.json"),
+        {"env": env, "rows": rows, "memory": mem},
+    )
     print(f"wrote {path}")
     return 0
 

@@ -232,7 +232,7 @@ def mask_problems(model: nn.Module, fix: bool = False) -> dict[str, list[str]]:
             bad_g = int(torch.count_nonzero(torch.where(mask, 0, weight.grad)))
             if bad_g:
                 problems.append(f"{bad_g} pruned entries of weight.grad are not zero")
-        stale = stale_tags(mask)
+        stale = stale_tags(mask) + stale_tags(weight)
         if stale:
             problems.append(f"stale cached values derived from the mask: {stale}")
         if problems:
@@ -242,6 +242,7 @@ def mask_problems(model: nn.Module, fix: bool = False) -> dict[str, list[str]]:
                 if weight.grad is not None:
                     weight.grad.masked_fill_(~mask, 0)
                 drop_cache(mask)
+                drop_cache(weight)
                 note_mask_synced(module)
     return found
 

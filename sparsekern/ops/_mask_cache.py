@@ -22,30 +22,59 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["cached_on_mask", "drop_cache", "masked_copy", "stale_tags"]
+__all__ = [
+    "TensorRef",
+    "cached_bytes",
+    "cached_on_mask",
+    "drop_cache",
+    "masked_copy",
+    "stale_tags",
+]
 
-# id(mask) -> (weak ref to the mask, {tag: (mask version, compute, value)})
+# id(tensor) -> (weak ref to the tensor, {tag: (version, key, compute, value)})
 _CACHE: dict[int, tuple[weakref.ref, dict[str, tuple]]] = {}
 
 
-def _entries(mask: torch.Tensor) -> dict[str, tuple]:
-    key = id(mask)
-    entry = _CACHE.get(key)
-    if entry is None or entry[0]() is not mask:
-        entry = (weakref.ref(mask, lambda _r, k=key: _CACHE.pop(k, None)), {})
-        _CACHE[key] = entry
+def _entries(t: torch.Tensor) -> dict[str, tuple]:
+    ident = id(t)
+    entry = _CACHE.get(ident)
+    if entry is None or entry[0]() is not t:
+        entry = (weakref.ref(t, lambda _r, k=ident: _CACHE.pop(k, None)), {})
+        _CACHE[ident] = entry
     return entry[1]
 
 
-def cached_on_mask(mask: torch.Tensor, tag: str, compute: Callable[[torch.Tensor], object]):
-    """``compute(mask)``, cached per (mask object, tag) until the mask is modified in place."""
+def cached_on_mask(
+    mask: torch.Tensor, tag: str, compute: Callable[[torch.Tensor], object], key=None
+):
+    """``compute(mask)``, cached per (tensor, tag) until the tensor is modified in place or
+    ``key`` (anything comparable: what else the value was computed from) changes. One entry per
+    tag: a new key replaces the old value."""
     entries = _entries(mask)
     hit = entries.get(tag)
-    if hit is not None and hit[0] == mask._version:
-        return hit[2]
+    if hit is not None and hit[0] == mask._version and hit[1] == key:
+        return hit[3]
     value = compute(mask)
-    entries[tag] = (mask._version, compute, value)
+    entries[tag] = (mask._version, key, compute, value)
     return value
+
+
+class TensorRef:
+    """A weak reference to a tensor that compares equal to another only while both point to the
+    same live tensor (a weakref's own ``==`` would compare the tensors elementwise)."""
+
+    __slots__ = ("ref",)
+
+    def __init__(self, t: torch.Tensor):
+        self.ref = weakref.ref(t)
+
+    def __call__(self) -> torch.Tensor | None:
+        return self.ref()
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, TensorRef) and self.ref() is not None and self.ref() is other.ref()
+
+    __hash__ = None
 
 
 def masked_copy(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -54,15 +83,28 @@ def masked_copy(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
     A fresh tensor is made on every recompute (never updated in place), so a value an autograd
     graph saved stays what it was."""
-    entries = _entries(mask)
-    hit = entries.get("masked_copy")
-    key = (weight._version, weight.data_ptr(), weight.dtype, mask._version)
-    if hit is not None and hit[1][0]() is weight and hit[1][1] == key:
-        return hit[2]
-    with torch.no_grad():
-        value = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
-    entries["masked_copy"] = (mask._version, (weakref.ref(weight), key), value)
-    return value
+    ref = TensorRef(weight)
+
+    def compute(m):
+        w = ref()
+        with torch.no_grad():
+            return torch.where(m, w, torch.zeros((), dtype=w.dtype, device=w.device))
+
+    key = (ref, weight._version, weight.data_ptr(), weight.dtype)
+    return cached_on_mask(mask, "masked_copy", compute, key)
+
+
+def cached_bytes(mask: torch.Tensor) -> int:
+    """Bytes held by the tensors cached on ``mask`` (what a sparse layer keeps beyond its
+    weight and mask)."""
+    entry = _CACHE.get(id(mask))
+    if entry is None or entry[0]() is not mask:
+        return 0
+    total = 0
+    for *_, value in entry[1].values():
+        parts = value if isinstance(value, tuple) else (value,)
+        total += sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
+    return total
 
 
 def drop_cache(mask: torch.Tensor) -> None:
@@ -80,25 +122,16 @@ def _same(a, b) -> bool:
 
 def stale_tags(mask: torch.Tensor) -> list[str]:
     """Tags of the cached entries of ``mask`` that differ from a recomputation now: what a write
-    that bypassed the version counter (``mask.data[...] = ...``) left behind. The masked copy of a
-    weight is checked by recomputing ``where`` on the weight it remembers."""
+    that bypassed a version counter (``mask.data[...] = ...``, ``weight.data``) left behind."""
     entry = _CACHE.get(id(mask))
     if entry is None or entry[0]() is not mask:
         return []
     stale = []
-    for tag, (version, compute, value) in list(entry[1].items()):
+    for tag, (version, key, compute, value) in list(entry[1].items()):
         if version != mask._version:
             continue  # already invalid: it will be recomputed before any use
-        if tag == "masked_copy":
-            weight = compute[0]()
-            if weight is None:
-                continue
-            with torch.no_grad():
-                fresh = torch.where(
-                    mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device)
-                )
-        else:
-            fresh = compute(mask)
-        if not _same(fresh, value):
+        if isinstance(key, tuple) and key and isinstance(key[0], TensorRef) and key[0]() is None:
+            continue  # computed from a tensor that is gone: never served again
+        if not _same(compute(mask), value):
             stale.append(tag)
     return sorted(stale)

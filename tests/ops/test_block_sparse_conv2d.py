@@ -141,7 +141,7 @@ def test_holes_inside_kept_blocks_are_applied(device):
     w = torch.randn(shape, device=device, requires_grad=True)  # pruned weights NOT zero
     x = torch.randn(2, 18, 6, 6, device=device, requires_grad=True)
     b = torch.randn(20, device=device, requires_grad=True)
-    assert bsc.conv_layout_of_mask(mask, 16).keep is not None
+    assert bsc.conv_layout_of_mask(mask, 16).base.keep is not None
     y = block_masked_conv2d(x, w, mask, b, 1, 1, 1, 16)
     dy = torch.randn_like(y)
     y.backward(dy)
@@ -155,14 +155,14 @@ def test_holes_inside_kept_blocks_are_applied(device):
 def test_poisoned_outputs_and_untouched_pruned_blocks(device):
     shape = (20, 18, 3, 3)
     mask = _block_mask(shape, (16, 16), "random", device)
-    w = (torch.randn(shape, device=device) * mask).contiguous()
-    x = torch.randn(2, 18, 7, 6, device=device)
+    w = bsc.nhwc(torch.randn(shape, device=device) * mask)  # the launchers take channels_last
+    x = bsc.nhwc(torch.randn(2, 18, 7, 6, device=device))
     lay = bsc.conv_layout_of_mask(mask, (16, 16))
     geo = ((1, 1), (1, 1), (1, 1))
     nan = float("nan")
     y = bsc.bsc_fwd_launch(x, w, lay, None, geo, out=torch.full((2, 20, 7, 6), nan, device=device))
     assert torch.isfinite(y).all()
-    dy = torch.randn_like(y)
+    dy = bsc.nhwc(torch.randn_like(y))
     dx = bsc.bsc_dx_launch(dy, w, lay, x.shape, geo, out=torch.full_like(x, nan))
     assert torch.isfinite(dx).all()
     dw = bsc.bsc_dw_launch(dy, x, w, lay, geo, out=torch.full_like(w, nan))

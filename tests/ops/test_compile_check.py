@@ -23,7 +23,8 @@ def _run(tmp_path, *args, timeout=900):
 
 
 def test_hot_kernels_meet_the_contract_on_sm90(tmp_path):
-    proc, rows = _run(tmp_path, "--arch", "90", "--hot", "--only", "masked_linear")
+    """Every hot spec of every contract op (~160 compiles, two processes)."""
+    proc, rows = _run(tmp_path, "--arch", "90", "--hot", "--jobs", "2")
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
     hot = [r for r in rows if r["hot"] and cc.op_of(r["kernel"]) in cc.CONTRACT_OPS]
     assert {cc.op_of(r["kernel"]) for r in hot} == set(cc.CONTRACT_OPS)
@@ -36,9 +37,9 @@ def test_hot_kernels_meet_the_contract_on_sm90(tmp_path):
 
 @pytest.mark.slow
 def test_every_kernel_kind_compiles_for_sm90(tmp_path):
-    """One bf16 spec per kernel kind of every op (the block-sparse ones are reported, not yet held
-    to the contract)."""
-    proc, rows = _run(tmp_path, "--arch", "90", "--only", "bf16,b64x64,m128,w4,s3")
+    """One bf16 spec per kernel kind of the block ops at the 32x32 blocks the contract does not
+    hold (reported: their dW runs mma.sync)."""
+    proc, rows = _run(tmp_path, "--arch", "90", "--only", "bf16,compact,b32x32,m64,w4")
     assert rows, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]
     kinds = {r["kernel"].split("[")[0] for r in rows}
