@@ -34,6 +34,8 @@ from pathlib import Path
 
 import torch
 
+from sparsekern.formats._files import atomic_write, checked_payload, with_checksum
+
 __all__ = [
     "BLOCK_SIZES",
     "BlockSparseFormatError",
@@ -44,7 +46,9 @@ __all__ = [
 ]
 
 BLOCK_SIZES = (16, 32, 64, 128)
-_FORMAT = "sparsekern.BlockSparseMatrix/1"
+_FORMAT = "sparsekern.BlockSparseMatrix/2"
+# File layout (format 2): this magic, torch.save bytes of the state dict, SHA-256 of both.
+_MAGIC = b"SKBSM\x02\n"
 
 
 class BlockSparseFormatError(ValueError):
@@ -103,7 +107,8 @@ class BlockSparseMatrix:
     blocks only.
 
     Args:
-        values: ``[nnz, bm, bk]`` floating point.
+        values: ``[nnz, bm, bk]`` floating point, any layout (stored contiguous: a copy when it
+            is not).
         row_ptr: ``[ceil(rows / bm) + 1]`` integer, non-decreasing, from 0 to nnz.
         col_idx: ``[nnz]`` integer in ``[0, ceil(cols / bk))``, strictly increasing in each row.
         shape: ``(rows, cols)`` of the dense matrix.
@@ -120,7 +125,10 @@ class BlockSparseMatrix:
         self.block_size = (bm, bk)
         if _validate:
             self._validate(values, row_ptr, col_idx)
-        self.values = values
+        # The kernels address block p at p * bm * bk: values in another layout (a transposed or
+        # expanded view, as from_sparse_bsr can produce) are stored contiguous, as a copy that
+        # gradients still flow through.
+        self.values = values if values.is_contiguous() else values.contiguous()
         self.row_ptr = row_ptr.to(torch.int32)
         self.col_idx = col_idx.to(torch.int32)
         self._derive()
@@ -352,18 +360,20 @@ class BlockSparseMatrix:
         return cls(state["values"], state["row_ptr"], state["col_idx"], shape, block)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temporary file in the same directory, then ``os.replace``)."""
-        from sparsekern.formats.relative_index import _atomic_write
-
+        """Write atomically (temporary file in the same directory, then ``os.replace``; one left
+        by a killed save is removed by the next), with a SHA-256 checksum that :meth:`load`
+        verifies before parsing."""
         buf = io.BytesIO()
         torch.save({"format": _FORMAT, **self.state_dict()}, buf)
-        _atomic_write(Path(path), buf.getvalue())
+        atomic_write(Path(path), with_checksum(_MAGIC, buf.getvalue()))
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location=None) -> BlockSparseMatrix:
-        """Read a file written by :meth:`save` (``weights_only=True``); validated."""
+        """Read a file written by :meth:`save`: checksum verified (a flipped bit anywhere is
+        refused), parsed with ``torch.load(weights_only=True)``, validated."""
         try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
+            body = checked_payload(Path(path).read_bytes(), _MAGIC, str(path))
+            state = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
         except Exception as e:
             raise BlockSparseFormatError(
                 f"{path}: expected a BlockSparseMatrix file, could not read it ({e})"

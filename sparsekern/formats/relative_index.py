@@ -39,20 +39,20 @@ figure comes from; conv layers cost 8 / 32 = 25%.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import os
 import struct
 import sys
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
+
+from sparsekern.formats._files import atomic_write
 
 __all__ = [
     "save_compressed",
@@ -320,7 +320,7 @@ def save_compressed(
     ).encode("utf-8")
     body = _PREAMBLE.pack(MAGIC, VERSION, len(header), len(payload)) + header + bytes(payload)
     data = body + hashlib.sha256(body).digest()
-    _atomic_write(Path(path), data)
+    atomic_write(Path(path), data)
 
     mask_keys = {_prefix(n) + "mask" for n in layers}
     dense_bytes = sum(
@@ -344,25 +344,6 @@ def save_compressed(
         "compression_ratio": dense_bytes / len(data),
         "layers": layer_stats,
     }
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp makes the file 0600; give it the mode a plain open() would (0666 less umask).
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _fail(path, msg: str) -> CompressedFormatError:
