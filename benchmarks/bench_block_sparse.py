@@ -23,14 +23,25 @@ Ratios: ``t / (d x t_dense)`` (the issue's target is <= 1.1 at d in [0.05, 0.5],
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import sys
+import time
 
-import torch
-import torch.nn.functional as F
-from _common import write_results
-from triton.testing import do_bench
+# --smoke on a machine without a GPU runs the kernels through Triton's interpreter, which must be
+# switched on before triton is imported.
+if "--smoke" in sys.argv and not os.environ.get("TRITON_INTERPRET"):
+    import torch
 
-from sparsekern.formats.block_sparse import BlockSparseMatrix, block_grid
-from sparsekern.ops.block_sparse_linear import (
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from _common import write_results  # noqa: E402
+
+from sparsekern.formats.block_sparse import BlockSparseMatrix, block_grid  # noqa: E402
+from sparsekern.ops.block_sparse_linear import (  # noqa: E402
     block_masked_linear,
     block_sparse_linear,
     bsr_dw_launch,
@@ -50,10 +61,23 @@ DENSITIES = [0.5, 0.25, 0.1, 0.05]
 # Inference target: batch 1 on VGG-16's first FC layer at d = 0.04, >= 10x faster than dense.
 INFERENCE = [((1, 4096, 25088), b, 0.04) for b in (32, 64, 128)]
 QUICK = [((8192, 4096, 4096), 64, 0.1), ((8192, 4096, 4096), 128, 0.25), *INFERENCE[1:2]]
+SMOKE = [((40, 64, 96), 16, 0.5), ((1, 64, 96), 32, 0.5)]
 
 
 def _ms(fn, grad_to_none=None) -> float:
-    return do_bench(fn, warmup=10, rep=60, grad_to_none=grad_to_none, return_mode="median")
+    """Median milliseconds: do_bench on CUDA; a host timer for the --smoke dry run."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=10, rep=60, grad_to_none=grad_to_none, return_mode="median")
+    times = []
+    for _ in range(3):
+        for t in grad_to_none or []:
+            t.grad = None
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def _torch_bsr_fn(Wb: BlockSparseMatrix, x: torch.Tensor):
@@ -76,7 +100,7 @@ def _torch_bsr_fn(Wb: BlockSparseMatrix, x: torch.Tensor):
             return f"unavailable: {type(e2).__name__}: {str(e2)[:120]}", None
 
 
-def bench_case(M: int, N: int, K: int, block: int, density: float, dtype, device="cuda") -> dict:
+def bench_case(M: int, N: int, K: int, block: int, density: float, dtype, device) -> dict:
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(0)
     x = torch.randn(M, K, device=dev, dtype=dtype)
@@ -137,6 +161,38 @@ def bench_case(M: int, N: int, K: int, block: int, density: float, dtype, device
     return row
 
 
+def plot_sweep(rows: list[dict], path: str) -> str | None:
+    """Time over dense time vs density, one line per block size, for M=8192 N=K=4096 (fwd, dX,
+    dW, step); None without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    big = [r for r in rows if "error" not in r and (r["M"], r["N"], r["K"]) == BIG[0]]
+    if not big:
+        return None
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4), sharey=True)
+    for ax, op in zip(axes, ("fwd", "dx", "dw", "step")):
+        for block in sorted({r["block"] for r in big}):
+            pts = sorted(
+                (r["density"], r["sparsek"][f"{op}_ms"] / r["dense"][f"{op}_ms"])
+                for r in big
+                if r["block"] == block
+            )
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{block}x{block}")
+        ax.plot([0, 0.5], [0, 0.5], "k:", label="d x dense")
+        ax.set_title(f"{op}, M=8192 N=K=4096")
+        ax.set_xlabel("block density")
+    axes[0].set_ylabel("time / cuBLAS dense time")
+    axes[0].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
@@ -144,12 +200,16 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, nargs="+", default=BLOCKS)
     ap.add_argument("--densities", type=float, nargs="+", default=DENSITIES)
     ap.add_argument("--batches", type=int, nargs="+", help="keep only shapes with these M")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on any device, no JSON")
     ap.add_argument("--out", default="benchmarks/results", help="folder for the JSON")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_block_sparse needs a CUDA GPU")
-    dtype = getattr(torch, args.dtype)
-    if args.quick:
+    if not (torch.cuda.is_available() or args.smoke):
+        raise SystemExit("bench_block_sparse needs a CUDA GPU (or --smoke)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = getattr(torch, args.dtype) if device == "cuda" else torch.float32
+    if args.smoke:
+        cases = SMOKE
+    elif args.quick:
         cases = QUICK
     else:
         shapes = [s for s in SHAPES if not args.batches or s[0] in args.batches]
@@ -162,7 +222,7 @@ def main() -> None:
     rows = []
     for (M, N, K), block, d in cases:
         try:
-            r = bench_case(M, N, K, block, d, dtype)
+            r = bench_case(M, N, K, block, d, dtype, device)
         except Exception as e:  # noqa: BLE001 - record and go on with the sweep
             rows.append({"M": M, "N": N, "K": K, "block": block, "density": d, "error": repr(e)})
             print(f"{M:>5} {N:>5} {K:>5} {block:>4} {d:>5.2f} | ERROR {e!r}"[:200], flush=True)
@@ -178,8 +238,15 @@ def main() -> None:
             f"{'n/a' if tb is None else f'{tb:.2f}'}",
             flush=True,
         )
+    if args.smoke:
+        print("smoke run: no JSON written")
+        return
     stem = "block_sparse_quick" if args.quick else "block_sparse"
-    print(f"wrote {write_results(args.out, stem, args.dtype, rows)}")
+    path = write_results(args.out, stem, args.dtype, rows)
+    print(f"wrote {path}")
+    png = plot_sweep(rows, path.replace(".json", ".png"))
+    if png:
+        print(f"wrote {png}")
 
 
 if __name__ == "__main__":

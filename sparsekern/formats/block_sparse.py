@@ -113,9 +113,11 @@ class BlockSparseMatrix:
         col_idx: ``[nnz]`` integer in ``[0, ceil(cols / bk))``, strictly increasing in each row.
         shape: ``(rows, cols)`` of the dense matrix.
         block_size: ``(bm, bk)``, each in 16, 32, 64, 128 (an int means square).
+        validate: check everything (default). False skips the O(nnz) checks for parts that come
+            from a matrix already validated (a cast of its values, a layout the kernels reuse).
     """
 
-    def __init__(self, values, row_ptr, col_idx, shape, block_size, *, _validate: bool = True):
+    def __init__(self, values, row_ptr, col_idx, shape, block_size, *, validate: bool = True):
         bm, bk = block_size_pair(block_size)
         try:
             rows, cols = (int(s) for s in shape)
@@ -123,7 +125,7 @@ class BlockSparseMatrix:
             raise BlockSparseFormatError(f"shape: expected (rows, cols), got {shape!r}") from None
         self.shape = (rows, cols)
         self.block_size = (bm, bk)
-        if _validate:
+        if validate:
             self._validate(values, row_ptr, col_idx)
         # The kernels address block p at p * bm * bk: values in another layout (a transposed or
         # expanded view, as from_sparse_bsr can produce) are stored contiguous, as a copy that
@@ -234,7 +236,7 @@ class BlockSparseMatrix:
         r_idx, c_idx = occ.nonzero(as_tuple=True)  # row-major: sorted by row, then column
         values = blocks[r_idx, c_idx].contiguous()
         row_ptr = torch.cat([occ.new_zeros(1, dtype=torch.long), occ.sum(1).cumsum(0)])
-        return cls(values, row_ptr, c_idx, (rows, cols), (bm, bk), _validate=False)
+        return cls(values, row_ptr, c_idx, (rows, cols), (bm, bk), validate=False)
 
     def to_dense(self) -> torch.Tensor:
         """``[rows, cols]`` in ``values``' dtype; differentiable with respect to ``values``."""
@@ -326,7 +328,7 @@ class BlockSparseMatrix:
             self.col_idx.to(dev),
             self.shape,
             self.block_size,
-            _validate=False,
+            validate=False,
         )
 
     def __repr__(self) -> str:

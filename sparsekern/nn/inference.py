@@ -64,7 +64,7 @@ class _BlockSparseLayer(nn.Module):
                 self.col_idx,
                 self._matrix_shape,
                 self.block_size,
-                _validate=False,
+                validate=False,
             )
             self._matrix = m
         return m

@@ -895,7 +895,7 @@ def block_sparse_conv2d(
         if values is not weight.values:
             weight = BlockSparseMatrix(
                 values, weight.row_ptr, weight.col_idx, weight.shape, weight.block_size,
-                _validate=False,
+                validate=False,
             )  # fmt: skip
         return block_sparse_conv2d_reference(x, weight, weight_shape, bias, *geometry)
     require_triton("block_sparse_conv2d on this device")

@@ -815,7 +815,7 @@ def block_sparse_linear(
     if values is not weight.values:
         weight = BlockSparseMatrix(
             values, weight.row_ptr, weight.col_idx, weight.shape, weight.block_size,
-            _validate=False,
+            validate=False,
         )  # fmt: skip
     _check_common("block_sparse_linear", x, weight.shape[0], weight.shape[1], values, bias)
     path = _path(x)

@@ -118,6 +118,33 @@ def test_compact_storage_layouts(layout, block, device):
     _close(conv_weight_from_gemm(g.to_dense(), shape, bk), dwr, torch.float32, 84, "dvalues")
 
 
+@pytest.mark.parametrize("block", [(64, 64), (128, 32), (32, 128)], ids=str)
+def test_large_and_rectangular_blocks(block, device):
+    """The big block shapes (ragged on both sides: 70 output, 40 input channels), both storages,
+    channels_last input: no conversion."""
+    shape = (70, 40, 3, 3)
+    mask = _block_mask(shape, block, "random", device)
+    w = torch.randn(shape, device=device) * mask
+    x = torch.randn(1, 40, 5, 4, device=device).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    wd = w.clone().requires_grad_()
+    y = block_masked_conv2d(x, wd, mask, None, 1, 1, 1, block)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    b = torch.zeros(70, device=device)
+    yr, dxr, dwr, _ = _reference(x, w, mask, b, dy, ((1, 1), (1, 1), (1, 1)))
+    _close(y, yr, torch.float32, 360, "y")
+    _close(x.grad, dxr, torch.float32, 630, "dx")
+    _close(wd.grad, dwr, torch.float32, 20, "dweight")
+    bk = block[1]
+    W = BlockSparseMatrix.from_dense(
+        conv_weight_to_gemm(w, bk), block, mask=conv_weight_to_gemm(mask.to(torch.uint8), bk).bool()
+    )
+    y2 = block_sparse_conv2d(x.detach(), W, shape, None, 1, 1, 1)
+    _close(y2, yr, torch.float32, 360, "y (compact)")
+
+
 def test_alexnet_conv1_geometry(device):
     """11x11, stride 4, padding 2 (AlexNet's conv1) with tiny channel counts."""
     shape = (18, 3, 11, 11)
