@@ -207,8 +207,10 @@ def dw_backend_for(x: torch.Tensor, mask: torch.Tensor) -> str:
     """The dW backend a call with these tensors takes now: ``"kernel"`` or ``"vendor"``."""
     if _backend == "vendor" or x.dtype not in KERNEL_DTYPES or not use_kernels(x):
         return "vendor"
-    if torch.compiler.is_compiling():
-        return "vendor"  # traceable torch ops; inductor fuses the where into its own kernels
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        # traceable torch ops (inductor fuses the where into its own kernels); torch.func's
+        # transforms need the vendor path's setup_context form
+        return "vendor"
     if _backend == "kernel":
         return "kernel"
     if dot_precision(x.dtype) == "ieee":

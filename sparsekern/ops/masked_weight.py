@@ -61,6 +61,33 @@ class _MaskedWeightFunction(torch.autograd.Function):
         return zero_pruned_(grad, mask), None, None, None
 
 
+class _MaskedWeightFuncFunction(torch.autograd.Function):
+    """The same op for torch.func transforms (``grad``, ``vmap``, ``jacrev``: per-sample
+    gradients), which need ``setup_context`` and a vmap rule. Out of place throughout: a batched
+    gradient must not be written in place."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(weight, mask, value):
+        value = weight if value is None else value
+        return value.view_as(value)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return zero_pruned(grad, mask), None, None
+
+
+def _functorch_active() -> bool:
+    # What torch.autograd.Function.apply itself asks (no public equivalent in torch 2.11/2.14).
+    return torch._C._are_functorch_transforms_active()
+
+
 def masked_weight_reference(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Plain PyTorch: ``weight * mask``."""
     return weight * mask
@@ -94,6 +121,9 @@ def masked_weight(
         return weight if assume_pruned_zero else masked_copy(weight, mask)
     # Training (or gradcheck, which perturbs inputs through .data, invisibly to version counters):
     # a fresh masked copy; the weight changes every step anyway, so a cache would not hit.
+    if _functorch_active():
+        value = None if assume_pruned_zero else zero_pruned(weight, mask).detach()
+        return _MaskedWeightFuncFunction.apply(weight, mask, value)
     value = None if assume_pruned_zero else zero_pruned(weight.detach(), mask)
     return _MaskedWeightFunction.apply(weight, mask, value, inplace_grad)
 

@@ -140,3 +140,30 @@ def test_sparsified_model_trains_with_the_invariant(device):
         model(torch.randn(3, 2, 6, 6, device=device)).square().mean().backward()
         opt.step()
     assert check_masks(model) == []
+
+
+def test_torch_func_grad_vmap_and_per_sample_gradients(device):
+    """torch.func transforms through the sparse modules: grad, and per-sample gradients by vmap,
+    each exactly zero at pruned weights and equal to the dense layer's at kept ones."""
+    from torch.func import functional_call, grad, vmap
+
+    lin = _pruned_linear(device)
+    conv = SparseConv2d(2, 3, 3).to(device)
+    set_mask(conv, torch.rand(conv.weight.shape, device=device) < 0.5)
+    model = nn.Sequential(conv, nn.Flatten(), nn.Linear(3 * 4 * 4, 40), nn.ReLU(), lin)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x, y = torch.randn(4, 2, 6, 6, device=device), torch.randn(4, 24, device=device)
+
+    def loss(p, xb, yb):
+        return ((functional_call(model, p, (xb,)) - yb) ** 2).sum()
+
+    g = grad(loss)(params, x, y)
+    per = vmap(grad(loss), in_dims=(None, 0, 0))(params, x.unsqueeze(1), y.unsqueeze(1))
+    for name, m in (("0", conv), ("4", lin)):
+        assert (g[f"{name}.weight"][~m.mask] == 0).all()
+        assert (per[f"{name}.weight"][:, ~m.mask] == 0).all()
+        torch.testing.assert_close(per[f"{name}.weight"].sum(0), g[f"{name}.weight"])
+    ref = dict(model.named_parameters())
+    model.zero_grad()
+    loss(ref, x, y).backward()
+    torch.testing.assert_close(g["4.weight"], lin.weight.grad)
