@@ -238,6 +238,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rows = check(args.arch or [90, 80], args.only, args.hot, args.jobs)
     if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     failed = [r for r in rows if not r["ok"]]
