@@ -59,14 +59,13 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``[..., in_features] -> [..., out_features]``."""
         mask = self.checked_mask()
-        bs = getattr(self, "block_size", None)  # None for modules pickled before block mode
+        weight = self.weight
+        bs = self.__dict__.get("block_size")  # None for modules pickled before block mode
         if bs is not None:
-            return block_masked_linear(
-                input, self.weight, mask, self.bias, bs, assume_pruned_zero=True
-            )
-        if torch.is_grad_enabled() and self.weight.requires_grad:
-            return masked_linear(input, self.weight, mask, self.bias, assume_pruned_zero=True)
-        return F.linear(input, self.weight, self.bias)
+            return block_masked_linear(input, weight, mask, self.bias, bs, assume_pruned_zero=True)
+        if weight.requires_grad and torch.is_grad_enabled():
+            return masked_linear(input, weight, mask, self.bias, assume_pruned_zero=True)
+        return F.linear(input, weight, self.bias)
 
     @classmethod
     def from_dense(
