@@ -72,6 +72,7 @@ from sparsekern.pruning.sensitivity import (
 from sparsekern.pruning.snip import SNIPPruner, snip_masks, snip_scores
 from sparsekern.pruning.targets import (
     SensitivityTargets,
+    han_targets,
     proportional_targets,
     sensitivity_targets,
 )
@@ -99,6 +100,7 @@ __all__ = [
     "global_magnitude_masks",
     "GlobalMagnitudePruner",
     "GradualPruner",
+    "han_targets",
     "han_threshold",
     "HanPruner",
     "keep_at_least",

@@ -265,11 +265,14 @@ class HanPruner(BasePruner):
         }
 
     def _extra_state(self) -> dict:
+        modules = dict(self.model.named_modules())
         return {
             "original_connections": dict(self.original_connections),
             "original_dropout": dict(self.original_dropout),
             "found_dropout_feeds": dict(self.dropout_feeds or {}),
             "prepared": self._prepared,
+            # the dropout p the rule set (not in the model's state dict: p is no tensor)
+            "dropout_p": {d: float(modules[d].p) for d in (self.dropout_feeds or {})},
         }
 
     def _load_extra_state(self, state: dict) -> None:
@@ -277,3 +280,6 @@ class HanPruner(BasePruner):
         self.original_dropout = dict(state["original_dropout"])
         self.dropout_feeds = dict(state["found_dropout_feeds"])
         self._prepared = bool(state["prepared"])
+        modules = dict(self.model.named_modules())
+        for d, p in state.get("dropout_p", {}).items():
+            modules[d].p = p

@@ -15,7 +15,7 @@ from torch import nn
 from sparsekern.pruning._common import allocate_counts
 from sparsekern.pruning.sensitivity import SensitivityResult, choose_qualities
 
-__all__ = ["SensitivityTargets", "proportional_targets", "sensitivity_targets"]
+__all__ = ["SensitivityTargets", "han_targets", "proportional_targets", "sensitivity_targets"]
 
 
 @dataclass
@@ -96,3 +96,28 @@ def proportional_targets(
     sizes = {n: m.weight.numel() for n, m in layers.items()}
     counts = allocate_counts({n: float(kept[n]) for n in layers}, sizes, 1.0 - sparsity)
     return {n: 1.0 - counts[n] / sizes[n] for n in layers}
+
+
+def han_targets(
+    layers: dict[str, nn.Module],
+    paper_kept: dict[str, float],
+    *,
+    sparsity: float | dict | None = None,
+    sensitivity: dict[str, float] | None = None,
+) -> dict:
+    """Each layer's final sparsity for Han's iterative pruning, from (the first given of):
+
+    * ``sparsity`` per layer (``{name | "conv" | "fc" | "*": s}``): as given;
+    * ``sparsity`` as one number: the paper's kept proportions scaled so that the whole model
+      reaches it (:func:`proportional_targets`);
+    * ``sensitivity``: ``{layer: sparsity}`` from :func:`sensitivity_targets`;
+    * else the paper's own kept fractions ``paper_kept`` (``{layer: kept fraction}``, e.g. Han's
+      Table 2 / 4 / 5), as sparsities.
+    """
+    if isinstance(sparsity, dict):
+        return dict(sparsity)
+    if sparsity is not None:
+        return proportional_targets(layers, paper_kept, sparsity)
+    if sensitivity is not None:
+        return dict(sensitivity)
+    return {n: 1.0 - k for n, k in paper_kept.items()}

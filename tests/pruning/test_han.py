@@ -235,3 +235,16 @@ def test_finalize_state_dict_and_errors():
         HanPruner(model, schedule=Geometric({"fc9": 0.5}, 2))
     with pytest.raises(ValueError, match="sparsify"):
         HanPruner(Net())
+
+
+def test_state_dict_restores_the_dropout_rule():
+    model = _net(p=0.5)
+    pruner = HanPruner(model, quality={"fc2": 0.8})
+    pruner.prune()
+    state, masks = pruner.state_dict(), model.state_dict()
+    fresh = _net(p=0.5)  # a resumed run: a new model, p back at 0.5
+    fresh.load_state_dict(masks)
+    again = HanPruner(fresh, quality={"fc2": 0.8})
+    again.load_state_dict(state)
+    assert fresh.drop.p == model.drop.p < 0.5  # the adjusted p, not the constructor's
+    assert again.original_dropout == {"drop": 0.5}
