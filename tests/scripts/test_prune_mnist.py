@@ -1,123 +1,142 @@
-"""scripts/prune_mnist.py: a CI smoke run of --quick on a tiny slice of MNIST, and --resume after a
-simulated kill giving bit-for-bit the result of an uninterrupted run."""
+"""scripts/prune_mnist.py, run as a program: a smoke run of each LeNet; every method killed after
+an epoch and resumed ends bit for bit where an uninterrupted run ends; a resume with changed
+settings is refused; bad command lines are rejected by argparse before any work starts; a small
+deterministic configuration reproduces the committed summary exactly (CI's reproduction check)."""
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, rejected, run_script
+
 SCRIPT = ROOT / "scripts" / "prune_mnist.py"
-# A tiny, fast configuration: 1,000 training images (7 steps of 128 per epoch), 500 test images.
+# 1,000 training images (7 steps of 128 per epoch), 500 test images, 500 for the sensitivity
 TINY = ["--subset", "1000", "--test-subset", "500", "--sens-n", "500", "--no-progress"]
 
 
-def run(*args, timeout=120):
-    env = dict(os.environ)
-    env["TRITON_INTERPRET"] = "0"  # the plain-PyTorch CPU path, as `make demo` runs it
-    proc = subprocess.run(
-        [sys.executable, str(SCRIPT), *map(str, args)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout
+def run(*args, **kw):
+    return run_script(SCRIPT, *args, **kw)
 
 
 @pytest.mark.parametrize("model", ["lenet300", "lenet5"])
 def test_quick_smoke(tmp_path, model):
-    out = run("--model", model, "--quick", *TINY, "--out", tmp_path)
-    assert "Table 1 (Han et al. 2015)" in out
-    assert "Weights%" in out  # Table 2's columns
+    out = run("--model", model, "--quick", *TINY, "--out", tmp_path).stdout
+    assert "Table 1 (Han et al. 2015)" in out and "Weights%" in out  # Table 1 and Table 2
     s = json.loads((tmp_path / "summary.json").read_text())
     assert s["weights_dense"] == {"lenet300": 266_200, "lenet5": 430_500}[model]
-    assert 0 < s["weights_pruned"] < s["weights_dense"]
-    assert s["compression_weights"] > 1
-    assert 0 <= s["error_pruned_pct"] <= 100
-    assert "scripts/prune_mnist.py" in s["command"]
-    assert (tmp_path / s["compressed_file"]["path"]).stat().st_size == s["compressed_file"][
-        "file_bytes"
-    ]
+    assert 0 < s["weights_kept"] < s["weights_dense"] and s["compression_weights"] > 1
+    assert s["command"].startswith("python scripts/prune_mnist.py --model")
+    assert len(s["run"]["commit"]) == 40  # the git commit that produced it
+    assert [p["name"] for p in s["plan"]][:2] == ["dense", "round 1"]
+    comp = tmp_path / s["compressed_file"]["path"]
+    assert comp.stat().st_size == s["compressed_file"]["file_bytes"]
+    assert s["compressed_file"]["round_trip"] == "exact"
     for fig in s["figures"]:
         assert (tmp_path / fig).stat().st_size > 1000
     assert "fig7_weight_hist.png" in s["figures"]
 
 
-def test_resume_equals_uninterrupted(tmp_path):
-    cfg = ["--model", "lenet300", "--quick", *TINY, "--epochs", "1", "--rounds", "2",
-           "--dropout", "0.2", "--no-figures", "--seed", "3"]  # fmt: skip
-    run(*cfg, "--out", tmp_path / "a")
-    out = run(*cfg, "--out", tmp_path / "b", "--stop-after-round", "1")
-    assert "stopping after round 1" in out
-    assert not (tmp_path / "b" / "summary.json").exists()
-    out = run(*cfg, "--out", tmp_path / "b", "--resume")
-    assert "resumed from" in out
+RESUME = {  # per method: a configuration of 3 epochs, killed (stopped) after the first
+    "han": ["--epochs", "1", "--rounds", "2", "--retrain-epochs", "1", "--dropout", "0.2"],
+    "global": ["--sparsity", "0.9", "--total-epochs", "3", "--prune-at", "0.34"],
+    "gradual": ["--sparsity", "0.9", "--total-epochs", "3", "--gradual-freq", "2"],
+    "snip": ["--sparsity", "0.9", "--total-epochs", "3"],
+    "rigl": ["--sparsity", "0.9", "--total-epochs", "3", "--rigl-delta", "3"],
+    "nm": ["--nm", "2:4", "--total-epochs", "3", "--prune-at", "0.34"],
+}
+SAME = ("error_pct", "weights_kept", "kept_pct", "phases", "prunes", "mask_sha256", "state_sha256")
 
+
+@pytest.mark.parametrize("method", list(RESUME))
+def test_resume_after_a_kill_equals_uninterrupted(tmp_path, method):
+    cfg = ["--model", "lenet300", "--method", method, *RESUME[method], *TINY, "--no-figures"]
+    cfg += ["--seed", "3"]
+    run(*cfg, "--out", tmp_path / "a")
+    out = run(*cfg, "--out", tmp_path / "b", "--stop-after-epochs", "1").stdout
+    assert "stopped after 1 epochs" in out and not (tmp_path / "b" / "summary.json").exists()
+    out = run(*cfg, "--out", tmp_path / "b", "--resume").stdout
+    assert "resumed at epoch 1" in out
     a = json.loads((tmp_path / "a" / "summary.json").read_text())
     b = json.loads((tmp_path / "b" / "summary.json").read_text())
-    for key in ("error_dense_pct", "error_pruned_pct", "weights_pruned", "kept_pct"):
+    for key in SAME:  # every loss, error, mask and weight, bit for bit
         assert a[key] == b[key], key
-    assert [r["error"] for r in a["rounds"]] == [r["error"] for r in b["rounds"]]
-    assert a["rounds"][-1]["dropout"] == b["rounds"][-1]["dropout"]  # dropout rule restored
-    wa = torch.load(tmp_path / "a" / "ckpt.pt", weights_only=True)["model"]
-    wb = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["model"]
-    assert wa.keys() == wb.keys()
-    for k in wa:
-        assert torch.equal(wa[k], wb[k]), k
+    assert len(b["commands"]) == 2 and "--resume" in b["commands"][1]
+    assert a["sparsity"] > 0.45  # it did prune
+    if method == "han":
+        assert a["phases"][-1]["name"] == "round 2"
 
 
-@pytest.fixture(scope="module")
-def script():
-    """scripts/prune_mnist.py as a module, MNIST loaded once for all the tests that use it."""
-    import functools
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("prune_mnist_script", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    mod.load_mnist = functools.lru_cache(maxsize=1)(mod.load_mnist)
-    return mod
-
-
-@pytest.mark.parametrize("method", ["han", "global", "gradual", "snip", "rigl", "nm"])
-def test_methods_from_the_script(tmp_path, monkeypatch, script, method):
-    """Every --method runs end to end (in-process: no interpreter start-up) and hits --sparsity."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    argv = ["--model", "lenet300", "--method", method, "--sparsity", "0.9", *TINY,
-            "--total-epochs", "1", "--epochs", "1", "--rounds", "1", "--retrain-epochs", "1",
-            "--no-figures", "--threads", "0", "--gradual-freq", "1", "--rigl-delta", "2",
-            "--out", str(tmp_path)]  # fmt: skip
-    script.main(argv)
-    s = json.loads((tmp_path / "summary.json").read_text())
-    if method == "han":  # Han's summary: kept fractions in Han's proportions, total exact
-        assert s["kept_pct"]["total"] == pytest.approx(10.0, abs=1e-3)
-        assert s["args"]["method"] == "han" and s["mode"] == "keep"
-        return
-    assert s["method"] == method
-    assert s["steps"] == 7  # 1,000 images / 128 per batch, one epoch
-    assert 0 <= s["error_pct"] <= 100
-    if method == "nm":  # 1:10 in every group of 10 inputs: 784 = 78 x 10 + 4 -> 79 of 784 in fc1
-        assert s["info"]["nm"] == "1:10" and s["info"]["nm_exact"]
-        assert s["kept_pct"]["fc1"] == pytest.approx(100 * 79 / 784)
-    else:
-        assert s["sparsity"] == pytest.approx(0.9, abs=1e-5)
-    if method == "rigl":
-        assert s["info"]["step_time_s"]["updates"] == 2  # steps 2, 4 (< t_end = 5)
+def test_resume_refuses_changed_settings_and_foreign_files(tmp_path):
+    cfg = ["--model", "lenet300", "--epochs", "1", "--rounds", "1", "--retrain-epochs", "1"]
+    cfg += [*TINY, "--no-figures", "--out", str(tmp_path)]
+    run(*cfg, "--stop-after-epochs", "1")
+    before = (tmp_path / "ckpt.pt").read_bytes()
+    proc = run(*cfg, "--resume", "--lr", "0.05", check=False)
+    assert proc.returncode != 0
+    assert (
+        "--lr: saved 0.15, now 0.05" in proc.stderr
+        and "a resumed run must be one run" in proc.stderr
+    )
+    proc = run(*cfg, check=False)  # a fresh run over the checkpoint: refused
+    assert proc.returncode == 2 and "expected --resume (continue it) or --overwrite" in proc.stderr
+    (tmp_path / "ckpt.pt").write_bytes(before[: len(before) // 2])
+    proc = run(*cfg, "--resume", check=False)
+    assert proc.returncode != 0 and "truncated or corrupted" in proc.stderr
+    assert (tmp_path / "ckpt.pt").read_bytes() == before[: len(before) // 2]  # left as it was
 
 
-def test_han_sparsity_reaches_target_on_lenet5(tmp_path, monkeypatch, script):
-    """LeNet-5's default schedule spans 8 rounds; with --sparsity one round must still reach it."""
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    argv = ["--model", "lenet5", "--method", "han", "--sparsity", "0.98", *TINY,
-            "--epochs", "1", "--rounds", "1", "--retrain-epochs", "1", "--no-figures",
-            "--threads", "0", "--out", str(tmp_path)]  # fmt: skip
-    script.main(argv)
-    s = json.loads((tmp_path / "summary.json").read_text())
-    assert s["kept_pct"]["total"] == pytest.approx(2.0, abs=1e-3)
+BAD = [  # the adversarial pass's values: each must end in argparse's usage error, exit 2
+    ("--epochs", "0"), ("--epochs", "-1"), ("--epochs", "x"), ("--batch-size", "0"),
+    ("--batch-size", "-5"), ("--batch-size", "70000"), ("--rounds", "-2"), ("--rounds", "0"),
+    ("--retrain-epochs", "-1"), ("--lr", "0"), ("--lr", "-0.1"), ("--lr", "nan"),
+    ("--lr", "inf"), ("--subset", "-10"), ("--subset", "50"), ("--test-subset", "-1"),
+    ("--sparsity", "1.5"), ("--sparsity", "1"), ("--sparsity", "-0.1"),
+    ("--sparsity", "fc9=0.5"), ("--sparsity", "fc1=0.5,fc1=0.6"), ("--quality", "-1"),
+    ("--quality", "fc1=x"), ("--max-drop", "0"), ("--sens-n", "0"), ("--sens-n", "70000"),
+    ("--dropout", "1.0"), ("--dropout", "-0.2"), ("--reg-strength", "-1"),
+    ("--warmup-epochs", "100"), ("--retrain-lr-factor", "0"), ("--threads", "-1"),
+    ("--schedule-rounds", "1"), ("--data", "/nonexistent"), ("--seed", "-1"),
+    ("--method", "global"), ("--method", "global --sparsity 0.9 --min-density 0.5"),
+    ("--method", "gradual --sparsity 0.9 --gradual-start 0.8 --gradual-end 0.2"),
+    ("--method", "nm --nm 5:4"), ("--method", "nm --nm 2-4"), ("--method", "rigl --sparsity "
+    "0.9 --rigl-end 0"), ("--method", "snip --sparsity fc1=0.9"), ("--method", "rigl "
+    "--sparsity 0.9 --quality 1.0"), ("--prune-at", "1.5"), ("--rigl-delta", "0"),
+    ("--quality", "1.0 --sparsity 0.9"), ("--model", "lenet7"),
+]  # fmt: skip
+
+
+def test_bad_command_lines_are_rejected_before_any_work(tmp_path):
+    cases = [["--out", str(tmp_path / f"c{i}"), f, *v.split()] for i, (f, v) in enumerate(BAD)]
+    results = rejected(SCRIPT, [["--help"], *cases])[1:]  # --help: the imports, once
+    for (flag, value), (code, err, seconds) in zip(BAD, results):
+        assert code == 2, (flag, value, code, err[-500:])
+        assert "error:" in err and "Traceback" not in err, (flag, value, err[-500:])
+        assert seconds < 1.0, (flag, value, seconds)  # argparse, not after some training
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_ci_summary_reproduces_exactly(tmp_path):
+    """results/ci/lenet300-tiny/summary.json came from its recorded command on this 2-core CPU (1
+    thread, deterministic algorithms); the same command must give the same run, bit for bit:
+    every phase's losses and errors, the kept counts, the masks' and the state's SHA-256."""
+    ref = json.loads((ROOT / "results" / "ci" / "lenet300-tiny" / "summary.json").read_text())
+    argv = ref["command"].split()[2:]
+    i = argv.index("--out")
+    argv[i + 1] = str(tmp_path)
+    run(*argv)
+    got = json.loads((tmp_path / "summary.json").read_text())
+    cpu = f"committed on {ref['run']['cpu']!r}, running on {got['run']['cpu']!r}"
+    for key in ("phases", "prunes", "weights_kept", "kept_pct", "error_pct", "mask_sha256"):
+        assert got[key] == ref[key], f"{key} differs ({cpu})"
+    assert got["state_sha256"] == ref["state_sha256"], f"weights differ ({cpu})"
+
+
+def test_methods_table(tmp_path):
+    out = subprocess.run(
+        [sys.executable, str(SCRIPT), "--table", str(ROOT / "results" / "methods")],
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout  # fmt: skip
+    assert out.startswith("| model | target sparsity | method |")
+    assert out.count("| LeNet-300-100 |") == 18 and out.count("| LeNet-5 |") == 18
