@@ -151,6 +151,8 @@ def parse_args(argv=None):
     n_train = min(args.subset or 60000, 60000)
     if args.batch_size > n_train:
         p.error(f"--batch-size: expected <= the {n_train} training images, got {args.batch_size}")
+    if args.method == "snip" and (most := n_train // args.batch_size) < args.snip_batches:
+        p.error(f"--snip-batches: expected <= {most} batches of the data, got {args.snip_batches}")
     if args.targets == "sens" and args.sens_n > n_train:
         p.error(f"--sens-n: expected <= the {n_train} training images, got {args.sens_n}")
     if not Path(args.data).is_dir():
@@ -232,6 +234,8 @@ def main(argv=None):
         pruner.load_state_dict(ck["pruner"])
         training.set_rng_state(ck["rng"])
         gen.set_state(ck["gen"])
+    elif args.resume:
+        print(f"--resume: no {ckpt} yet, starting afresh")
     out.mkdir(parents=True, exist_ok=True)
     st["commands"].append(command)
 

@@ -36,8 +36,8 @@ METRIC_NAMES = {"error": "Error", "top1_error": "Top-1 err", "top5_error": "Top-
 
 def git_commit(root=None) -> dict:
     """``{"commit": sha or None, "dirty": bool or None}`` of the git work tree at ``root``
-    (default: this package's folder). ``dirty``: tracked files differ from the commit, so the
-    commit alone does not reproduce the run."""
+    (default: this package's folder). ``dirty``: tracked files outside ``results/`` differ from
+    the commit, so the commit alone does not reproduce the run."""
     root = Path(root) if root is not None else Path(__file__).resolve().parent
     try:
         sha = subprocess.run(
@@ -45,8 +45,17 @@ def git_commit(root=None) -> dict:
         )
         if sha.returncode != 0:
             return {"commit": None, "dirty": None}
+        # results/ is what runs write (their own summaries, figures): not the code's state
         st = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
+            [
+                "git",
+                "status",
+                "--porcelain",
+                "--untracked-files=no",
+                "--",
+                ":(top)",
+                ":(top,exclude)results",
+            ],
             cwd=root,
             capture_output=True,
             text=True,

@@ -104,6 +104,7 @@ BAD = [  # the adversarial pass's values: each must end in argparse's usage erro
     "0.9 --rigl-end 0"), ("--method", "snip --sparsity fc1=0.9"), ("--method", "rigl "
     "--sparsity 0.9 --quality 1.0"), ("--prune-at", "1.5"), ("--rigl-delta", "0"),
     ("--quality", "1.0 --sparsity 0.9"), ("--model", "lenet7"),
+    ("--method", "snip --sparsity 0.9 --snip-batches 500"),
 ]  # fmt: skip
 
 

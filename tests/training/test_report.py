@@ -76,3 +76,23 @@ def test_git_commit_run_info_and_write_json(tmp_path):
     write_json(tmp_path / "s.json", {"a": 1.5})
     assert json.loads((tmp_path / "s.json").read_text()) == {"a": 1.5}
     assert [p.name for p in tmp_path.iterdir()] == ["s.json"]
+
+
+def test_dirty_means_code_not_results(tmp_path):
+    import subprocess
+
+    def git(*a):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=tmp_path,
+                       check=True, capture_output=True)  # fmt: skip
+
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "summary.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "c")
+    assert git_commit(tmp_path)["dirty"] is False
+    (tmp_path / "results" / "summary.json").write_text('{"a": 1}')  # a run writes its results
+    assert git_commit(tmp_path)["dirty"] is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_commit(tmp_path / "results")["dirty"] is True  # from any folder of the tree
