@@ -38,6 +38,7 @@ METHODS := han global gradual snip rigl nm
 HAN_BUDGET_lenet300 := --epochs 4 --rounds 2 --retrain-epochs 1
 HAN_BUDGET_lenet5 := --epochs 1 --rounds 1 --retrain-epochs 1 --warmup-epochs 0.2
 methods: venv
+	mkdir -p results/methods
 	for model in lenet300 lenet5; do for m in $(METHODS); do for s in 90 95 98; do \
 		budget=""; [ $$m = han ] && budget="$$( [ $$model = lenet300 ] && echo '$(HAN_BUDGET_lenet300)' || echo '$(HAN_BUDGET_lenet5)')"; \
 		$(VPY) scripts/prune_mnist.py --model $$model --method $$m --sparsity 0.$$s $$budget \
