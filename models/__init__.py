@@ -12,6 +12,7 @@ from models import alexnet as _alexnet
 from models import vgg as _vgg
 from models.alexnet import CaffeAlexNet, alexnet, alexnet_caffe
 from models.lenet import DROPOUT_FEEDS, MODELS, LeNet5, LeNet300100, build_model, count_weights
+from models.paper import HAN_2015, METHOD_FIGURES
 from models.vgg import vgg16
 
 # name -> (constructor(num_classes, width, dropout), the paper's layer names in execution order,
@@ -94,11 +95,13 @@ def paper_layer_names(name: str, model: nn.Module) -> dict[str, str]:
 
 __all__ = [
     "DROPOUT_FEEDS",
+    "HAN_2015",
     "IMAGENET_MODELS",
     "MODELS",
     "CaffeAlexNet",
     "LeNet5",
     "LeNet300100",
+    "METHOD_FIGURES",
     "alexnet",
     "alexnet_caffe",
     "build_imagenet_model",

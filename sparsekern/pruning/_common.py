@@ -1,5 +1,5 @@
-"""Helpers shared by the post-Han methods (global / gradual magnitude, SNIP, RigL, N:M): top-k
-masks, exact per-layer density allocation, and the dense weight gradient of a masked model."""
+"""Helpers shared by the pruners: top-k masks, exact per-layer allocation of kept counts, and the
+dense weight gradient of a masked model."""
 
 from __future__ import annotations
 
@@ -13,9 +13,7 @@ __all__ = [
     "allocate_counts",
     "check_fraction",
     "dense_weight_grads",
-    "kept_fractions",
     "topk_mask",
-    "total_density",
 ]
 
 
@@ -91,17 +89,6 @@ def allocate_counts(raw: dict[str, float], sizes: dict[str, int], density: float
     return counts
 
 
-def kept_fractions(layers: dict[str, nn.Module]) -> dict[str, float]:
-    """``{layer: mask.sum() / mask.numel()}``."""
-    return {n: int(m.mask.count_nonzero()) / m.mask.numel() for n, m in layers.items()}
-
-
-def total_density(layers: dict[str, nn.Module]) -> float:
-    """Kept fraction of all the layers' weights together."""
-    kept = sum(int(m.mask.count_nonzero()) for m in layers.values())
-    return kept / sum(m.mask.numel() for m in layers.values())
-
-
 def dense_weight_grads(
     layers: dict[str, nn.Module], closure: Callable[[], torch.Tensor]
 ) -> dict[str, torch.Tensor]:
@@ -144,66 +131,3 @@ def dense_weight_grads(
         n: (g if g is not None else torch.zeros_like(layers[n].weight))
         for n, g in zip(names, grads)
     }
-
-
-class MaskPruner:
-    """What every post-Han pruner shares: the sparse layers, the optimizer, a step counter, kept
-    fractions and a summary. Subclasses set masks only through ``set_mask`` (pruned and regrown
-    weights and their optimizer state zeroed)."""
-
-    name = "pruner"
-
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None, layers=None):
-        from sparsekern.pruning._layers import require_sparse_layers, sparse_layers
-
-        self.model = model
-        self.layers = (
-            require_sparse_layers(model, type(self).__name__)
-            if layers is None
-            else sparse_layers(model, layers)
-        )
-        if not self.layers:
-            raise ValueError(f"{type(self).__name__}: expected at least one sparse layer, got none")
-        self.optimizer = optimizer
-        self.steps = 0
-        self.history: list[dict] = []
-
-    def kept_fractions(self) -> dict[str, float]:
-        """``{layer: kept fraction}`` now."""
-        return kept_fractions(self.layers)
-
-    def density(self) -> float:
-        """Kept fraction of all the pruned layers' weights together."""
-        return total_density(self.layers)
-
-    def _install(self, masks: dict[str, torch.Tensor]) -> None:
-        from sparsekern.nn.masks import set_mask
-
-        for n, mask in masks.items():
-            set_mask(self.layers[n], mask, self.optimizer)
-
-    def _record(self, **extra) -> dict[str, float]:
-        kept = self.kept_fractions()
-        self.history.append({"step": self.steps, "density": self.density(), "kept": kept, **extra})
-        return kept
-
-    def finalize(self) -> dict:
-        """Zero any stray pruned weight and return ``{"kept", "connections", "total_kept",
-        "steps", "history"}``."""
-        with torch.no_grad():
-            for m in self.layers.values():
-                m.weight.masked_fill_(~m.mask, 0)
-        return {
-            "kept": self.kept_fractions(),
-            "connections": {n: int(m.mask.count_nonzero()) for n, m in self.layers.items()},
-            "total_kept": self.density(),
-            "steps": self.steps,
-            "history": list(self.history),
-        }
-
-    def state_dict(self) -> dict:
-        return {"steps": self.steps, "history": list(self.history)}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.steps = int(state["steps"])
-        self.history = list(state["history"])

@@ -29,8 +29,17 @@ from sparsekern.formats.block_sparse import block_grid, block_size_pair
 from sparsekern.nn.masks import set_mask
 from sparsekern.ops.block_sparse_conv2d import conv_weight_from_gemm, conv_weight_to_gemm
 from sparsekern.pruning._layers import require_sparse_layers, resolve_per_layer
+from sparsekern.pruning.base import BasePruner, Closure
+from sparsekern.pruning.schedules import Schedule
 
-__all__ = ["block_scores", "block_magnitude_mask", "expand_block_mask", "prune_blocks_"]
+__all__ = [
+    "BlockPruner",
+    "block_magnitude_mask",
+    "block_masks",
+    "block_scores",
+    "expand_block_mask",
+    "prune_blocks_",
+]
 
 NORMS = ("l1", "l2")
 
@@ -116,51 +125,40 @@ def _layer_block(module: nn.Module, block_size) -> tuple[int, int]:
     return block_size_pair(own)
 
 
-def prune_blocks_(
-    model: nn.Module,
+def block_masks(
+    layers: dict[str, nn.Module],
     density: float | dict,
     block_size=None,
     norm: str = "l1",
     scope: str = "layer",
     min_density: float = 0.0,
-    optimizer: torch.optim.Optimizer | None = None,
-) -> dict[str, float]:
-    """Prune ``model``'s sparse layers to whole blocks, in place (through ``set_mask``: pruned
-    weights and their optimizer state zeroed). Returns ``{layer: kept fraction of weights}``.
-
-    Args:
-        model: a model with sparse layers (``sparsify``).
-        density: kept fraction of blocks: a number, or per layer / kind (``{"fc1": 0.1, "conv":
-            0.5, "*": 0.2}``; layers matching no key are left alone). ``scope="global"`` takes
-            one number.
-        block_size: ``(bm, bk)``; default: each layer's own block size (SparseLinear block mode).
-        norm: ``"l1"`` or ``"l2"`` (per-weight mean, see :func:`block_scores`).
-        scope: ``"layer"`` (each layer keeps its own fraction) or ``"global"`` (one threshold).
-        min_density: global scope only: every layer keeps at least this fraction of its blocks.
-        optimizer: whose state for pruned weights is zeroed.
-    """
+) -> dict[str, torch.Tensor]:
+    """The masks :func:`prune_blocks_` installs, computed without touching the layers:
+    ``{layer: bool mask of its weight's shape}`` (whole kept blocks, ANDed with the current
+    mask), for the layers the density covers. Arguments as :func:`prune_blocks_`, ``layers``
+    a ``{name: sparse module}`` dict."""
     if scope not in ("layer", "global"):
         raise ValueError(f"prune_blocks_: scope must be 'layer' or 'global', got {scope!r}")
     if norm not in NORMS:
         raise ValueError(f"prune_blocks_: norm must be one of {NORMS}, got {norm!r}")
-    layers = require_sparse_layers(model, "prune_blocks_")
     blocks = {n: _layer_block(m, block_size) for n, m in layers.items()}  # validate all first
     _check_density(min_density, "prune_blocks_ (min_density)")
-    scores = {n: block_scores(m.weight, blocks[n], norm, m.mask) for n, m in layers.items()}
     if scope == "layer":
         per = resolve_per_layer(layers, density, "prune_blocks_ density")
         for d in per.values():
             if d is not None:
                 _check_density(d, "prune_blocks_")
-        keep = {
-            n: _top_blocks(scores[n], round(d * scores[n].numel()))
-            for n, d in per.items()
-            if d is not None
+        scores = {
+            n: block_scores(m.weight, blocks[n], norm, m.mask)
+            for n, m in layers.items()
+            if per[n] is not None
         }
+        keep = {n: _top_blocks(s, round(per[n] * s.numel())) for n, s in scores.items()}
     else:
         if isinstance(density, dict):
             raise TypeError("prune_blocks_: scope='global' takes one density, got a dict")
         d = _check_density(density, "prune_blocks_")
+        scores = {n: block_scores(m.weight, blocks[n], norm, m.mask) for n, m in layers.items()}
         # The floor first, then the best of the rest by one threshold, by weight count.
         keep = {n: _top_blocks(s, round(min_density * s.numel())) for n, s in scores.items()}
         size = {n: blocks[n][0] * blocks[n][1] for n in layers}
@@ -178,10 +176,119 @@ def prune_blocks_(
                 break
             keep[n].view(-1)[i] = True
             budget -= sz
+    return {
+        n: expand_block_mask(k, layers[n].weight.shape, blocks[n]) & layers[n].mask
+        for n, k in keep.items()
+    }
+
+
+def prune_blocks_(
+    model: nn.Module,
+    density: float | dict,
+    block_size=None,
+    norm: str = "l1",
+    scope: str = "layer",
+    min_density: float = 0.0,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> dict[str, float]:
+    """Prune ``model``'s sparse layers to whole blocks, in place (through ``set_mask``: pruned
+    weights and their optimizer state zeroed). Returns ``{layer: kept fraction of weights}`` for
+    the layers it pruned. The functional form of :class:`BlockPruner` (whose target is a
+    sparsity, ``1 - density``).
+
+    Args:
+        model: a model with sparse layers (``sparsify``).
+        density: kept fraction of blocks: a number, or per layer / kind (``{"fc1": 0.1, "conv":
+            0.5, "*": 0.2}``; layers matching no key are left alone). ``scope="global"`` takes
+            one number.
+        block_size: ``(bm, bk)``; default: each layer's own block size (SparseLinear block mode).
+        norm: ``"l1"`` or ``"l2"`` (per-weight mean, see :func:`block_scores`).
+        scope: ``"layer"`` (each layer keeps its own fraction) or ``"global"`` (one threshold).
+        min_density: global scope only: every layer keeps at least this fraction of its blocks.
+        optimizer: whose state for pruned weights is zeroed.
+    """
+    layers = require_sparse_layers(model, "prune_blocks_")
+    masks = block_masks(layers, density, block_size, norm, scope, min_density)
     kept = {}
-    for n, k in keep.items():
-        m = layers[n]
-        new = expand_block_mask(k, m.weight.shape, blocks[n]) & m.mask
-        set_mask(m, new, optimizer)
+    for n, new in masks.items():
+        set_mask(layers[n], new, optimizer)
         kept[n] = int(new.count_nonzero()) / new.numel()
     return kept
+
+
+class BlockPruner(BasePruner):
+    """Block pruning behind the :class:`BasePruner` lifecycle: whole ``bm x bk`` blocks of each
+    weight kept by their norm, so that the block-sparse kernels skip the rest.
+
+    Lifecycle::
+
+        model = sparsify(MyNet(), block_size=(32, 32))
+        pruner = BlockPruner(model, opt, sparsity=0.9, norm="l2")   # 90% of the blocks pruned
+        ... train; kept = pruner.prune(); ... fine-tune; fast = to_inference(model)
+
+    Args:
+        model, optimizer, sparsity, schedule, layers, regularization, reg_strength: see
+            :class:`BasePruner`; the sparsity is the pruned fraction of *blocks*, per layer
+            (``scope="layer"``, a number or a per-layer dict) or overall (``"global"``).
+        block_size: ``(bm, bk)``; default: each layer's own block size.
+        norm: ``"l1"`` or ``"l2"``.
+        scope: ``"layer"`` or ``"global"``.
+        min_density: global scope: every layer keeps at least this fraction of its blocks.
+    """
+
+    per_layer_targets = True
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        sparsity: float | dict | None = None,
+        schedule: Schedule | None = None,
+        block_size=None,
+        norm: str = "l1",
+        scope: str = "layer",
+        min_density: float = 0.0,
+        layers=None,
+        regularization: str = "none",
+        reg_strength: float = 0.0,
+    ) -> None:
+        super().__init__(
+            model,
+            optimizer,
+            sparsity=sparsity,
+            schedule=schedule,
+            layers=layers,
+            regularization=regularization,
+            reg_strength=reg_strength,
+        )
+        if scope not in ("layer", "global"):
+            raise ValueError(f"BlockPruner: expected scope 'layer' or 'global', got {scope!r}")
+        if norm not in NORMS:
+            raise ValueError(f"BlockPruner: expected norm in {NORMS}, got {norm!r}")
+        for m in self.layers.values():
+            _layer_block(m, block_size)  # every layer has a block size
+        self.block_size = None if block_size is None else list(block_size_pair(block_size))
+        self.norm, self.scope = norm, scope
+        self.min_density = _check_density(min_density, "BlockPruner (min_density)")
+        if scope == "global" and isinstance(sparsity, dict):
+            raise TypeError("BlockPruner: scope='global' takes one sparsity, got a dict")
+
+    @torch.no_grad()
+    def compute_masks(self, sparsity, closure: Closure | None = None) -> dict:
+        """Keep ``1 - sparsity`` of the blocks (per layer or globally) by :func:`block_scores`."""
+        if isinstance(sparsity, dict):
+            per = self._per_layer(sparsity)
+            density = {n: 1.0 - s for n, s in per.items() if s is not None}
+        else:
+            density = 1.0 - sparsity
+        bs = None if self.block_size is None else tuple(self.block_size)
+        return block_masks(self.layers, density, bs, self.norm, self.scope, self.min_density)
+
+    def _config(self) -> dict:
+        return {
+            "block_size": self.block_size,
+            "norm": self.norm,
+            "scope": self.scope,
+            "min_density": self.min_density,
+        }

@@ -9,7 +9,9 @@ import math
 import torch
 from torch import nn
 
-from sparsekern.pruning._common import MaskPruner, check_fraction, topk_mask
+from sparsekern.pruning._common import check_fraction, topk_mask
+from sparsekern.pruning.base import BasePruner, Closure
+from sparsekern.pruning.schedules import Schedule
 
 __all__ = ["GlobalMagnitudePruner", "global_magnitude_masks"]
 
@@ -74,52 +76,59 @@ def global_magnitude_masks(
     return out
 
 
-class GlobalMagnitudePruner(MaskPruner):
-    """Global magnitude pruning behind the lifecycle API.
+class GlobalMagnitudePruner(BasePruner):
+    """Global magnitude pruning (Gupta et al. 2022): all pruned layers ranked together by |w|.
 
     Lifecycle::
 
-        pruner = GlobalMagnitudePruner(model, sparsity=0.95, optimizer=opt, min_density=0.01)
+        pruner = GlobalMagnitudePruner(model, opt, sparsity=0.95, min_density=0.01)
         ... train dense: opt.step(); pruner.step()
-        kept = pruner.prune()               # one shot (or several calls with rising sparsity)
+        kept = pruner.prune()               # one shot (or schedule=Geometric(0.95, rounds=3))
         ... fine-tune: opt.step(); pruner.step()
         summary = pruner.finalize()
 
-    Args:
-        model: a model with sparse layers (``sparsekern.sparsify``).
-        sparsity: target pruned fraction of all the sparse layers' weights together.
-        optimizer: its state is zeroed at pruned entries (``set_mask``).
-        min_density: minimum kept fraction per layer (0: pure global ranking).
-        layers: restrict to these sparse-layer names (default: all).
-    """
+    Exactly ``round((1 - sparsity) N)`` of the ``N`` weights stay; a pruned weight never returns.
 
-    name = "global"
+    Args:
+        model, optimizer, sparsity, schedule, layers, regularization, reg_strength: see
+            :class:`BasePruner` (one sparsity for all layers together).
+        min_density: minimum kept fraction per layer (0: pure global ranking); at most
+            ``1 - sparsity``.
+    """
 
     def __init__(
         self,
         model: nn.Module,
-        sparsity: float,
         optimizer: torch.optim.Optimizer | None = None,
+        *,
+        sparsity: float | None = None,
+        schedule: Schedule | None = None,
         min_density: float = 0.0,
         layers=None,
+        regularization: str = "none",
+        reg_strength: float = 0.0,
     ) -> None:
-        super().__init__(model, optimizer, layers)
-        self.sparsity = check_fraction(sparsity, "GlobalMagnitudePruner")
+        super().__init__(
+            model,
+            optimizer,
+            sparsity=sparsity,
+            schedule=schedule,
+            layers=layers,
+            regularization=regularization,
+            reg_strength=reg_strength,
+        )
         self.min_density = check_fraction(min_density, "GlobalMagnitudePruner", "min_density")
-        if self.min_density > 1.0 - self.sparsity:
+        final = sparsity if schedule is None else schedule.final
+        if final is not None and self.min_density > 1.0 - final:
             raise ValueError(
                 f"GlobalMagnitudePruner: expected min_density <= 1 - sparsity = "
-                f"{1 - self.sparsity:.4g}, got {self.min_density}"
+                f"{1 - final:.4g}, got {self.min_density}"
             )
 
     @torch.no_grad()
-    def prune(self, sparsity: float | None = None) -> dict[str, float]:
-        """Prune to ``sparsity`` (default: the constructor's) and return ``{layer: kept
-        fraction}``. Never regrows a weight."""
-        s = self.sparsity if sparsity is None else check_fraction(sparsity, "prune")
-        self._install(global_magnitude_masks(self.layers, s, self.min_density))
-        return self._record(sparsity=s)
+    def compute_masks(self, sparsity: float, closure: Closure | None = None) -> dict:
+        """The global top-``(1 - sparsity)`` masks (:func:`global_magnitude_masks`)."""
+        return global_magnitude_masks(self.layers, sparsity, self.min_density)
 
-    def step(self) -> None:
-        """Per-optimizer-step hook: counts steps (the masks change only in :meth:`prune`)."""
-        self.steps += 1
+    def _config(self) -> dict:
+        return {"min_density": self.min_density}

@@ -1,5 +1,5 @@
-"""``HanPruner``: Han et al. 2015's train -> prune -> retrain method as a lifecycle object that any
-training loop can drive (see the package docstring for an example)."""
+"""``HanPruner``: Han et al. 2015's train -> prune -> retrain method on the :class:`BasePruner`
+lifecycle (see ``docs/pruning.md`` for a full example)."""
 
 from __future__ import annotations
 
@@ -8,37 +8,15 @@ import math
 import torch
 from torch import nn
 
-from sparsekern.nn.masks import set_mask
-from sparsekern.pruning._layers import layer_kind, require_sparse_layers, resolve_per_layer
+from sparsekern.pruning._layers import layer_kind, resolve_per_layer
+from sparsekern.pruning.base import BasePruner, Closure
 from sparsekern.pruning.dropout import apply_dropout_adjustment, find_dropout_feeds
 from sparsekern.pruning.magnitude import keep_at_least, magnitude_mask, quality_for_density
-from sparsekern.pruning.regularization import REGULARIZATIONS, regularization_loss
+from sparsekern.pruning.schedules import Schedule
 
-__all__ = ["HanPruner", "density_schedule", "FREEZE_KINDS"]
+__all__ = ["HanPruner", "FREEZE_KINDS"]
 
 FREEZE_KINDS = ("conv", "fc")
-
-
-def density_schedule(final_density: float | dict[str, float], rounds: int) -> list:
-    """Per-round target densities for iterative pruning, geometric so that every round removes
-    the same fraction of what is left: round ``k`` (1-based) keeps ``final ** (k / rounds)``.
-
-    E.g. ``density_schedule(0.08, 3)`` -> ``[0.431, 0.186, 0.08]``. A dict (layer name / kind /
-    ``"*"`` -> final density) gives a list of dicts. Pass each entry to ``HanPruner.prune(
-    density=...)``.
-    """
-    if rounds < 1:
-        raise ValueError(f"density_schedule: expected rounds >= 1, got {rounds}")
-
-    def one(d: float) -> list[float]:
-        if not 0.0 < d <= 1.0:
-            raise ValueError(f"density_schedule: expected a final density in (0, 1], got {d}")
-        return [d ** (k / rounds) for k in range(1, rounds + 1)]
-
-    if isinstance(final_density, dict):
-        per = {k: one(v) for k, v in final_density.items()}
-        return [{k: v[r] for k, v in per.items()} for r in range(rounds)]
-    return one(float(final_density))
 
 
 def _conv_or_fc(m: nn.Module) -> str | None:
@@ -47,106 +25,102 @@ def _conv_or_fc(m: nn.Module) -> str | None:
     return None
 
 
-class HanPruner:
-    """Han et al.'s pruning method, one call per phase.
+class HanPruner(BasePruner):
+    """Han et al.'s magnitude pruning: per layer, prune ``|w| <= quality x std`` of the layer's
+    surviving weights; retrain the survivors (never re-initialised) with L2, dropout shrunk with
+    the connections, conv and FC layers optionally retrained in turn (the others frozen).
 
     Lifecycle::
 
-        pruner = HanPruner(model, quality={"conv": 0.5, "fc": 1.0}, optimizer=opt)
-        pruner.prepare()            # after dense training: record C_io, dropout p, ...
-        kept = pruner.prune()       # one round: every sparse layer by its own quality
-        ... retrain: loss = task_loss + pruner.regularization_loss(); opt.step(); pruner.step()
-        kept = pruner.prune()       # next round (iterative pruning), retrain again, ...
+        pruner = HanPruner(model, opt, schedule=Geometric({"fc1": 0.92, "fc2": 0.91}, rounds=5))
+        ... train dense: loss = task + pruner.regularization_loss(); opt.step(); pruner.step()
+        for r in range(5):                  # iterative pruning: one round per prune() call
+            kept = pruner.prune()           # round r + 1 of the schedule
+            ... retrain (conv frozen: pruner.freeze("conv"), then pruner.freeze("fc"))
         summary = pruner.finalize()
 
+    The target of a round, in this order: ``prune(quality=q)`` (Han's rule at quality ``q``,
+    a number or a per-layer dict); ``prune(sparsity)``; the schedule (Han: ``Geometric``, on the
+    round clock); the constructor's ``sparsity``; the constructor's ``quality``. A sparsity
+    target is reached per layer by the quality that hits it (:func:`quality_for_density`), so
+    every mask is still Han's threshold rule. Layers a per-layer target does not cover are left
+    alone. A pruned weight never returns: sparsity only grows, round after round.
+
     Args:
-        model: a model whose Linear/Conv layers are sparse (``sparsekern.sparsify(model)``).
-        quality: the quality parameter (threshold = quality x std of the layer's surviving
-            weights): one number, or a dict by layer name, then kind (``"conv"``/``"fc"``), then
-            ``"*"``; layers it does not cover are never pruned. Typical values come from
-            :func:`sparsekern.pruning.sensitivity_analysis` / ``choose_qualities``.
-        optimizer: the optimizer used for retraining. Its state (momentum, Adam moments) is zeroed
-            at pruned entries on every ``prune()``. Pass it whenever there is one.
-        regularization: ``"l2"`` (Han: best after retraining), ``"l1"`` or ``"none"``: the kind of
-            :meth:`regularization_loss`.
-        reg_strength: its coefficient, Caffe's weight decay (5e-4 is Caffe's LeNet/AlexNet value).
-            Do not also set the optimizer's ``weight_decay``.
-        dropout: adjust the dropout modules feeding each pruned layer after every ``prune()``:
-            ``p = p_o * sqrt(C_r / C_o)``.
-        schedule: optional per-round qualities for iterative pruning: ``prune()`` number ``k``
-            (0-based) uses ``schedule[k]`` (a number or a dict like ``quality``), the last entry
-            once the list runs out. Because the threshold follows the survivors' std, even a
-            constant schedule prunes further every round; sparsity never decreases (a pruned
-            weight never returns).
-        dropout_feeds: ``{dropout module name: layer name}``; default: found by tracing the model
-            (:func:`sparsekern.pruning.find_dropout_feeds`).
-        enforce_masks: make :meth:`step` re-zero pruned weights (a guard for optimizers that
-            might move them; the built-in ones do not once ``set_mask`` ran).
+        model, optimizer, sparsity, schedule, layers: see :class:`BasePruner`; targets may be
+            per layer (``{"fc1": 0.92, "conv": 0.5, "*": 0.8}``).
+        quality: Han's quality parameter (threshold = quality x std of the layer's surviving
+            weights), a number or a per-layer dict; used when no sparsity target is given.
+            Typical values come from :func:`sparsekern.pruning.sensitivity_analysis`.
+        regularization: ``"l2"`` (default; Han: best after retraining), ``"l1"`` or ``"none"``.
+        reg_strength: its coefficient, Caffe's weight decay (5e-4 for LeNet / AlexNet). Do not
+            also set the optimizer's ``weight_decay``.
+        dropout: adjust the dropout modules feeding each pruned layer after every round:
+            ``p = p_o * sqrt(C_r / C_o)`` (Han Sec. 3.2).
+        dropout_feeds: ``{dropout module name: layer name}``; default: found by tracing.
         min_density: a floor on each layer's kept fraction (not in Han; a guard against a round
-            emptying a layer, see :mod:`sparsekern.pruning.magnitude` on how fast a constant
-            quality compounds): a round that would go below keeps the largest-magnitude
-            ``ceil(min_density * numel)`` survivors instead. Default 0: pure Han.
+            emptying a layer): a round that would go below keeps the largest-magnitude
+            ``ceil(min_density * numel)`` survivors. Default 0: pure Han.
 
     Attributes:
-        round: number of ``prune()`` calls so far.
-        history: per round, ``{layer: kept fraction}``.
-        original_connections: ``{layer: C_io}``, kept connections at ``prepare()``.
-        original_dropout: ``{dropout name: p}`` at ``prepare()``.
+        original_connections: ``{layer: C_io}``, kept connections at :meth:`prepare`.
+        original_dropout: ``{dropout name: p}`` at :meth:`prepare`.
+        frozen_kind: ``"conv"``, ``"fc"`` or None (see :meth:`freeze`).
     """
+
+    per_layer_targets = True
 
     def __init__(
         self,
         model: nn.Module,
-        quality: float | dict[str, float] = 1.0,
         optimizer: torch.optim.Optimizer | None = None,
+        *,
+        sparsity: float | dict | None = None,
+        quality: float | dict | None = None,
+        schedule: Schedule | None = None,
+        layers=None,
         regularization: str = "l2",
         reg_strength: float = 5e-4,
         dropout: bool = True,
-        schedule: list | None = None,
         dropout_feeds: dict[str, str] | None = None,
-        enforce_masks: bool = False,
         min_density: float = 0.0,
     ) -> None:
-        self.model = model
-        self.layers = require_sparse_layers(model, "HanPruner")
-        if regularization not in REGULARIZATIONS:
-            raise ValueError(
-                f"HanPruner: expected regularization in {REGULARIZATIONS}, got {regularization!r}"
-            )
-        if reg_strength < 0:
-            raise ValueError(f"HanPruner: expected reg_strength >= 0, got {reg_strength}")
-        # Validate every quality now: a typo in a layer name should fail before training starts.
-        resolve_per_layer(self.layers, quality, "HanPruner: quality")
-        for i, q in enumerate(schedule or []):
-            resolve_per_layer(self.layers, q, f"HanPruner: schedule[{i}]")
+        super().__init__(
+            model,
+            optimizer,
+            sparsity=sparsity,
+            schedule=schedule,
+            layers=layers,
+            regularization=regularization,
+            reg_strength=reg_strength,
+        )
+        if quality is not None:
+            self._check_quality(quality, "quality")
         self.quality = quality
-        self.optimizer = optimizer
-        self.regularization = regularization
-        self.reg_strength = reg_strength
-        self.dropout = dropout
-        self.schedule = list(schedule) if schedule is not None else None
+        self.dropout = bool(dropout)
         self.dropout_feeds = dict(dropout_feeds) if dropout_feeds is not None else None
-        self.enforce_masks = enforce_masks
+        self._given_feeds = self.dropout_feeds is not None
         if not 0.0 <= min_density <= 1.0:
             raise ValueError(f"HanPruner: expected min_density in [0, 1], got {min_density}")
-        self.min_density = min_density
-        self.round = 0
-        self.steps = 0
-        self.history: list[dict[str, float]] = []
+        self.min_density = float(min_density)
         self.original_connections: dict[str, int] = {}
         self.original_dropout: dict[str, float] = {}
         self._prepared = False
         self._frozen: list[tuple[torch.nn.Parameter, bool]] = []
         self.frozen_kind: str | None = None
 
+    def _check_quality(self, quality, what: str) -> dict[str, float | None]:
+        q = resolve_per_layer(self.layers, quality, f"HanPruner: {what}")  # typos: KeyError
+        bad = {n: v for n, v in q.items() if v is not None and not (v >= 0 and math.isfinite(v))}
+        if bad:
+            raise ValueError(f"HanPruner: expected {what} >= 0, got {bad}")
+        return q
+
     # ------------------------------------------------------------------ lifecycle
     def prepare(self) -> dict[str, int]:
-        """Record what pruning is measured against; call after dense training, before ``prune()``
-        (``prune()`` calls it if needed). Calling it again re-bases ``C_io`` and dropout ``p`` on
-        the model as it is now.
-
-        Records the kept connections of each sparse layer (``C_io``) and the ``p`` of each
-        dropout module feeding one (found by tracing unless given).
+        """Record what pruning is measured against: each layer's kept connections (``C_io``) and
+        the ``p`` of each dropout module feeding one. The first :meth:`prune` calls it; call it
+        yourself to re-base on the model as it is now.
 
         Returns:
             ``{layer name: C_io}``.
@@ -160,52 +134,58 @@ class HanPruner:
                 raise KeyError(f"HanPruner: expected a dropout module named {d!r}, found none")
             if layer not in self.layers:
                 raise KeyError(
-                    f"HanPruner: dropout {d!r} feeds {layer!r}; expected one of the sparse layers "
-                    f"{list(self.layers)}"
+                    f"HanPruner: dropout {d!r} feeds {layer!r}; expected one of the pruned "
+                    f"layers {list(self.layers)}"
                 )
         self.original_dropout = {d: float(modules[d].p) for d in self.dropout_feeds}
         self._prepared = True
         return dict(self.original_connections)
 
-    def _round_quality(self):
-        if self.schedule:
-            return self.schedule[min(self.round, len(self.schedule) - 1)]
-        return self.quality
-
-    @torch.no_grad()
     def prune(
         self,
-        quality: float | dict[str, float] | None = None,
-        density: float | dict[str, float] | None = None,
+        sparsity: float | dict | None = None,
+        closure: Closure | None = None,
+        *,
+        quality: float | dict | None = None,
     ) -> dict[str, float]:
-        """One pruning round: every covered sparse layer gets
-        ``mask &= |w| > quality_layer * std(surviving w)`` through ``set_mask`` (pruned weights
-        and their optimizer state zeroed, survivors untouched); then the dropout modules are
-        adjusted.
+        """One round of Han pruning (see the class docstring for where the target comes from).
 
         Args:
-            quality: override this round's quality (number or dict as in the constructor).
-            density: instead of a quality, a target kept fraction per layer (number or dict);
-                the quality that reaches it is computed per layer (:func:`quality_for_density`).
+            sparsity: target pruned fraction, a number or per layer.
+            closure: unused (Han's rule needs no gradient); accepted for the common signature.
+            quality: prune by Han's rule at this quality instead of a sparsity target.
 
         Returns:
-            ``{layer name: kept fraction of its weights}`` after this round, for every sparse
-            layer.
+            ``{layer name: kept fraction}`` after the round.
         """
-        if quality is not None and density is not None:
-            raise ValueError("HanPruner.prune: expected quality or density, got both")
+        if quality is not None and sparsity is not None:
+            raise ValueError("HanPruner.prune: expected sparsity or quality, got both")
         if not self._prepared:
             self.prepare()
-        if density is not None:
-            dens = resolve_per_layer(self.layers, density, "HanPruner.prune: density")
-            qualities = {
-                n: None if dens[n] is None else quality_for_density(m.weight, m.mask, dens[n])
-                for n, m in self.layers.items()
-            }
-        else:
-            q = quality if quality is not None else self._round_quality()
-            qualities = resolve_per_layer(self.layers, q, "HanPruner.prune: quality")
-        # All masks first, then install: a failure leaves the model as it was.
+        if quality is None and sparsity is None and self.schedule is None:
+            if self.sparsity is None:
+                quality = self.quality
+            if quality is None and self.sparsity is None:
+                raise ValueError(
+                    "HanPruner.prune: expected a target (sparsity, quality or a schedule), got none"
+                )
+        if quality is not None:
+            q = self._check_quality(quality, "prune(quality)")
+            self._apply(self._masks_for_quality(q), quality=quality)
+            return self.kept_fractions()
+        return super().prune(sparsity, closure)
+
+    @torch.no_grad()
+    def compute_masks(self, sparsity, closure: Closure | None = None) -> dict[str, torch.Tensor]:
+        """Per layer, the quality that keeps ``1 - sparsity`` of its weights, then Han's rule."""
+        per = self._per_layer(sparsity)
+        q = {
+            n: None if per[n] is None else quality_for_density(m.weight, m.mask, 1.0 - per[n])
+            for n, m in self.layers.items()
+        }
+        return self._masks_for_quality(q)
+
+    def _masks_for_quality(self, qualities: dict[str, float | None]) -> dict[str, torch.Tensor]:
         masks = {}
         for n, m in self.layers.items():
             if qualities[n] is None:
@@ -215,25 +195,13 @@ class HanPruner:
                 floor = math.ceil(self.min_density * m.mask.numel())
                 mask = keep_at_least(m.weight, m.mask, mask, floor)
             masks[n] = mask
-        for n, mask in masks.items():
-            set_mask(self.layers[n], mask, self.optimizer)
+        return masks
+
+    def _after_masks(self, changed: bool) -> None:
         if self.dropout and self.dropout_feeds:
             apply_dropout_adjustment(
                 self.model, self.dropout_feeds, self.original_dropout, self.original_connections
             )
-        kept = self.kept_fractions()
-        self.history.append(kept)
-        self.round += 1
-        return kept
-
-    def regularization_loss(self) -> torch.Tensor:
-        """The L1/L2 penalty (constructor's ``regularization`` and ``reg_strength``) over the
-        weights of the sparse layers that are not frozen; add it to the task loss. A 0-d tensor.
-        """
-        trainable = [m for m in self.layers.values() if m.weight.requires_grad]
-        if not trainable:
-            return next(iter(self.layers.values())).weight.new_zeros(())
-        return regularization_loss(trainable, self.regularization, self.reg_strength)
 
     def freeze(self, kind: str) -> list[str]:
         """Freeze every conv (``kind="conv"``) or every FC (``kind="fc"``) layer of the model,
@@ -273,65 +241,45 @@ class HanPruner:
         self.frozen_kind = None
 
     @torch.no_grad()
-    def step(self) -> None:
-        """Per-optimizer-step hook: counts steps; with ``enforce_masks`` re-zeroes pruned weights.
-        Optional: with set_mask and the masked kernels, pruned weights stay zero on their own."""
-        self.steps += 1
-        if self.enforce_masks:
-            for m in self.layers.values():
-                m.weight.masked_fill_(~m.mask, 0)
-
-    @torch.no_grad()
     def finalize(self) -> dict:
-        """End of pruning: unfreeze everything, check that every pruned weight is exactly zero
-        (zeroing any stray one) and return a summary.
-
-        Returns:
-            ``{"rounds": int, "kept": {layer: fraction}, "connections": {layer: kept count},
-            "original_connections": {layer: count}, "total_kept": fraction of all sparse-layer
-            weights, "compression": original / kept connections, "dropout": {name: p}}``.
-        """
+        """Unfreeze everything and summarise (:meth:`BasePruner.finalize`), adding
+        ``"original_connections"``, ``"compression"`` (original / kept connections) and
+        ``"dropout"`` (``{name: p}``)."""
         self.unfreeze()
-        for m in self.layers.values():
-            m.weight.masked_fill_(~m.mask, 0)
-        conn = {n: int(m.mask.count_nonzero()) for n, m in self.layers.items()}
-        total = sum(m.mask.numel() for m in self.layers.values())
-        orig = self.original_connections or {n: m.mask.numel() for n, m in self.layers.items()}
-        kept_total = sum(conn.values())
+        out = super().finalize()
+        orig = self.original_connections or dict(out["weights"])
+        kept = sum(out["connections"].values())
+        modules = dict(self.model.named_modules())
+        out["original_connections"] = dict(orig)
+        out["compression"] = sum(orig.values()) / kept if kept else math.inf
+        out["dropout"] = {d: float(modules[d].p) for d in (self.dropout_feeds or {})}
+        return out
+
+    # ------------------------------------------------------------------ resume
+    def _config(self) -> dict:
+        return {
+            "quality": self.quality,
+            "dropout": self.dropout,
+            "dropout_feeds": self.dropout_feeds if self._given_feeds else None,
+            "min_density": self.min_density,
+        }
+
+    def _extra_state(self) -> dict:
         modules = dict(self.model.named_modules())
         return {
-            "rounds": self.round,
-            "kept": self.kept_fractions(),
-            "connections": conn,
-            "original_connections": dict(orig),
-            "total_kept": kept_total / total,
-            "compression": sum(orig.values()) / kept_total if kept_total else math.inf,
-            "dropout": {d: float(modules[d].p) for d in (self.dropout_feeds or {})},
-        }
-
-    # ------------------------------------------------------------------ helpers
-    def kept_fractions(self) -> dict[str, float]:
-        """``{layer name: mask.sum() / mask.numel()}`` now."""
-        return {n: int(m.mask.count_nonzero()) / m.mask.numel() for n, m in self.layers.items()}
-
-    def state_dict(self) -> dict:
-        """The pruner's own state (the masks live in the model's state dict), to resume a run."""
-        return {
-            "round": self.round,
-            "steps": self.steps,
-            "history": [dict(h) for h in self.history],
             "original_connections": dict(self.original_connections),
             "original_dropout": dict(self.original_dropout),
-            "dropout_feeds": dict(self.dropout_feeds or {}),
+            "found_dropout_feeds": dict(self.dropout_feeds or {}),
             "prepared": self._prepared,
+            # the dropout p the rule set (not in the model's state dict: p is no tensor)
+            "dropout_p": {d: float(modules[d].p) for d in (self.dropout_feeds or {})},
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self.round = int(state["round"])
-        self.steps = int(state["steps"])
-        self.history = [dict(h) for h in state["history"]]
+    def _load_extra_state(self, state: dict) -> None:
         self.original_connections = dict(state["original_connections"])
         self.original_dropout = dict(state["original_dropout"])
-        self.dropout_feeds = dict(state["dropout_feeds"])
+        self.dropout_feeds = dict(state["found_dropout_feeds"])
         self._prepared = bool(state["prepared"])
+        modules = dict(self.model.named_modules())
+        for d, p in state.get("dropout_p", {}).items():
+            modules[d].p = p

@@ -19,7 +19,7 @@ import copy
 import torch
 from torch import nn
 
-from sparsekern.pruning._common import MaskPruner
+from sparsekern.pruning.base import BasePruner, Closure
 
 __all__ = [
     "NMPruner",
@@ -84,49 +84,61 @@ def check_nm(mask: torch.Tensor, n: int = 2, m: int = 4) -> bool:
     return ok
 
 
-class NMPruner(MaskPruner):
-    """N:M magnitude pruning behind the lifecycle API.
+class NMPruner(BasePruner):
+    """N:M magnitude pruning: N of every M consecutive weights along the input dimension.
 
     Lifecycle::
 
-        pruner = NMPruner(model, n=2, m=4, optimizer=opt)      # every sparse layer
+        pruner = NMPruner(model, opt, n=2, m=4)                # every sparse layer
         ... train dense: opt.step(); pruner.step()
         kept = pruner.prune()                                  # one shot: 2 of every 4 kept
         ... fine-tune: opt.step(); pruner.step()               # the pattern stays fixed
-        fast = export_semi_structured(model)                   # 2:4 Linear -> sparse tensor cores
+        fast, report = export_semi_structured(model)           # 2:4 Linear -> sparse tensor cores
+
+    The target sparsity is the pattern's, ``1 - n / m`` (a ragged last group keeps
+    ``min(n, r)``, so a layer whose input size is not a multiple of ``m`` lands slightly
+    above). ``prune(sparsity)`` accepts only that value.
 
     Args:
-        model: a model with sparse layers.
+        model, optimizer, layers, regularization, reg_strength: see :class:`BasePruner`.
         n, m: keep N of every M (``1 <= n <= m``).
-        optimizer: its state is zeroed at pruned entries.
-        layers: restrict to these sparse-layer names (default: all).
     """
-
-    name = "nm"
 
     def __init__(
         self,
         model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
         n: int = 2,
         m: int = 4,
-        optimizer: torch.optim.Optimizer | None = None,
         layers=None,
+        regularization: str = "none",
+        reg_strength: float = 0.0,
     ) -> None:
-        super().__init__(model, optimizer, layers)
         _check_nm(n, m, "NMPruner")
+        super().__init__(
+            model,
+            optimizer,
+            sparsity=1.0 - n / m,
+            layers=layers,
+            regularization=regularization,
+            reg_strength=reg_strength,
+        )
         self.n, self.m = n, m
 
     @torch.no_grad()
-    def prune(self) -> dict[str, float]:
-        """Install the N:M mask of each layer's current weights (by magnitude, computed on the
-        weights regardless of the old mask: a weight pruned before can be kept, at zero). Returns
-        ``{layer: kept fraction}``."""
-        self._install({n: nm_mask(mod.weight, self.n, self.m) for n, mod in self.layers.items()})
-        return self._record(n=self.n, m=self.m)
+    def compute_masks(self, sparsity: float, closure: Closure | None = None) -> dict:
+        """The N:M mask of each layer's current weights (by magnitude, regardless of the old
+        mask: a weight pruned before can be kept, at zero)."""
+        if abs(sparsity - self.sparsity) > 1e-12:
+            raise ValueError(
+                f"NMPruner.prune: expected the sparsity of {self.n}:{self.m}, "
+                f"{self.sparsity:.4g}, got {sparsity}"
+            )
+        return {n: nm_mask(mod.weight, self.n, self.m) for n, mod in self.layers.items()}
 
-    def step(self) -> None:
-        """Per-optimizer-step hook: counts steps (the pattern is fixed after :meth:`prune`)."""
-        self.steps += 1
+    def _config(self) -> dict:
+        return {"n": self.n, "m": self.m}
 
 
 class SemiStructuredUnsupported(RuntimeError):

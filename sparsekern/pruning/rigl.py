@@ -15,18 +15,18 @@ forward + backward per 100 steps.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from sparsekern.pruning._common import (
-    MaskPruner,
     allocate_counts,
     check_fraction,
     dense_weight_grads,
     topk_mask,
 )
+from sparsekern.pruning.base import BasePruner, Closure
+from sparsekern.pruning.schedules import CosineDecay
 
 __all__ = ["RigLPruner", "erk_densities", "layer_densities", "DISTRIBUTIONS"]
 
@@ -73,48 +73,45 @@ def erk_densities(layers: dict[str, nn.Module], density: float) -> dict[str, flo
     return layer_densities(layers, density, "erk")
 
 
-class RigLPruner(MaskPruner):
-    """RigL behind the lifecycle API.
+class RigLPruner(BasePruner):
+    """RigL: sparse from step 0 at a fixed sparsity; every ``delta`` steps before ``t_end``,
+    drop the smallest-|w| active weights and grow as many where the dense gradient is largest.
 
     Lifecycle::
 
         model = sparsify(MyNet())
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        pruner = RigLPruner(model, density=0.1, optimizer=opt, total_steps=len(loader) * epochs)
-        # sparse from here on: random masks at the ERK densities are installed
+        pruner = RigLPruner(model, opt, sparsity=0.9, total_steps=len(loader) * epochs)
+        pruner.prune()                      # random masks at the ERK densities: sparse from here
         for x, y in loader:
-            loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(); loss.backward(); opt.step()
-            pruner.step(lambda: F.cross_entropy(model(x), y))   # called only on update steps
+            closure = lambda: F.cross_entropy(model(x), y)
+            loss = closure(); opt.zero_grad(); loss.backward(); opt.step()
+            pruner.step(closure)            # on update steps: one extra forward + backward
 
     Args:
-        model: a model with sparse layers (masks all True: RigL draws its own initial masks).
-        density: overall kept fraction (``1 - sparsity``), fixed through training.
-        optimizer: the optimizer training the model; its state is zeroed at dropped and grown
-            entries.
-        total_steps: the number of optimizer steps of the whole training (T).
+        model, optimizer, layers, regularization, reg_strength: see :class:`BasePruner`.
+        sparsity: overall pruned fraction, fixed through training.
+        total_steps: optimizer steps of the whole training (T); sets ``t_end``'s default.
         delta: dT, steps between mask updates (paper: 100).
         alpha: initial drop fraction (paper: 0.3).
         t_end: last update step; default ``0.75 * total_steps`` (paper).
         distribution: ``"erk"`` (default) or ``"uniform"`` layer densities.
-        init: ``"random"`` (paper: uniformly random initial masks) or ``"magnitude"`` (the
-            largest |w| of each layer).
+        init: ``"random"`` (paper: uniformly random initial masks) or ``"magnitude"``.
         generator: ``torch.Generator`` for the random masks (default: the global RNG).
-        layers: restrict to these sparse-layer names (default: all).
 
     Attributes:
-        densities: ``{layer: density}``. last_update: ``{"step", "fraction", "moved": {layer:
-        count}}`` of the latest update.
+        update_schedule: the :class:`~sparsekern.pruning.schedules.CosineDecay` of the drop
+            fraction. densities: ``{layer: kept fraction}`` of the initial masks.
+        last_update: ``{"step", "fraction", "moved": {layer: count}}`` of the latest update.
     """
-
-    name = "rigl"
 
     def __init__(
         self,
         model: nn.Module,
-        density: float,
         optimizer: torch.optim.Optimizer | None = None,
-        total_steps: int = 0,
+        *,
+        sparsity: float,
+        total_steps: int | None = None,
         delta: int = 100,
         alpha: float = 0.3,
         t_end: int | None = None,
@@ -122,44 +119,58 @@ class RigLPruner(MaskPruner):
         init: str = "random",
         generator: torch.Generator | None = None,
         layers=None,
+        regularization: str = "none",
+        reg_strength: float = 0.0,
     ) -> None:
-        super().__init__(model, optimizer, layers)
-        if total_steps < 1 and t_end is None:
+        super().__init__(
+            model,
+            optimizer,
+            sparsity=sparsity,
+            layers=layers,
+            regularization=regularization,
+            reg_strength=reg_strength,
+        )
+        if t_end is None and (total_steps is None or total_steps < 1):
             raise ValueError(f"RigLPruner: expected total_steps >= 1 (or t_end), got {total_steps}")
-        if delta < 1:
-            raise ValueError(f"RigLPruner: expected delta >= 1, got {delta}")
+        if isinstance(delta, bool) or not isinstance(delta, int) or delta < 1:
+            raise ValueError(f"RigLPruner: expected delta an integer >= 1, got {delta!r}")
         check_fraction(alpha, "RigLPruner", "alpha")
         if init not in ("random", "magnitude"):
             raise ValueError(f"RigLPruner: expected init 'random' or 'magnitude', got {init!r}")
-        self.density_target = check_fraction(density, "RigLPruner", "density")
-        self.delta, self.alpha = delta, alpha
-        self.t_end = int(0.75 * total_steps) if t_end is None else int(t_end)
-        self.distribution = distribution
-        self.densities = layer_densities(self.layers, self.density_target, distribution)
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(
+                f"RigLPruner: expected distribution in {DISTRIBUTIONS}, got {distribution!r}"
+            )
+        t_end = int(0.75 * total_steps) if t_end is None else int(t_end)
+        self.update_schedule = CosineDecay(alpha, end=t_end, every=delta)
+        self.delta, self.alpha, self.t_end = delta, float(alpha), t_end
+        self.distribution, self.init = distribution, init
+        self.generator = generator
+        self.densities: dict[str, float] = {}
         self.last_update: dict = {}
+
+    def compute_masks(self, sparsity: float, closure: Closure | None = None) -> dict:
+        """The initial masks: each layer keeps ``round(density_l * numel)`` entries, at the
+        densities of :func:`layer_densities`, chosen at random (``init="random"``) or by |w|."""
+        self.densities = layer_densities(self.layers, 1.0 - sparsity, self.distribution)
         masks = {}
         with torch.no_grad():
             for n, m in self.layers.items():
                 k = round(self.densities[n] * m.weight.numel())
-                if init == "random":
-                    score = torch.rand(m.weight.shape, generator=generator)
+                if self.init == "random":
+                    score = torch.rand(m.weight.shape, generator=self.generator)
                 else:
                     score = m.weight.detach().abs().double().cpu()
                 masks[n] = topk_mask(score, k).to(m.mask.device)
-        self._install(masks)
-        self._record(event="init")
+        return masks
 
     def drop_fraction(self, step: int) -> float:
-        """``alpha (1 + cos(pi t / T_end)) / 2``: the cosine-decayed update fraction at ``step``
-        (0 from ``T_end`` on)."""
-        if step >= self.t_end or self.t_end <= 0:
-            return 0.0
-        return self.alpha * (1.0 + math.cos(math.pi * step / self.t_end)) / 2.0
+        """``alpha (1 + cos(pi t / T_end)) / 2`` at ``step`` (0 from ``T_end`` on)."""
+        return self.update_schedule(step)
 
     def is_update_step(self, step: int | None = None) -> bool:
         """Whether ``step`` (default: the step :meth:`step` is about to count) updates masks."""
-        t = self.steps + 1 if step is None else step
-        return t % self.delta == 0 and t < self.t_end
+        return self.update_schedule.is_update(self.steps + 1 if step is None else step)
 
     @torch.no_grad()
     def update(self, grads: dict[str, torch.Tensor], fraction: float) -> dict[str, int]:
@@ -194,34 +205,51 @@ class RigLPruner(MaskPruner):
             # grow: the k largest |grad| among the entries inactive after the drop (-1 < 0 <= |g|;
             # |g| compared in the gradient's own dtype, exact)
             grow_score = grads[n].detach().abs().masked_fill(after_drop, -1.0)
-            grown = topk_mask(grow_score, k)
-            masks[n] = after_drop | grown
-        self._install(masks)
+            masks[n] = after_drop | topk_mask(grow_score, k)
+        self._apply(masks, event="update", fraction=fraction, moved=sum(moved.values()))
         return moved
 
-    def step(self, closure: Callable[[], torch.Tensor] | None = None) -> bool:
-        """Per-optimizer-step hook. Counts the step; on an update step (every ``delta`` steps
-        before ``t_end``) computes the dense gradient with ``closure`` (no arguments; runs the
-        model on the current batch and returns the loss) and updates the masks.
+    def step(self, closure: Closure | None = None) -> bool:
+        """Count the step; on an update step (every ``delta`` steps before ``t_end``) compute
+        the dense gradient with ``closure`` and drop/grow.
 
         Returns:
-            True if the masks were updated.
+            True if a mask changed.
 
         Raises:
+            RuntimeError: ``step()`` before :meth:`prune` (RigL trains sparse from step 0).
             ValueError: an update step without a closure.
         """
+        if self.rounds == 0:
+            raise RuntimeError(
+                "RigLPruner.step: expected prune() before training (RigL trains sparse from "
+                "step 0), got step() first"
+            )
         self.steps += 1
         t = self.steps
-        if not (t % self.delta == 0 and t < self.t_end):
+        if not self.update_schedule.is_update(t):
             return False
         if closure is None:
             raise ValueError(
                 f"RigLPruner.step: step {t} updates the masks and needs the dense gradient; "
                 "expected a closure returning the loss on the current batch, got None"
             )
-        fraction = self.drop_fraction(t)
-        grads = dense_weight_grads(self.layers, closure)
-        moved = self.update(grads, fraction)
+        fraction = self.update_schedule(t)
+        before = {n: m.mask.clone() for n, m in self.layers.items()}
+        moved = self.update(dense_weight_grads(self.layers, closure), fraction)
         self.last_update = {"step": t, "fraction": fraction, "moved": moved}
-        self.history.append({"step": t, "fraction": fraction, "moved": sum(moved.values())})
-        return True
+        return any(not torch.equal(before[n], m.mask) for n, m in self.layers.items())
+
+    def _config(self) -> dict:
+        return {
+            "update_schedule": self.update_schedule.state_dict(),
+            "distribution": self.distribution,
+            "init": self.init,
+        }
+
+    def _extra_state(self) -> dict:
+        return {"densities": dict(self.densities), "last_update": dict(self.last_update)}
+
+    def _load_extra_state(self, state: dict) -> None:
+        self.densities = dict(state["densities"])
+        self.last_update = dict(state["last_update"])

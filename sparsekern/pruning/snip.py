@@ -10,7 +10,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from sparsekern.pruning._common import MaskPruner, check_fraction, dense_weight_grads, topk_mask
+from sparsekern.pruning._common import check_fraction, dense_weight_grads, topk_mask
+from sparsekern.pruning.base import BasePruner, Closure
 
 __all__ = ["SNIPPruner", "snip_masks", "snip_scores"]
 
@@ -65,51 +66,61 @@ def snip_masks(scores: dict[str, torch.Tensor], density: float) -> dict[str, tor
     return out
 
 
-class SNIPPruner(MaskPruner):
-    """SNIP behind the lifecycle API: one-shot masks at initialisation.
+class SNIPPruner(BasePruner):
+    """SNIP: one-shot masks at initialisation from the connection sensitivity ``|g * w|``.
 
     Lifecycle::
 
         model = sparsify(MyNet())                           # dense: masks all True
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        pruner = SNIPPruner(model, sparsity=0.98, optimizer=opt)
-        batches = [next(iter(loader))]                      # one batch (SNIP) or a few
-        kept = pruner.prune(lambda b: F.cross_entropy(model(b[0]), b[1]), batches)
+        pruner = SNIPPruner(model, opt, sparsity=0.98)
+        x, y = next(iter(loader))                           # one batch (SNIP) or a few
+        kept = pruner.prune(closure=lambda: F.cross_entropy(model(x), y))
         ... train the sparse net normally: opt.step(); pruner.step()
 
-    Args:
-        model: a model with sparse layers, at initialisation.
-        sparsity: target pruned fraction of all the sparse layers' weights together.
-        optimizer: its state is zeroed at pruned entries.
-        layers: restrict to these sparse-layer names (default: all).
-    """
+    For several batches, let the closure average their losses (the gradient of the mean loss is
+    the mean of the gradients).
 
-    name = "snip"
+    Args:
+        model, optimizer, sparsity, layers, regularization, reg_strength: see
+            :class:`BasePruner` (one sparsity for all layers together).
+
+    Attributes:
+        scores: ``{layer: |g * w|}`` of the last :meth:`prune`.
+    """
 
     def __init__(
         self,
         model: nn.Module,
-        sparsity: float,
         optimizer: torch.optim.Optimizer | None = None,
+        *,
+        sparsity: float | None = None,
         layers=None,
+        regularization: str = "none",
+        reg_strength: float = 0.0,
     ) -> None:
-        super().__init__(model, optimizer, layers)
-        self.sparsity = check_fraction(sparsity, "SNIPPruner")
+        super().__init__(
+            model,
+            optimizer,
+            sparsity=sparsity,
+            layers=layers,
+            regularization=regularization,
+            reg_strength=reg_strength,
+        )
         self.scores: dict[str, torch.Tensor] | None = None
 
-    def prune(self, loss_fn: Callable[[object], torch.Tensor], batches: Iterable) -> dict:
-        """Score on ``batches`` (dense gradient), install the global top-``(1 - sparsity)``
-        masks through ``set_mask``; returns ``{layer: kept fraction}``. ``self.scores`` keeps the
-        scores."""
+    def compute_masks(self, sparsity: float, closure: Closure | None = None) -> dict:
+        """Score with the dense gradient of ``closure()`` (train mode), keep the global top
+        ``1 - sparsity``."""
+        if closure is None:
+            raise ValueError(
+                "SNIPPruner.prune: expected a closure returning the loss on a batch (SNIP scores "
+                "|g * w| with its gradient), got None"
+            )
         was = self.model.training
         self.model.train()
         try:
-            self.scores = snip_scores(self.layers, loss_fn, batches)
+            self.scores = snip_scores(self.layers, lambda _: closure(), [None])
         finally:
             self.model.train(was)
-        self._install(snip_masks(self.scores, 1.0 - self.sparsity))
-        return self._record(sparsity=self.sparsity)
-
-    def step(self) -> None:
-        """Per-optimizer-step hook: counts steps (SNIP's masks are fixed after :meth:`prune`)."""
-        self.steps += 1
+        return snip_masks(self.scores, 1.0 - sparsity)

@@ -4,7 +4,6 @@ chosen, the pruner's lifecycle, and the 2:4 semi-structured export (skipped with
 import pytest
 import torch
 import torch.nn.functional as F
-from _nets import TinyNet as Net
 from torch import nn
 
 from sparsekern.nn import sparsify
@@ -16,6 +15,7 @@ from sparsekern.pruning import (
     nm_mask,
     semi_structured_support,
 )
+from tests.helpers import TinyNet as Net
 
 # The plain-PyTorch CPU path (fast); the kernels have their own tests.
 pytestmark = pytest.mark.usefixtures("reference_path")
@@ -67,7 +67,7 @@ def test_check_nm_rejects_other_patterns():
 def test_pruner_lifecycle(device):
     model = sparsify(Net()).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    pruner = NMPruner(model, 2, 4, optimizer=opt)
+    pruner = NMPruner(model, opt, n=2, m=4)
     g = torch.Generator().manual_seed(0)
 
     def train(steps):
@@ -90,6 +90,9 @@ def test_pruner_lifecycle(device):
         assert torch.all(m.weight[~m.mask] == 0)
         assert torch.all(opt.state[m.weight]["momentum_buffer"][~m.mask] == 0)
     assert pruner.finalize()["steps"] == 5
+    assert pruner.sparsity == 0.5
+    with pytest.raises(ValueError, match="expected the sparsity of 2:4"):
+        pruner.prune(0.9)
 
 
 def test_export_without_gpu_says_why():
@@ -97,7 +100,7 @@ def test_export_without_gpu_says_why():
     if ok:
         pytest.skip(f"a GPU that runs 2:4 is present ({reason}); see test_export_on_gpu")
     model = sparsify(nn.Sequential(nn.Linear(128, 64)))
-    NMPruner(model, 2, 4).prune()
+    NMPruner(model, n=2, m=4).prune()
     with pytest.raises(SemiStructuredUnsupported, match="skipped: "):
         export_semi_structured(model)
 
@@ -108,7 +111,7 @@ def test_export_on_gpu():
     if not ok:
         pytest.skip(f"2:4 export not supported here: {reason}")
     model = sparsify(nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))).cuda()
-    NMPruner(model, 2, 4).prune()
+    NMPruner(model, n=2, m=4).prune()
     fast, report = export_semi_structured(model.eval())
     assert report["0"] == "2:4 semi-structured"
     assert report["2"] != "2:4 semi-structured"  # 10 rows: a shape the kernels cannot tile

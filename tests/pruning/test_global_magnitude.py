@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from _nets import TinyNet as Net
 
 from sparsekern.nn import sparsify
 from sparsekern.pruning import GlobalMagnitudePruner, global_magnitude_masks, sparse_layers
+from tests.helpers import TinyNet as Net
 
 # The plain-PyTorch CPU path (fast); the kernels have their own tests.
 pytestmark = pytest.mark.usefixtures("reference_path")
@@ -62,10 +62,10 @@ def test_floor_per_layer(device):
 def test_pruner_lifecycle_zeroes_and_never_regrows(device):
     model = sparsify(Net()).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    pruner = GlobalMagnitudePruner(model, sparsity=0.5, optimizer=opt)
+    pruner = GlobalMagnitudePruner(model, opt, sparsity=0.5)
     _train(model, opt, pruner, 3, device)
     pruner.prune()
-    assert pruner.density() == pytest.approx(round(0.5 * 1124) / 1124)
+    assert 1 - pruner.current_sparsity() == pytest.approx(round(0.5 * 1124) / 1124)
     first = {n: m.mask.clone() for n, m in pruner.layers.items()}
     for m in pruner.layers.values():
         assert torch.all(m.weight[~m.mask] == 0)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from _nets import TinyNet as Net
 
 from sparsekern.nn import set_mask, sparsify
 from sparsekern.pruning import SNIPPruner, snip_masks, snip_scores, sparse_layers
+from tests.helpers import TinyNet as Net
 
 # The plain-PyTorch CPU path (fast); the kernels have their own tests.
 pytestmark = pytest.mark.usefixtures("reference_path")
@@ -49,8 +49,12 @@ def test_scores_are_dense_g_times_w(device):
 def test_picks_largest_scores_globally(device):
     model = sparsify(Net()).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    pruner = SNIPPruner(model, sparsity=0.9, optimizer=opt)
-    kept = pruner.prune(lambda b: F.cross_entropy(model(b[0]), b[1]), _batches(1, device))
+    pruner = SNIPPruner(model, opt, sparsity=0.9)
+    ((xb, yb),) = _batches(1, device)
+    with pytest.raises(ValueError, match="expected a closure"):
+        pruner.prune()
+    assert all(bool(m.mask.all()) for m in pruner.layers.values())  # untouched on error
+    kept = pruner.prune(closure=lambda: F.cross_entropy(model(xb), yb))
     assert set(kept) == {"conv", "fc1", "fc2"}
     total = sum(m.weight.numel() for m in pruner.layers.values())
     assert int(sum(m.mask.sum() for m in pruner.layers.values())) == round(0.1 * total)

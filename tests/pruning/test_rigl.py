@@ -7,12 +7,12 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
-from _nets import TinyNet
 from torch import nn
 
 from sparsekern.nn import sparsify
 from sparsekern.pruning import RigLPruner, erk_densities, layer_densities, sparse_layers
 from sparsekern.pruning._common import allocate_counts, dense_weight_grads
+from tests.helpers import TinyNet
 
 # The plain-PyTorch CPU path (fast); the kernels have their own tests.
 pytestmark = pytest.mark.usefixtures("reference_path")
@@ -83,8 +83,12 @@ def test_nnz_constant_and_grown_at_zero(device, optim):
         if optim == "sgd"
         else torch.optim.Adam(params, lr=1e-2)
     )
-    pruner = RigLPruner(model, density=0.2, optimizer=opt, total_steps=40, delta=3,
+    pruner = RigLPruner(model, opt, sparsity=0.8, total_steps=40, delta=3,
                         generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert all(bool(m.mask.all()) for m in pruner.layers.values())  # construction: no change
+    with pytest.raises(RuntimeError, match="prune"):
+        pruner.step()
+    pruner.prune()  # sparse from step 0
     counts = {n: int(m.mask.sum()) for n, m in pruner.layers.items()}
     assert sum(counts.values()) == round(0.2 * (36 + 2048 + 128))
     g = torch.Generator().manual_seed(2)
@@ -120,7 +124,7 @@ def test_nnz_constant_and_grown_at_zero(device, optim):
 def test_grow_picks_largest_dense_gradient():
     model = sparsify(nn.Sequential(nn.Linear(6, 2)))
     layer = model[0]
-    pruner = RigLPruner(model, density=0.5, total_steps=100, init="magnitude")
+    pruner = RigLPruner(model, sparsity=0.5, total_steps=100, init="magnitude")
     with torch.no_grad():
         layer.mask.copy_(torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0]], dtype=torch.bool))
         layer.weight.copy_(torch.tensor([[3.0, 0.1, 2.0, 0, 0, 0], [0.2, 5.0, 4.0, 0, 0, 0]]))
@@ -137,7 +141,7 @@ def test_grow_picks_largest_dense_gradient():
 
 def test_drop_fraction_cosine_and_t_end():
     model = sparsify(Net())
-    pruner = RigLPruner(model, density=0.1, total_steps=1000)
+    pruner = RigLPruner(model, sparsity=0.9, total_steps=1000)
     assert pruner.t_end == 750 and pruner.delta == 100 and pruner.alpha == 0.3  # paper defaults
     assert pruner.drop_fraction(0) == pytest.approx(0.3)
     assert pruner.drop_fraction(375) == pytest.approx(0.15)
@@ -147,7 +151,8 @@ def test_drop_fraction_cosine_and_t_end():
 
 def test_update_step_needs_closure():
     model = sparsify(Net())
-    pruner = RigLPruner(model, density=0.1, total_steps=10, delta=1)
+    pruner = RigLPruner(model, sparsity=0.9, total_steps=10, delta=1)
+    pruner.prune()
     with pytest.raises(ValueError, match="closure"):
         pruner.step()
 
@@ -157,7 +162,8 @@ def test_dense_weight_grads_match_dense_model():
     dense = Net()
     model = sparsify(Net())
     model.load_state_dict(dense.state_dict())
-    pruner = RigLPruner(model, density=0.3, total_steps=10)
+    pruner = RigLPruner(model, sparsity=0.7, total_steps=10)
+    pruner.prune()
     with torch.no_grad():  # the dense twin gets the same (zeroed) weights
         for n, m in pruner.layers.items():
             getattr(dense, n).weight.copy_(m.weight)

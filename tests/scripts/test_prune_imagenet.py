@@ -10,6 +10,7 @@ group) and with --workers 2 was run by hand and also ended bit for bit equal (do
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -20,24 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from tests.helpers import ROOT, SCRIPT_ENV, rejected, run_script
+
 SCRIPT = ROOT / "scripts" / "prune_imagenet.py"
-sys.path.insert(0, str(ROOT / "scripts"))
-ENV = dict(os.environ, TRITON_INTERPRET="0", OMP_NUM_THREADS="1")  # the plain-PyTorch CPU path
 
 
 def run(*args, launcher=(), check=True, timeout=240):
-    proc = subprocess.run(
-        [sys.executable, *launcher, str(SCRIPT), "--no-progress", *map(str, args)],
-        cwd=ROOT,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+    return run_script(SCRIPT, "--no-progress", *args, launcher=launcher, check=check,
+                      timeout=timeout)  # fmt: skip
 
 
 def snapshot(folder: Path) -> dict:
@@ -75,6 +66,7 @@ def test_ddp_two_ranks_cpu(tmp_path, monkeypatch):
 
     s = json.loads((out / "summary.json").read_text())
     assert s["world_size"] == 2 and s["model"] == "alexnet-caffe"
+    assert s["command"].startswith("torchrun --nproc_per_node 2 scripts/prune_imagenet.py")
     assert len(set(s["mask_sha256_per_rank"])) == 1 and len(s["mask_sha256_per_rank"]) == 2
     assert [r["network"] for r in s["table1"]] == [
         "AlexNet (Caffe) Ref (paper)",
@@ -90,7 +82,7 @@ def test_ddp_two_ranks_cpu(tmp_path, monkeypatch):
         assert abs(100 * kept - row["paper_weights_kept_pct"]) <= 100 / row["weights"] + 1e-9
     assert s["layers"][-1]["layer"] == "total"
     kept_total = sum(int(m.sum()) for m in m0.values())
-    assert s["weights_pruned"] == kept_total
+    assert s["weights_kept"] == kept_total
     assert s["compression_weights"] == pytest.approx(s["weights_dense"] / kept_total)
     assert 8.5 < s["compression_weights"] < 10  # AlexNet at Han's rates: 9x
     assert [len(r["epochs"]) for r in s["rounds"]] == [2, 2]
@@ -134,7 +126,7 @@ def test_kill9_mid_round_then_resume_equals_uninterrupted(tmp_path, uninterrupte
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), "--no-progress", *map(str, cfg), "--step-sleep", "0.2"],
         cwd=ROOT,
-        env=ENV,
+        env=SCRIPT_ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
@@ -162,7 +154,7 @@ def test_kill9_mid_round_then_resume_equals_uninterrupted(tmp_path, uninterrupte
     b = json.loads((out / "summary.json").read_text())
     assert len(b["commands"]) == 2 and "--resume" in b["commands"][1]
     assert b["state_sha256"] == a["state_sha256"]  # weights, masks, biases bit for bit
-    for k in ("table1", "dense", "pruned", "kept_pct", "weights_pruned", "sensitivity"):
+    for k in ("table1", "dense", "pruned", "kept_pct", "weights_kept", "sensitivity"):
         assert b[k] == a[k], k
     strip = lambda rounds: [  # noqa: E731
         {k: v for k, v in r.items() if k != "prune_seconds"} for r in rounds
@@ -170,53 +162,58 @@ def test_kill9_mid_round_then_resume_equals_uninterrupted(tmp_path, uninterrupte
     assert strip(b["rounds"]) == strip(a["rounds"])  # every epoch's loss and errors
 
 
-def test_rejects_other_model_and_truncated_checkpoint(tmp_path, uninterrupted, monkeypatch):
-    """In-process (main(argv)): each case fails before the first write, in well under a second."""
-    import prune_imagenet
-
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+def test_rejects_foreign_truncated_or_changed_checkpoints_writing_nothing(tmp_path, uninterrupted):
+    """Each case fails before the first write, in well under a second (one interpreter)."""
     tiny = ["--synthetic", "--tiny", "--no-progress"]
     good = (uninterrupted / "ckpt.pt").read_bytes()
-
-    # a checkpoint of another model, resumed: rejected, nothing written
-    other = tmp_path / "other"
-    other.mkdir()
-    (other / "ckpt.pt").write_bytes(good)
-    before = snapshot(other)
-    with pytest.raises(
-        SystemExit, match=r"'model_name': 'alexnet'.*expected \{'model_name': 'vgg16'"
-    ):
-        prune_imagenet.main(["--model", "vgg16", *tiny, "--out", str(other), "--resume"])
-    assert snapshot(other) == before
-
-    # a truncated checkpoint (a copy cut short), resumed: rejected, nothing written
-    cut = tmp_path / "cut"
-    cut.mkdir()
-    (cut / "ckpt.pt").write_bytes(good[: len(good) // 2])
-    before = snapshot(cut)
-    with pytest.raises(SystemExit, match=r"cannot read it \(truncated or corrupted\?\)"):
-        prune_imagenet.main(["--model", "alexnet", *tiny, "--out", str(cut), "--resume"])
-    assert snapshot(cut) == before
-
-    # the same through --start: rejected before the output folder is even created
-    fresh = tmp_path / "fresh"
-    for ckpt, model, msg in (
-        (cut / "ckpt.pt", "alexnet", "truncated or corrupted"),
-        (other / "ckpt.pt", "alexnet-caffe", "is a checkpoint of"),
-    ):
-        with pytest.raises(SystemExit, match=msg):
-            prune_imagenet.main(
-                ["--model", model, *tiny, "--out", str(fresh), "--start", str(ckpt)]
-            )
-        assert not fresh.exists()
-
-    # a fresh run into a folder holding a checkpoint: refused, not overwritten
-    keep = tmp_path / "keep"
+    other, cut, keep, fresh = (tmp_path / n for n in ("other", "cut", "keep", "fresh"))
+    for d, data in ((other, good), (cut, good[: len(good) // 2])):
+        d.mkdir()
+        (d / "ckpt.pt").write_bytes(data)
     shutil.copytree(uninterrupted, keep, ignore=shutil.ignore_patterns("synthetic"))
-    before = snapshot(keep)
-    with pytest.raises(SystemExit, match="add --resume"):
-        prune_imagenet.main(["--model", "alexnet", *tiny, "--out", str(keep)])
-    assert snapshot(keep) == before
+    before = {d: snapshot(d) for d in (other, cut, keep)}
+    cases = {  # argv -> what the message must say
+        ("--model", "vgg16", "--out", other, "--resume"):
+            r"'model_name': 'alexnet'.*expected \{'model_name': 'vgg16'",
+        ("--model", "alexnet", "--out", cut, "--resume"): r"cannot read it \(truncated or",
+        ("--model", "alexnet", "--out", fresh, "--start", cut / "ckpt.pt"): "truncated or",
+        ("--model", "alexnet-caffe", "--out", fresh, "--start", other / "ckpt.pt"):
+            "is a checkpoint of",
+        ("--model", "alexnet", "--out", keep): "add --resume",
+        ("--model", "alexnet", "--out", keep, "--resume", "--lr", "0.05"):
+            "--lr: saved 0.02, now 0.05",
+    }  # fmt: skip
+    argvs = [[*tiny, *map(str, argv)] for argv in cases]
+    results = rejected(SCRIPT, [[*tiny, "--help"], *argvs])[1:]
+    for (argv, msg), (code, err, seconds) in zip(cases.items(), results):
+        assert code != 0 and "Traceback" not in err, (argv, err[-800:])
+        assert re.search(msg, err), (argv, msg, err[-800:])
+        assert seconds < 2.0, (argv, seconds)
+    for d, snap in before.items():
+        assert snapshot(d) == snap, d  # nothing overwritten
+    assert not fresh.exists()
+
+
+BAD = [  # each must end in argparse's usage error (exit 2) before anything runs
+    ["--synthetic", "--epochs", "-1"], ["--synthetic", "--batch-size", "0"],
+    ["--synthetic", "--lr", "0"], ["--synthetic", "--rounds", "-2"], ["--synthetic", "--res",
+    "32"], ["--synthetic", "--width", "0"], ["--synthetic", "--classes", "1"],
+    ["--synthetic", "--sparsity", "1.5"], ["--synthetic", "--sparsity", "fc9=0.5"],
+    ["--synthetic", "--quality", "-1"], ["--synthetic", "--targets", "sens", "--sens-images",
+    "0"], ["--synthetic", "--targets", "paper", "--quality", "1"], ["--synthetic", "--block-size",
+    "8"], ["--data", "/nonexistent"], [], ["--synthetic", "--data", "/tmp"],
+    ["--synthetic", "--weights", "/nonexistent.pth"], ["--synthetic", "--resume", "--start", "x"],
+    ["--synthetic", "--epochs", "0"], ["--synthetic", "--max-drop", "0"],
+]  # fmt: skip
+
+
+def test_bad_command_lines_are_rejected(tmp_path):
+    cases = [["--model", "alexnet", "--tiny", "--out", str(tmp_path / "o"), *c] for c in BAD]
+    results = rejected(SCRIPT, [["--help"], *cases])[1:]
+    for argv, (code, err, seconds) in zip(BAD, results):
+        assert code == 2 and "error:" in err and "Traceback" not in err, (argv, err[-500:])
+        assert seconds < 2.0, (argv, seconds)
+    assert not (tmp_path / "o").exists()
 
 
 def test_start_from_checkpoint_prunes_further(tmp_path, uninterrupted):
@@ -242,21 +239,3 @@ def test_start_from_checkpoint_prunes_further(tmp_path, uninterrupted):
     )  # the reference is the model it started from
     events = [json.loads(x)["event"] for x in (out / "log.jsonl").read_text().splitlines()]
     assert "dense_epoch" not in events and "sensitivity" not in events
-
-
-def test_mask_mismatch_across_ranks_fails_loudly(monkeypatch):
-    import prune_imagenet
-
-    from models import build_imagenet_model
-
-    model = build_imagenet_model("alexnet", num_classes=4, width=1 / 16)
-    assert prune_imagenet.check_masks_identical(model, "here") == [
-        prune_imagenet.mask_digest(model)
-    ]
-    # what rank 1 would report if its masks differed in one entry
-    other = build_imagenet_model("alexnet", num_classes=4, width=1 / 16)
-    other.classifier[6].mask[0, 0] = False
-    fake = [prune_imagenet.mask_digest(model), prune_imagenet.mask_digest(other)]
-    monkeypatch.setattr(prune_imagenet, "gather_objects", lambda obj: fake)
-    with pytest.raises(RuntimeError, match="masks differ across ranks after pruning round 1"):
-        prune_imagenet.check_masks_identical(model, "after pruning round 1")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekern.nn import sparsify
-from sparsekern.pruning import HanPruner, density_schedule
+from sparsekern.pruning import Geometric, HanPruner
 
 
 class Net(nn.Module):
@@ -55,11 +55,12 @@ def test_prepare_and_one_round():
     model = _net()
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     _train(model, opt)
-    pruner = HanPruner(model, quality={"conv": 0.3, "fc": 1.0}, optimizer=opt)
+    pruner = HanPruner(model, opt, quality={"conv": 0.3, "fc": 1.0})
     assert pruner.prepare() == {"conv": 27, "fc1": 576, "fc2": 48}
     before = {n: m.weight.detach().clone() for n, m in pruner.layers.items()}
     kept = pruner.prune()
-    assert pruner.round == 1 and pruner.history == [kept]
+    assert pruner.rounds == 1 and pruner.history[0]["kept"] == kept
+    assert pruner.history[0]["quality"] == {"conv": 0.3, "fc": 1.0}
     for n, m in pruner.layers.items():
         assert kept[n] == m.mask.sum().item() / m.mask.numel()
         # survivors are never re-initialised; pruned weights and their momentum are zero
@@ -70,16 +71,16 @@ def test_prepare_and_one_round():
     assert pruner.original_connections == {"conv": 27, "fc1": 576, "fc2": 48}
 
 
-def test_iterative_schedule_is_monotone_and_retraining_keeps_zeros():
+def test_iterative_quality_rounds_are_monotone_and_retraining_keeps_zeros():
     model = _net()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     _train(model, opt)
-    pruner = HanPruner(model, optimizer=opt, schedule=[0.3, 0.5, 0.5, 0.8])
+    pruner = HanPruner(model, opt, quality=0.5)
     pruner.prepare()
     masks = _masks(model)
     totals = []
-    for _ in range(5):  # one more round than the schedule: the last entry repeats
-        pruner.prune()
+    for q in [0.3, 0.5, 0.5, 0.8, 0.8]:
+        pruner.prune(quality=q)  # a constant quality still prunes further: the std grows
         new = _masks(model)
         for n in new:
             assert not (new[n] & ~masks[n]).any(), "a pruned weight came back"
@@ -89,25 +90,36 @@ def test_iterative_schedule_is_monotone_and_retraining_keeps_zeros():
             assert (m.weight[~m.mask] == 0).all()
             assert (opt.state[m.weight]["exp_avg"][~m.mask] == 0).all()
         totals.append(sum(int(m.sum()) for m in masks.values()))
-    assert all(a >= b for a, b in zip(totals, totals[1:]))
-    assert totals[-1] < totals[0]
+    assert all(a > b for a, b in zip(totals, totals[1:]))
 
 
-def test_density_targets_and_schedule():
-    sched = density_schedule(0.08, 3)
-    assert len(sched) == 3 and sched[-1] == pytest.approx(0.08)
-    assert sched[0] == pytest.approx(0.08 ** (1 / 3))
-    assert all(a > b for a, b in zip(sched, sched[1:]))
-    per = density_schedule({"fc": 0.1, "conv": 0.5}, 2)
-    assert per[1] == pytest.approx({"fc": 0.1, "conv": 0.5})
+def test_geometric_schedule_reaches_per_layer_targets():
+    sched = Geometric(0.92, 3)  # Han: every round removes the same fraction of what is left
+    assert sched.clock == "round" and [sched.is_update(t) for t in range(5)] == [
+        False, True, True, True, False
+    ]  # fmt: skip
+    kept = [1 - sched(t) for t in (1, 2, 3)]
+    assert kept == pytest.approx([0.08 ** (1 / 3), 0.08 ** (2 / 3), 0.08])
+    assert sched(3) == 0.92 and sched(7) == 0.92  # exactly the target, and stays there
+    per = Geometric({"fc": 0.9, "conv": 0.5}, 2)
+    assert per(2) == {"fc": 0.9, "conv": 0.5}
     model = _net()
-    pruner = HanPruner(model)
-    for d in sched:
-        kept = pruner.prune(density={"fc1": d})
-        assert abs(kept["fc1"] - d) <= 2 / 576
-        assert kept["conv"] == 1.0 and kept["fc2"] == 1.0
+    pruner = HanPruner(model, schedule=Geometric({"fc1": 0.92}, 3))
+    for r in range(3):
+        kept = pruner.prune()  # round r + 1 of the schedule
+        assert abs(kept["fc1"] - 0.08 ** ((r + 1) / 3)) <= 2 / 576
+        assert kept["conv"] == 1.0 and kept["fc2"] == 1.0  # not covered: left alone
+    assert [h["target"] for h in pruner.history] == [
+        Geometric({"fc1": 0.92}, 3)(t) for t in (1, 2, 3)
+    ]
+    kept = pruner.prune(sparsity={"fc2": 0.5})  # an explicit target overrides the schedule
+    assert abs(kept["fc2"] - 0.5) <= 2 / 48
     with pytest.raises(ValueError, match="both"):
-        pruner.prune(quality=1.0, density=0.5)
+        pruner.prune(quality=1.0, sparsity=0.5)
+    with pytest.raises(ValueError, match="sparsity or schedule"):
+        HanPruner(model, sparsity=0.5, schedule=sched)
+    with pytest.raises(ValueError, match="expected a target"):
+        HanPruner(_net()).prune()
 
 
 def test_min_density_floor():
@@ -170,7 +182,7 @@ def test_freeze_conv_then_fc(opt_name, device):
     else:
         opt = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=1e-3)
     _train(model, opt, dtype=torch.float32, steps=2)  # momentum / moments exist everywhere
-    pruner = HanPruner(model, quality=0.5, optimizer=opt)
+    pruner = HanPruner(model, opt, quality=0.5)
     pruner.prune()
     assert pruner.freeze("conv") == ["conv"]
     conv_w, conv_b = model.conv.weight.detach().clone(), model.conv.bias.detach().clone()
@@ -196,26 +208,43 @@ def test_freeze_conv_then_fc(opt_name, device):
 
 def test_finalize_state_dict_and_errors():
     model = _net()
-    pruner = HanPruner(model, quality=0.7, enforce_masks=True)
+    pruner = HanPruner(model, quality=0.7)
     pruner.prune()
     pruner.freeze("fc")
-    with torch.no_grad():  # a stray write at a pruned entry: step() with enforce_masks fixes it
-        idx = (~model.fc1.mask).nonzero()[0]
-        model.fc1.weight[idx[0], idx[1]] = 1.0
-    pruner.step()
-    assert model.fc1.weight[idx[0], idx[1]] == 0
     summary = pruner.finalize()
-    assert all(p.requires_grad for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())  # finalize unfreezes
     assert summary["rounds"] == 1
     total = sum(summary["original_connections"].values())
     assert summary["total_kept"] == pytest.approx(sum(summary["connections"].values()) / total)
     assert summary["compression"] == pytest.approx(1 / summary["total_kept"])
-    again = HanPruner(model)
-    again.load_state_dict(pruner.state_dict())
-    assert again.round == 1 and again.history == pruner.history
+    state = pruner.state_dict()
+    again = HanPruner(model, quality=0.7)
+    again.load_state_dict(state)
+    assert again.rounds == 1 and again.history == pruner.history
+    assert again.original_connections == pruner.original_connections
+    # a resume with other hyperparameters is refused, naming the difference; nothing changes
+    other = HanPruner(model, quality=0.9)
+    with pytest.raises(ValueError, match=r"quality: saved 0.7, now 0.9"):
+        other.load_state_dict(state)
+    assert other.rounds == 0
+    with pytest.raises(ValueError, match="expected the state of a HanPruner, got a"):
+        other.load_state_dict(dict(state, pruner="RigLPruner"))
     with pytest.raises(KeyError, match="fc9"):
         HanPruner(model, quality={"fc9": 1.0})
     with pytest.raises(KeyError, match="fc9"):
-        HanPruner(model, schedule=[1.0, {"fc9": 1.0}])
+        HanPruner(model, schedule=Geometric({"fc9": 0.5}, 2))
     with pytest.raises(ValueError, match="sparsify"):
         HanPruner(Net())
+
+
+def test_state_dict_restores_the_dropout_rule():
+    model = _net(p=0.5)
+    pruner = HanPruner(model, quality={"fc2": 0.8})
+    pruner.prune()
+    state, masks = pruner.state_dict(), model.state_dict()
+    fresh = _net(p=0.5)  # a resumed run: a new model, p back at 0.5
+    fresh.load_state_dict(masks)
+    again = HanPruner(fresh, quality={"fc2": 0.8})
+    again.load_state_dict(state)
+    assert fresh.drop.p == model.drop.p < 0.5  # the adjusted p, not the constructor's
+    assert again.original_dropout == {"drop": 0.5}

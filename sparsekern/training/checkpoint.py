@@ -1,0 +1,160 @@
+"""Checkpoints: atomic writes, a format tag, validation before anything is touched, exact resume.
+
+* :func:`save_checkpoint` writes ``torch.save`` output to a temporary file in the same folder,
+  flushes it to disk and renames it over the old one (``os.replace`` is atomic on POSIX): a kill
+  at any moment leaves either the previous checkpoint or the new one, never half of one.
+* :func:`load_checkpoint` reads with ``weights_only=True`` (no code runs from the file) and
+  raises :class:`CheckpointError`, naming what was expected and what was found, for a file that
+  is truncated or corrupted, of another format, or of another run (model, width, ...).
+* :func:`resume_differences` lists the settings a resumed command changes; scripts refuse them,
+  because a run resumed with other hyperparameters is reproduced by no single command.
+* :func:`rng_state` / :func:`set_rng_state`: torch (CPU and CUDA) and Python ``random`` state of
+  one process; the scripts gather every rank's (``sparsekern.training.distributed``).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = [
+    "CheckpointError",
+    "load_checkpoint",
+    "load_run_checkpoint",
+    "resume_differences",
+    "rng_state",
+    "save_checkpoint",
+    "set_rng_state",
+    "state_dict_problems",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: the message names expected vs got."""
+
+
+def save_checkpoint(path, state: dict, kind: str) -> Path:
+    """Write ``{"format": kind, **state}`` to ``path`` atomically; returns the path.
+
+    Args:
+        path: the checkpoint file (its folder must exist).
+        state: tensors and plain Python values (what ``torch.load(weights_only=True)`` reads).
+        kind: the format tag, e.g. ``"sparsekern/prune_mnist/2"``.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"format": kind, **state}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed write leaves the previous checkpoint alone
+    return path
+
+
+def load_checkpoint(path, kind: str, expect: dict | None = None) -> dict:
+    """Read and validate a checkpoint written by :func:`save_checkpoint`.
+
+    Args:
+        path: the file.
+        kind: the format tag it must carry.
+        expect: ``{key: value}`` the checkpoint must hold (e.g. the model's name and width).
+
+    Returns:
+        The checkpoint dict (tensors on the CPU).
+
+    Raises:
+        CheckpointError: unreadable, another format, or an ``expect`` mismatch.
+    """
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: cannot read it (truncated or corrupted?): expected a complete checkpoint "
+            f"of format {kind!r}; {type(e).__name__}: {e}"
+        ) from None
+    got = ck.get("format") if isinstance(ck, dict) else type(ck).__name__
+    if got != kind:
+        raise CheckpointError(f"{path}: expected a checkpoint of format {kind!r}, got {got!r}")
+    if expect:
+        have = {k: ck.get(k) for k in expect}
+        if have != expect:
+            raise CheckpointError(
+                f"{path} is a checkpoint of {have}; expected {expect} (another run: choose a "
+                f"fresh --out, or the settings it was made with)"
+            )
+    return ck
+
+
+def state_dict_problems(model: nn.Module, state: dict) -> list[str]:
+    """What keeps ``state`` from loading into ``model`` strictly: missing / unexpected keys and
+    shape mismatches (empty when it fits)."""
+    own = model.state_dict()
+    out = [f"missing {k}" for k in own if k not in state]
+    out += [f"unexpected {k}" for k in state if k not in own]
+    out += [
+        f"{k}: expected shape {list(own[k].shape)}, got {list(v.shape)}"
+        for k, v in state.items()
+        if k in own and tuple(own[k].shape) != tuple(v.shape)
+    ]
+    return out
+
+
+def resume_differences(saved: dict, now: dict, ignore=()) -> list[str]:
+    """``["--epochs: saved 20, now 10", ...]``: the settings (argparse ``vars(args)``) that differ
+    between a checkpoint's run and this command, except the keys in ``ignore`` (those that do
+    not change the result: output folder, progress bar, ...)."""
+    out = []
+    for k in sorted(set(saved) | set(now)):
+        if k in ignore:
+            continue
+        a, b = saved.get(k, "<absent>"), now.get(k, "<absent>")
+        if a != b:
+            out.append(f"--{k.replace('_', '-')}: saved {a!r}, now {b!r}")
+    return out
+
+
+def rng_state(device: torch.device | str | None = None) -> dict:
+    """This process's random state: torch's CPU generator, the current CUDA device's (if
+    ``device`` is CUDA) and Python's ``random``."""
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None,
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict, device: torch.device | str | None = None) -> None:
+    """Restore :func:`rng_state`'s output."""
+    torch.set_rng_state(state["torch"])
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], dev)
+    if state.get("python") is not None:
+        py = state["python"]
+        random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def load_run_checkpoint(
+    path, kind: str, model: nn.Module, expect: dict, args: dict | None = None, ignore=()
+) -> dict:
+    """:func:`load_checkpoint`, then check that its state dict fits ``model`` and, for a
+    resume (``args`` given: this command's ``vars(args)``), that it was made with the same
+    settings except ``ignore``. Raises :class:`CheckpointError` naming every difference;
+    nothing is loaded or written."""
+    ck = load_checkpoint(path, kind, expect)
+    if problems := state_dict_problems(model, ck["model"]):
+        raise CheckpointError(f"{path}: its state dict does not fit the model: {problems[:5]}")
+    if args is not None and (diffs := resume_differences(ck["args"], args, ignore)):
+        raise CheckpointError(
+            f"{path} was made with other settings: {'; '.join(diffs)}. Expected the same (a "
+            "resumed run must be one run): use them, or start a fresh run in another folder"
+        )
+    return ck

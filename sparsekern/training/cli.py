@@ -1,0 +1,91 @@
+"""argparse helpers: every value checked when the command line is parsed, so a bad one stops the
+run with argparse's usual message (``error: argument --epochs: expected an integer >= 1, got
+0``) before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+__all__ = ["fraction", "nm_pattern", "number", "per_layer", "unknown_layer_keys"]
+
+
+def number(kind=int, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False):
+    """An argparse ``type=``: ``kind`` (int or float) within ``[lo, hi]`` (``lo_open`` /
+    ``hi_open``: the bound itself excluded); floats must be finite."""
+    what = "an integer" if kind is int else "a number"
+    bounds = []
+    if lo is not None:
+        bounds.append(f"{'>' if lo_open else '>='} {lo:g}")
+    if hi is not None:
+        bounds.append(f"{'<' if hi_open else '<='} {hi:g}")
+    want = what + (" " + " and ".join(bounds) if bounds else "")
+
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}") from None
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text!r}")
+        if lo is not None and (v < lo or (lo_open and v == lo)):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text}")
+        if hi is not None and (v > hi or (hi_open and v == hi)):
+            raise argparse.ArgumentTypeError(f"expected {want}, got {text}")
+        return v
+
+    parse.__name__ = want  # argparse names the type in some messages
+    return parse
+
+
+def fraction(lo_open: bool = False, hi_open: bool = False):
+    """A float in [0, 1] (ends excluded as asked)."""
+    return number(float, 0.0, 1.0, lo_open, hi_open)
+
+
+def per_layer(value_type, what: str = "value"):
+    """``'0.5'`` -> 0.5, ``'fc1=0.5,conv=0.3'`` -> ``{'fc1': 0.5, 'conv': 0.3}``, each value
+    checked by ``value_type`` (an argparse type); layer names are checked against the model later
+    (:func:`unknown_layer_keys`)."""
+
+    def parse(text: str):
+        if "=" not in text:
+            return value_type(text)
+        out = {}
+        for item in text.split(","):
+            key, sep, val = item.partition("=")
+            key = key.strip()
+            if not sep or not key:
+                raise argparse.ArgumentTypeError(
+                    f"expected '{what}' or 'layer={what},layer={what},...', got {text!r}"
+                )
+            if key in out:
+                raise argparse.ArgumentTypeError(f"layer {key!r} given twice in {text!r}")
+            try:
+                out[key] = value_type(val.strip())
+            except argparse.ArgumentTypeError as e:
+                raise argparse.ArgumentTypeError(f"{key}: {e}") from None
+        return out
+
+    return parse
+
+
+def nm_pattern(text: str) -> tuple[int, int]:
+    """``'2:4'`` -> ``(2, 4)``, with integers ``1 <= N <= M``."""
+    n, sep, m = text.partition(":")
+    try:
+        pair = (int(n), int(m)) if sep else None
+    except ValueError:
+        pair = None
+    if pair is None or not 1 <= pair[0] <= pair[1]:
+        raise argparse.ArgumentTypeError(f"expected N:M with integers 1 <= N <= M, got {text!r}")
+    return pair
+
+
+def unknown_layer_keys(spec, layers, extra=("conv", "fc", "*")) -> list[str]:
+    """The keys of a per-layer ``spec`` (from :func:`per_layer`) that name no layer of
+    ``layers`` (names), no kind and not ``"*"``; ``[]`` for a plain number."""
+    if not isinstance(spec, dict):
+        return []
+    allowed = set(layers) | set(extra)
+    return [k for k in spec if k not in allowed]
