@@ -383,7 +383,19 @@ def _read(path: str | os.PathLike) -> OrderedDict:
         )
     payload = memoryview(body)[_PREAMBLE.size + hlen :]
     tensors: dict[str, object] = {}
-    for meta in header["layers"]:
+    need = ("name", "dtype", "entries", "values", "indices", "bits", "shape", "not_fillers")
+    for meta in header.get("layers", []):
+        if not isinstance(meta, dict) or any(k not in meta for k in need):
+            got = sorted(meta) if isinstance(meta, dict) else type(meta).__name__
+            raise _fail(
+                path, f"corrupted header: expected layer entries with {list(need)}, got {got}"
+            )
+        if meta["dtype"] not in _DTYPES:
+            raise _fail(
+                path,
+                f"layer {meta['name']!r}: expected a dtype among {sorted(_DTYPES)}, found "
+                f"{meta['dtype']!r}",
+            )
         dtype = _DTYPES[meta["dtype"]]
         n = meta["entries"]
         v_off, v_len = meta["values"]

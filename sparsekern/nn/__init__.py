@@ -1,29 +1,41 @@
-"""Sparse modules (``SparseLinear``, ``SparseConv2d``), ``sparsify``, the mask invariant, and
-block-sparse inference (``BlockSparseLinear``, ``to_inference``)."""
+"""Sparse modules (``SparseLinear``, ``SparseConv2d``, ``SparseMultiheadAttention``,
+``SparseConv1D``), ``sparsify``, the mask invariant (``set_mask``, ``check_masks``), and
+inference export (``to_inference``)."""
 
 from sparsekern.nn.inference import BlockSparseConv2d, BlockSparseLinear, to_inference
 from sparsekern.nn.masks import (
     apply_masks,
     check_masks,
+    mask_every_gradient,
     mask_problems,
     set_mask,
+    sync_optimizer,
     zero_optimizer_state,
 )
+from sparsekern.nn.sparse_attention import ParameterMask, SparseConv1D, SparseMultiheadAttention
 from sparsekern.nn.sparse_conv2d import SparseConv2d
 from sparsekern.nn.sparse_linear import SparseLinear
-from sparsekern.nn.sparsify import sparse_modules, sparsify
+from sparsekern.nn.sparsify import HF_CONV1D, Coverage, coverage, sparse_modules, sparsify
 
 __all__ = [
+    "HF_CONV1D",
     "BlockSparseConv2d",
     "BlockSparseLinear",
+    "Coverage",
+    "ParameterMask",
+    "SparseConv1D",
     "SparseConv2d",
     "SparseLinear",
+    "SparseMultiheadAttention",
     "apply_masks",
     "check_masks",
+    "coverage",
+    "mask_every_gradient",
     "mask_problems",
     "set_mask",
     "sparse_modules",
     "sparsify",
+    "sync_optimizer",
     "to_inference",
     "zero_optimizer_state",
 ]

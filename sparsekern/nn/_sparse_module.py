@@ -23,7 +23,11 @@ import torch
 from torch import nn
 
 from sparsekern.formats.block_sparse import block_size_pair
-from sparsekern.nn.masks import note_mask_synced
+from sparsekern.nn.masks import (
+    ensure_every_gradient_hook,
+    note_mask_synced,
+    register_weight_user,
+)
 from sparsekern.nn.masks import set_mask as install_mask
 
 
@@ -57,6 +61,8 @@ class SparseModuleMixin:
         mask = self._buffers["mask"]
         if torch.compiler.is_compiling():  # version counters are not traceable; eager mode guards
             return mask
+        if "_mask_every_gradient" in self.__dict__:
+            ensure_every_gradient_hook(self)
         synced = self.__dict__.get("_mask_synced")
         if synced is None or synced[0] is not mask or synced[1] != mask._version:
             with torch.no_grad():
@@ -110,6 +116,14 @@ class SparseModuleMixin:
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
         key = prefix + "mask"
+        orig, pmask = prefix + "weight_orig", prefix + "weight_mask"
+        if orig in state_dict and pmask in state_dict and (prefix + "weight") not in state_dict:
+            # A torch.nn.utils.prune checkpoint: weight = weight_orig * weight_mask, the mask its
+            # own (as sparsify does for a module pruned that way)
+            state_dict = dict(state_dict)
+            m = state_dict.pop(pmask)
+            state_dict[prefix + "weight"] = state_dict.pop(orig) * m
+            state_dict[key] = m != 0
         has_mask = key in state_dict
         dense_weight = not has_mask and (prefix + "weight") in state_dict
         if has_mask and isinstance(state_dict[key], torch.Tensor):
@@ -131,6 +145,8 @@ class SparseModuleMixin:
         elif has_mask:
             with torch.no_grad():
                 self.weight.masked_fill_(~self.mask, 0)
+                if self.weight.grad is not None:  # a live model: stale grads must not revive
+                    self.weight.grad.masked_fill_(~self.mask, 0)
         note_mask_synced(self)
 
 
@@ -173,6 +189,7 @@ def adopt_parameters(
     else:
         sparse.mask = torch.ones_like(dense.weight, dtype=torch.bool)
     sparse.train(dense.training)
+    register_weight_user(sparse)
     if mask is not None:
         sparse.set_mask(mask)
     return sparse

@@ -15,6 +15,7 @@ exactly 0 on every step, without re-applying the mask.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -25,9 +26,12 @@ from sparsekern.ops._mask_cache import drop_cache, stale_tags
 __all__ = [
     "apply_masks",
     "check_masks",
+    "mask_every_gradient",
     "mask_problems",
     "note_mask_synced",
+    "register_weight_user",
     "set_mask",
+    "sync_optimizer",
     "zero_optimizer_state",
 ]
 
@@ -104,11 +108,51 @@ def zero_optimizer_state(
     return sorted(zeroed)
 
 
+# id(weight Parameter) -> (weak ref to the weight, weak set of the sparse modules holding it): who
+# else a set_mask would change weights for.
+_WEIGHT_USERS: dict[int, tuple[weakref.ref, weakref.WeakSet]] = {}
+
+
+def register_weight_user(module: nn.Module) -> None:
+    """Record that sparse ``module`` holds its weight Parameter (``from_dense`` calls this), so
+    that ``set_mask`` can see another sparse module holding the same one."""
+    w = module.weight
+    key = id(w)
+    entry = _WEIGHT_USERS.get(key)
+    if entry is None or entry[0]() is not w:
+        entry = (weakref.ref(w, lambda _r, k=key: _WEIGHT_USERS.pop(k, None)), weakref.WeakSet())
+        _WEIGHT_USERS[key] = entry
+    entry[1].add(module)
+
+
+def _other_users(module: nn.Module) -> list[nn.Module]:
+    entry = _WEIGHT_USERS.get(id(module.weight))
+    if entry is None or entry[0]() is not module.weight:
+        return []
+    return [
+        m
+        for m in entry[1]
+        if m is not module
+        and getattr(m, "weight", None) is module.weight
+        and m._buffers.get("mask") is not module._buffers.get("mask")
+    ]
+
+
 @torch.no_grad()
 def _apply_checked(
     module: nn.Module, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None
 ) -> None:
     """set_mask's body, for a ``mask`` already validated against ``module``."""
+    others = _other_users(module)
+    if others:
+        # Two masks over one weight: zeroing this one's pruned entries would silently change the
+        # other layer's weights. One mask per Parameter (sparsify shares the buffer).
+        raise ValueError(
+            f"set_mask: expected a weight with one mask, got a weight also held by "
+            f"{len(others)} other sparse module(s) with a mask of their own "
+            f"({[type(m).__name__ for m in others]}); give them the same mask tensor "
+            "(other.mask = module.mask, as sparsify does for shared weights)"
+        )
     weight = module.weight
     new = mask.clone()  # independent of the caller's tensor (which may even alias module.mask)
     pruned = ~new
@@ -252,3 +296,57 @@ def check_masks(model: nn.Module) -> list[str]:
     grads not exactly zero, stale mask caches); empty when it holds. See :func:`mask_problems`
     for the details and a repair."""
     return list(mask_problems(model))
+
+
+class _MaskEveryGradient:
+    """A leaf-tensor hook: the weight's whole gradient (every path summed, before it is
+    accumulated) zeroed where its sparse module's mask is False."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor:
+        mask = self.module._buffers["mask"]
+        return torch.where(mask, grad, torch.zeros((), dtype=grad.dtype, device=grad.device))
+
+
+def _has_hook(module: nn.Module) -> bool:
+    hooks = getattr(module.weight, "_backward_hooks", None) or {}
+    return any(isinstance(h, _MaskEveryGradient) and h.module is module for h in hooks.values())
+
+
+def mask_every_gradient(module: nn.Module) -> None:
+    """Mask the gradient of ``module``'s weight on every path, not only through ``module``'s own
+    forward: for a weight that other modules also read (tied embedding and LM head). A hook on
+    the weight Parameter zeroes its summed gradient where the mask is False, before it reaches
+    ``.grad`` (and what DDP all-reduces). The module remembers it: after ``deepcopy`` or pickling
+    (which drop tensor hooks) the next forward registers it again."""
+    _check_sparse_module(module, "mask_every_gradient")
+    module.__dict__["_mask_every_gradient"] = True
+    if not _has_hook(module):
+        module.weight.register_hook(_MaskEveryGradient(module))
+
+
+def ensure_every_gradient_hook(module: nn.Module) -> None:
+    """Re-register :func:`mask_every_gradient`'s hook if the module asked for it and its weight
+    lost it (a copy, an unpickled module, a new Parameter)."""
+    wanted = module.__dict__.get("_mask_every_gradient") and module.weight.requires_grad
+    if wanted and not _has_hook(module):
+        module.weight.register_hook(_MaskEveryGradient(module))
+
+
+@torch.no_grad()
+def sync_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """Zero the optimizer state (momentum, Adam moments, ...) and the ``.grad`` of every sparse
+    module's weight where its mask is False: the one call after loading a checkpoint into a live
+    model and optimizer (``load_state_dict`` zeroes the pruned weights, but optimizer state is
+    not reachable from a module, and stale momentum would move pruned weights off zero at the
+    next ``step``). Returns the names of the sparse modules it touched."""
+    done = []
+    for name, module in _masked_modules(model):
+        pruned = ~module._buffers["mask"]
+        if module.weight.grad is not None:
+            module.weight.grad.masked_fill_(pruned, 0)
+        zero_optimizer_state(optimizer, module.weight, pruned)
+        done.append(name)
+    return done

@@ -19,6 +19,7 @@ def sparse_layers(model: nn.Module, names: Iterable[str] | None = None) -> dict[
         for n, m in model.named_modules()
         if is_sparse_module(m) or isinstance(m._buffers.get("mask"), torch.Tensor)
     }
+    _refuse_weights_read_by_parents(model, found)
     if names is None:
         return found
     names = list(names)
@@ -26,6 +27,28 @@ def sparse_layers(model: nn.Module, names: Iterable[str] | None = None) -> dict[
     if unknown:
         raise KeyError(f"expected names of sparse layers {list(found)}, got unknown {unknown}")
     return {n: found[n] for n in names}
+
+
+def _refuse_weights_read_by_parents(model: nn.Module, found: dict[str, nn.Module]) -> None:
+    """Raise for a sparse layer whose weight its parent reads directly, bypassing the layer's
+    forward (so its mask is honoured neither in forward nor in backward): a SparseLinear put by
+    hand as a plain ``nn.MultiheadAttention``'s ``out_proj``. ``SparseMultiheadAttention``
+    (what ``sparsify`` makes) applies the masks itself."""
+    from sparsekern.nn.sparse_attention import SparseMultiheadAttention
+
+    for parent_name, parent in model.named_modules():
+        if isinstance(parent, nn.MultiheadAttention) and not isinstance(
+            parent, SparseMultiheadAttention
+        ):
+            child = parent._modules.get("out_proj")
+            if child is not None and any(child is m for m in found.values()):
+                name = f"{parent_name}.out_proj".lstrip(".")
+                raise ValueError(
+                    f"sparse layer {name!r} is read directly by its parent, a plain "
+                    "nn.MultiheadAttention (its forward uses out_proj.weight, not out_proj's "
+                    "forward): its mask would be ignored. Expected a SparseMultiheadAttention "
+                    "there: run sparsekern.sparsify(model) on the attention instead"
+                )
 
 
 def require_sparse_layers(model: nn.Module, who: str) -> dict[str, nn.Module]:

@@ -5,7 +5,13 @@ import torch
 import torchvision
 from torch import nn
 
-from sparsekern.nn import SparseConv2d, SparseLinear, sparse_modules, sparsify
+from sparsekern.nn import (
+    SparseConv2d,
+    SparseLinear,
+    SparseMultiheadAttention,
+    sparse_modules,
+    sparsify,
+)
 
 
 @pytest.fixture
@@ -54,13 +60,20 @@ def test_sparsify_toy_model_in_place():
     assert isinstance(model.blocks[1][0], SparseLinear)
     assert isinstance(model.heads["a"], SparseLinear)
     assert model.blocks[0] is model.blocks[2]  # shared stays shared
-    assert type(model.attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+    assert isinstance(model.attn, SparseMultiheadAttention)  # in_proj and out_proj masked
     assert all(a is b for a, b in zip(model.parameters(), params, strict=True))  # same Parameters
     assert not any(m.training for m in model.modules())
     torch.testing.assert_close(model(img, vec), expected)
 
     names = [name for name, _ in sparse_modules(model)]
-    assert names == ["features.0", "blocks.0", "blocks.1.0", "heads.a"]
+    assert names == [
+        "features.0",
+        "blocks.0",
+        "blocks.1.0",
+        "heads.a",
+        "attn.out_proj",
+        "attn.in_proj",
+    ]
 
 
 def test_sparsify_selected_layers_and_idempotence():
@@ -86,7 +99,9 @@ def test_sparsify_root_module_returns_sparse_version():
 
 
 def test_sparsify_rejects_unsupported_layers():
-    with pytest.raises(TypeError, match=r"among \(nn.Linear, nn.Conv2d\), got Conv1d"):
+    with pytest.raises(
+        TypeError, match=r"nn.MultiheadAttention, 'transformers.Conv1D'\), got Conv1d"
+    ):
         sparsify(Toy(), layers=(nn.Linear, nn.Conv1d))
     with pytest.raises(TypeError, match=r"got 'Linear'"):
         sparsify(Toy(), layers=("Linear",))
