@@ -47,6 +47,7 @@ format: venv
 # interleaved in one process, medians of per-repeat ratios; JSON under benchmarks/results/.
 bench: venv
 	$(VPY) benchmarks/bench_cpu_layers.py --out $(RESULTS)
+	$(VPY) benchmarks/bench_inference.py --out $(RESULTS)
 
 # The static performance contract, without a GPU: every kernel compiled for sm_90 and sm_80 as the
 # JIT specialises it at its benchmark shape (registers, spills, shared memory, wgmma, overlap).

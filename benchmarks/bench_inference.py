@@ -18,7 +18,8 @@ torch's own CSR / BSR on the same weights. Columns:
   ``torch_bsr``: ``torch.sparse.mm(W.to_sparse_bsr(32x32), x.T).T``.
 
 The machine is shared: the 1-minute load average is recorded at the start and end of each case
-(time only below ~0.8). Nothing here asserts a time. JSON: ``benchmarks/results/``.
+(time only below ~0.8; ``--wait-load 0.8`` waits for that before each case). Nothing here
+asserts a time. JSON: ``benchmarks/results/``.
 """
 
 from __future__ import annotations
@@ -58,6 +59,19 @@ GPU_BATCHES = (1, 2, 4, 8, 16, 32, 64)
 
 def load1() -> float | None:
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+WAIT_LOAD: float | None = None  # --wait-load: before each case, wait for a quieter machine
+
+
+def wait_quiet(max_s: float = 900.0) -> None:
+    """With ``--wait-load X``: sleep until the 1-minute load average is below X (at most
+    ``max_s``), so that a case is not timed while other jobs hold the cores."""
+    if WAIT_LOAD is None or load1() is None:
+        return
+    t0 = time.time()
+    while load1() >= WAIT_LOAD and time.time() - t0 < max_s:
+        time.sleep(15)
 
 
 def _commit() -> str | None:
@@ -116,6 +130,7 @@ def cpu_targets(quick: bool) -> list[dict]:
     for name, fin, fout, d, targets in LINEAR_TARGETS:
         layer = _pruned_linear(fin, fout, d)
         dense = to_inference(layer, "dense")
+        wait_quiet()
         t0 = time.perf_counter()
         export = to_inference(layer, batch_sizes=tuple(targets))
         export_s = time.perf_counter() - t0
@@ -123,6 +138,7 @@ def cpu_targets(quick: bool) -> list[dict]:
         others = _torch_formats(layer)
         for b, target in targets.items():
             x = torch.randn(b, fin)
+            wait_quiet()
             fns = {"dense": partial(dense, x), "export": partial(export, x)}
             fns |= {k: partial(f, x) for k, f in others.items()}
             before = load1()
@@ -161,11 +177,13 @@ def cpu_convs(quick: bool) -> list[dict]:
         set_mask(conv, torch.rand(conv.weight.shape) < d)
         conv.eval()
         x1 = torch.randn(1, cin, hw, hw)
+        wait_quiet()
         dense = to_inference(conv, "dense")
         csr = to_inference(conv, "csr")
         export = to_inference(conv, example_input=x1, batch_sizes=batches)
         for b in batches:
             x = torch.randn(b, cin, hw, hw)
+            wait_quiet()
             fns = {"dense": partial(dense, x), "export": partial(export, x), "csr": partial(csr, x)}
             before = load1()
             with torch.no_grad():
@@ -198,6 +216,7 @@ def cpu_lenets(quick: bool) -> list[dict]:
             print(f"{name}: {path} missing, skipped")
             continue
         model = load_compressed(path, build_model(name)).eval()
+        wait_quiet()
         rep = inference_report(
             model, torch.randn(1, 1, 28, 28), batch_sizes=(1, 64),
             repeats=11 if quick else 31, budget_s=2.0 if quick else 6.0,
@@ -220,6 +239,7 @@ def cpu_crossover(quick: bool) -> list[dict]:
             dense, csr = to_inference(layer, "dense"), to_inference(layer, "csr")
             for b in (1, 64):
                 x = torch.randn(b, fin)
+                wait_quiet()
                 with torch.no_grad():
                     fns = {"dense": partial(dense, x), "csr": partial(csr, x)}
                     res = _time_row(fns, torch.device("cpu"), repeats, budget)
@@ -282,8 +302,11 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu", action="store_true", help="the GPU benchmark")
     ap.add_argument("--smoke", action="store_true", help="with --gpu: a CPU dry run (interpreter)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--wait-load", type=float, help="wait for a 1-min load average below this")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = ap.parse_args(argv)
+    global WAIT_LOAD
+    WAIT_LOAD = args.wait_load
     if args.gpu and args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     elif not args.gpu:

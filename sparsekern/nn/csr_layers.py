@@ -24,7 +24,7 @@ from torch import nn
 from sparsekern.formats.csr import CSRFormatError, CSRMatrix
 from sparsekern.nn.sparse_conv2d import symmetric_zero_padding
 from sparsekern.ops._dispatch import use_kernels
-from sparsekern.ops.csr_linear import csr_linear, csr_linear_vendor
+from sparsekern.ops.csr_linear import csr_linear, torch_csr_product
 
 __all__ = ["CSRConv2d", "CSRLinear", "DenseFallback", "check_dense_above", "plain_cpu_call"]
 
@@ -36,15 +36,18 @@ def plain_cpu_call(x: torch.Tensor, *params: torch.Tensor | None) -> bool:
     sparse product directly: a float32/float64 CPU tensor of the parameters' dtype, no gradient
     wanted, no autocast, no interpreter, not under torch.compile. That saves ~20 us a call, as
     much as a whole batch-1 LeNet layer takes."""
-    if x.device.type != "cpu" or x.dtype not in _MKL_DTYPES or torch.compiler.is_compiling():
+    if not x.is_cpu or x.dtype not in _MKL_DTYPES:
         return False
     if torch.is_grad_enabled() and (
         x.requires_grad or any(p is not None and p.requires_grad for p in params)
     ):
         return False
-    if any(p is not None and p.dtype != x.dtype for p in params):
+    for p in params:
+        if p is not None and p.dtype != x.dtype:
+            return False
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
         return False
-    return not torch.is_autocast_enabled("cpu") and not use_kernels(x)
+    return not use_kernels(x)
 
 
 def check_dense_above(value) -> int | None:
@@ -88,6 +91,7 @@ class DenseFallback:
     def __getstate__(self):
         state = self.__dict__.copy()
         state.pop("_dense_cache", None)  # derived; rebuilt on first use
+        state.pop("_csr_cache", None)
         state["_matrix"] = None
         return state
 
@@ -135,6 +139,23 @@ class _CSRLayer(DenseFallback, nn.Module):
             )
             self.__dict__["_matrix"] = m
         return m
+
+    def _torch_csr(self) -> torch.Tensor:
+        """torch's ``sparse_csr`` of the stored entries (int32 indices: an int32 copy of
+        ``col_idx``, 4 bytes per entry), cached until a tensor is replaced or changed in place
+        (object and version checks: ~1 us, the CPU fast path runs it on every call)."""
+        v, rp, ci = self._parameters["values"], self._buffers["row_ptr"], self._buffers["col_idx"]
+        hit = self.__dict__.get("_csr_cache")
+        if (
+            hit is not None
+            and hit[0] is v and hit[1] == v._version
+            and hit[2] is rp and hit[3] == rp._version
+            and hit[4] is ci and hit[5] == ci._version
+        ):  # fmt: skip
+            return hit[6]
+        t = CSRMatrix(v, rp, ci, self._matrix_shape, _validate=False).to_sparse_csr()
+        self.__dict__["_csr_cache"] = (v, v._version, rp, rp._version, ci, ci._version, t)
+        return t
 
     @property
     def nnz(self) -> int:
@@ -258,14 +279,14 @@ class CSRLinear(_CSRLayer):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         """``[..., in_features] -> [..., out_features]``."""
-        k = self.in_features
-        if self._above(input.numel() // max(k, 1)):
-            return F.linear(input, self._dense_weight(), self.bias)
-        if plain_cpu_call(input, self.values, self.bias) and input.shape[-1] == k:
-            y = csr_linear_vendor(
-                input.reshape(-1, k), self.values, self.row_ptr, self.col_idx, self.bias,
-                self.out_features, k,
-            )  # fmt: skip
+        k, params = self.in_features, self._parameters
+        bias = params["bias"]
+        if self.dense_above is not None and input.numel() // max(k, 1) > self.dense_above:
+            return F.linear(input, self._dense_weight(), bias)
+        if input.shape[-1] == k and plain_cpu_call(input, params["values"], bias):
+            if input.dim() == 2:
+                return torch_csr_product(self._torch_csr(), input, bias)
+            y = torch_csr_product(self._torch_csr(), input.reshape(-1, k), bias)
             return y.reshape(*input.shape[:-1], self.out_features)
         return csr_linear(input, self.weight, self.bias)
 
@@ -306,10 +327,11 @@ class CSRConv2d(_CSRLayer):
     """A groups=1 ``Conv2d`` whose weight is the :class:`CSRMatrix` of its GEMM view
     ``[C_out, C_in*kH*kW]`` (``weight.reshape(C_out, -1)``: F.unfold's column order).
 
-    ``forward``: ``[N, C_in, H, W]`` (or ``[C_in, H, W]``) -> ``[N, C_out, OH, OW]``: the input
-    unfolded to patches ``[N*OH*OW, C_in*kH*kW]`` (one im2col copy), then ``csr_linear`` on the
-    patches, whose ``[N*OH*OW, C_out]`` result *is* the output in channels_last memory format
-    (returned as such, no copy). Above ``dense_above`` images: ``F.conv2d`` on the dense weight.
+    ``forward``: ``[N, C_in, H, W]`` (or ``[C_in, H, W]``) -> ``[N, C_out, OH, OW]``
+    (contiguous): the input unfolded to patches ``[N*OH*OW, C_in*kH*kW]`` (one im2col copy and
+    one transpose copy), the sparse product on the patches (torch's CSR product on the CPU,
+    ``csr_linear`` elsewhere), then one copy of the output into NCHW order (none at one image).
+    Above ``dense_above`` images: ``F.conv2d`` on the dense weight.
     """
 
     def __init__(
@@ -411,12 +433,15 @@ class CSRConv2d(_CSRLayer):
         patches = F.unfold(x, self.kernel_size, self.dilation, self.padding, self.stride)
         rows = patches.transpose(1, 2).reshape(n * oh * ow, patches.shape[1])
         if plain_cpu_call(rows, self.values, self.bias):
-            y = csr_linear_vendor(
-                rows, self.values, self.row_ptr, self.col_idx, self.bias, *self._matrix_shape
-            )
+            y = torch_csr_product(self._torch_csr(), rows, self.bias)
         else:
-            y = csr_linear(rows, self.weight, self.bias)  # [N*OH*OW, C_out]
-        return y.view(n, oh, ow, self.out_channels).permute(0, 3, 1, 2)
+            y = csr_linear(rows, self.weight, self.bias)
+        c = self.out_channels  # y: [N*OH*OW, C_out], column-major from torch's CSR product
+        if y.t().is_contiguous():  # [C_out, N, OH, OW] in memory
+            out = y.t().view(c, n, oh, ow).permute(1, 0, 2, 3)
+        else:  # row-major: channels_last in memory
+            out = y.reshape(n, oh, ow, c).permute(0, 3, 1, 2)
+        return out.contiguous()
 
     def _extra(self) -> dict:
         return {

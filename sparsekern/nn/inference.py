@@ -80,6 +80,7 @@ __all__ = [
     "LayerChoice",
     "format_choices",
     "format_report",
+    "static_limit",
     "inference_choices",
     "inference_plan",
     "inference_report",
@@ -102,21 +103,34 @@ DEFAULT_MARGIN = 0.9
 BSR_MAX_BLOCK_DENSITY = 0.5
 _MKL_DTYPES = (torch.float32, torch.float64)
 
-# The static rule (``calibrate=False``, and conv layers timed without an example input): the
-# largest kept fraction at which a format is chosen, per (device type, layer kind, format); for
-# BSR the fraction of blocks stored. CPU rows: crossovers measured on the 2-core machine by
-# ``benchmarks/bench_inference.py --crossover`` (fp32, batch 1 and 64; NOTES.md). CUDA rows:
-# expectations from the bytes moved (no GPU measured): CSR reads itemsize + 2 bytes per kept bf16
-# weight against 2 dense, so it can win below ~50% and is taken below 25%; the block kernels
-# skip whole blocks. A format absent here is never chosen by the rule.
+# The static rule (``calibrate=False``, and conv layers timed without an example input): per
+# (device type, layer kind, format), ``(min weights, largest kept fraction)`` rows, the first row
+# whose size the layer reaches applies; for BSR the fraction is of blocks stored. A format absent
+# here is never chosen by the rule. CPU rows: where CSR (MKL) still took <= 0.9 of the dense time
+# at both batch 1 and 64, measured on the 2-core machine (``bench_inference.py --crossover``,
+# fp32, load < 0.7): 4096 x 4096 wins up to 20% kept (1.40x at batch 64; 0.78x at 30%), 784 x 300
+# up to 5% (1.48x; 1.04x at 10%: per-call overhead of ~7 us); CSR conv via unfold never won
+# (0.25-0.99x on LeNet-5 conv2 and a VGG conv5 layer); torch's BSR lost to CSR on block masks too
+# (4096 x 4096, 32x32 blocks: 2.0x vs 2.4x at 10% of blocks, 0.78x vs 0.96x at 25%, batch 64).
+# CUDA rows: expectations from the bytes moved (no GPU measured): CSR reads itemsize + 2 bytes per
+# kept bf16 weight against 2 dense, so it can win below ~50% and is taken below 25%; the block
+# kernels skip whole blocks.
 STATIC_RULE = {
-    ("cpu", "linear", "csr"): 0.25,
-    ("cpu", "conv2d", "csr"): 0.0,
-    ("cpu", "linear", "bsr"): 0.25,
-    ("cuda", "linear", "csr"): 0.25,
-    ("cuda", "linear", "bsr"): 0.5,
-    ("cuda", "conv2d", "bsr"): 0.5,
+    ("cpu", "linear", "csr"): ((1_000_000, 0.2), (0, 0.05)),
+    ("cpu", "linear", "bsr"): ((1_000_000, 0.1),),
+    ("cuda", "linear", "csr"): ((0, 0.25),),
+    ("cuda", "linear", "bsr"): ((0, 0.5),),
+    ("cuda", "conv2d", "bsr"): ((0, 0.5),),
 }
+
+
+def static_limit(device_type: str, kind: str, fmt: str, weights: int) -> float | None:
+    """The largest kept fraction at which :data:`STATIC_RULE` takes ``fmt`` for a layer of
+    ``weights`` weights (None: never)."""
+    for min_weights, limit in STATIC_RULE.get((device_type, kind, fmt), ()):
+        if weights >= min_weights:
+            return limit
+    return None
 
 
 def _bsr_cpu_forward(x: torch.Tensor, layer, bias) -> torch.Tensor:
@@ -645,36 +659,40 @@ def interleaved_times(
     device: torch.device | None = None,
     min_repeats: int = 5,
 ) -> dict[str, tuple[float, float]]:
-    """Time the callables against each other: every repeat runs each (order rotated) for about a
-    millisecond or more, a ratio is taken per repeat against the first callable's time of that
-    repeat, and the medians are returned: ``{name: (median seconds per call, median of
-    first / name)}``. Stops after ``repeats`` repeats or ``budget_s`` seconds (at least
-    ``min_repeats``). CUDA is synchronised around each timed run."""
+    """Time the callables against each other: every repeat runs each of them (order rotated)
+    once untimed, then ``inner`` calls timed (about a millisecond or more, set per callable):
+    steady-state calls, not the cold one that follows another callable's sweep through memory
+    (a 4096 x 4096 CSR layer at 4% kept fits the cache, a dense one does not). A ratio is taken
+    per repeat against the first callable's time of that repeat, and the medians are returned:
+    ``{name: (median seconds per call, median of first / name)}``. Stops after ``repeats``
+    repeats or ``budget_s`` seconds (at least ``min_repeats``). CUDA is synchronised around each
+    timed run."""
     names = list(fns)
     sync = (
         torch.cuda.synchronize if device is not None and device.type == "cuda" else (lambda: None)
     )
-    for f in fns.values():  # warm-up: caches, autotuning, lazy builds
+    inner = {}
+    for n, f in fns.items():  # warm-up (caches, autotuning, lazy builds), then one timed call
         f()
+        sync()
+        t0 = time.perf_counter()
         f()
-    sync()
-    t0 = time.perf_counter()
-    fns[names[0]]()
-    sync()
-    once = max(time.perf_counter() - t0, 1e-6)
-    inner = max(1, min(200, math.ceil(1e-3 / once)))
+        sync()
+        once = max(time.perf_counter() - t0, 1e-6)
+        inner[n] = max(1, min(200, math.ceil(1e-3 / once)))
     times: dict[str, list[float]] = {n: [] for n in names}
     start = time.perf_counter()
     for r in range(max(repeats, min_repeats)):
         order = names[r % len(names) :] + names[: r % len(names)]
         for n in order:
-            f = fns[n]
+            f, k = fns[n], inner[n]
+            f()
             sync()
             t = time.perf_counter()
-            for _ in range(inner):
+            for _ in range(k):
                 f()
             sync()
-            times[n].append((time.perf_counter() - t) / inner)
+            times[n].append((time.perf_counter() - t) / k)
         if r + 1 >= min_repeats and time.perf_counter() - start > budget_s:
             break
     base = times[names[0]]
@@ -744,7 +762,7 @@ def _choose(ratios: dict, batch_sizes, margin: float):
 def _static(m: nn.Module, device_type: str, density: float, block_density, why: str):
     kind = _kind(m)
     for fmt, frac in (("csr", density), ("bsr", block_density)):
-        limit = STATIC_RULE.get((device_type, kind, fmt))
+        limit = static_limit(device_type, kind, fmt, m.weight.numel())
         if frac is None or limit is None or _cannot(m, fmt):
             continue
         if frac <= limit:
@@ -865,6 +883,24 @@ def _input_shapes(model: nn.Module, example_input, names: dict[int, str]) -> dic
     return shapes
 
 
+def _warn_if_loaded(format, calibrate: bool) -> None:
+    """Calibrating on a CPU whose other processes take the cores our threads need times noise:
+    on the 2-core machine at load 2-4, torch's 2-thread MKL calls stall for 8 ms and a
+    9216 x 4096 layer that is 3.8x faster as CSR measured 1.0x. Say so."""
+    auto = format == "auto" or (isinstance(format, dict) and "auto" in format.values())
+    if not (auto and calibrate and hasattr(os, "getloadavg")):
+        return
+    idle = (os.cpu_count() or 1) - os.getloadavg()[0]
+    if idle < torch.get_num_threads() - 0.5:
+        warnings.warn(
+            f"to_inference: calibrating with {torch.get_num_threads()} threads while the 1-minute "
+            f"load average leaves {max(idle, 0):.1f} of {os.cpu_count()} cores idle; the timings "
+            "(and so the choices) may be noise. Export on a quiet machine, or pass "
+            "calibrate=False for the static rule.",
+            stacklevel=3,
+        )
+
+
 def _convertible(m: nn.Module, dense_too: bool, conv: bool) -> bool:
     if isinstance(m, SparseLinear) or (dense_too and type(m) is nn.Linear):
         return True
@@ -957,6 +993,7 @@ def to_inference(
     if not (isinstance(margin, (int, float)) and 0 < margin <= 1):
         raise ValueError(f"margin: expected a number in (0, 1], got {margin!r}")
     fixed_sizes = None if batch_sizes is None else _check_batch_sizes(batch_sizes)
+    _warn_if_loaded(format, calibrate)
 
     target = model if inplace else copy.deepcopy(model)
     # (parent, attribute, name, module) for every convertible layer, outermost first

@@ -294,9 +294,16 @@ def test_choose_rule():
     assert (fmt, above) == ("dense", None)
 
 
+def test_static_limits_follow_the_measured_crossovers():
+    assert inf_mod.static_limit("cpu", "linear", "csr", 4096 * 4096) == 0.2
+    assert inf_mod.static_limit("cpu", "linear", "csr", 784 * 300) == 0.05
+    assert inf_mod.static_limit("cpu", "conv2d", "csr", 10**6) is None  # unfold never won
+    assert inf_mod.static_limit("cuda", "linear", "csr", 10) == 0.25
+
+
 def test_static_rule(device):
     hi = to_inference(_unstructured(0.9, device), calibrate=False)
-    lo = to_inference(_unstructured(0.05, device), calibrate=False)
+    lo = to_inference(_unstructured(0.02, device), calibrate=False)
     assert type(hi[0]) is nn.Linear and inference_choices(hi)["0"].source == "static"
     assert isinstance(lo[0], CSRLinear) and "static rule" in inference_choices(lo)["0"].reason
     if device.type == "cuda":
