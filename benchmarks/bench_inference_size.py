@@ -35,7 +35,7 @@ def main() -> None:
     for d in (1.0, 0.5, 0.25, 0.1, 0.05):
         model = sparsify(nn.Sequential(nn.Linear(n, n)), block_size=args.block)
         prune_blocks_(model, density=d)
-        inf = to_inference(model)
+        inf = to_inference(model, format="bsr")
         x = torch.randn(8, n)
         diff = (inf(x) - model(x)).abs().max().item()
         print(

@@ -10,14 +10,17 @@ only. Block-sparse layers skip pruned blocks in Triton kernels. Public names (se
 * ``sparsekern.ops``: ``masked_linear``, ``masked_conv2d``, ``masked_weight``,
   ``block_sparse_linear``, ``block_masked_linear``, ``block_sparse_conv2d``,
   ``block_masked_conv2d`` (functional, autograd-aware)
-* ``BlockSparseMatrix``: a matrix stored as its kept blocks (``sparsekern.formats.block_sparse``)
+* ``BlockSparseMatrix``: a matrix stored as its kept blocks (``sparsekern.formats.block_sparse``);
+  ``CSRMatrix``: its kept entries, int16 column indices (``sparsekern.formats.csr``)
 * ``sparsekern.nn``: ``SparseLinear`` (``block_size=`` for the block kernels), ``SparseConv2d``,
-  ``sparsify``, ``set_mask``, ``check_masks``, ``BlockSparseLinear`` and ``to_inference``
+  ``sparsify``, ``set_mask``, ``check_masks``, ``BlockSparseLinear`` and ``to_inference`` (per
+  layer the fastest of dense, CSR and BSR on the layer's device)
 * ``sparsekern.pruning``: Han et al.'s magnitude pruning and its lifecycle
 * ``save_compressed`` / ``load_compressed``: Han's relative-index sparse storage
 """
 
 from sparsekern.formats.block_sparse import BlockSparseMatrix
+from sparsekern.formats.csr import CSRMatrix
 from sparsekern.formats.relative_index import load_compressed, save_compressed
 from sparsekern.nn import (
     BlockSparseLinear,
@@ -36,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BlockSparseLinear",
     "BlockSparseMatrix",
+    "CSRMatrix",
     "SparseConv2d",
     "SparseLinear",
     "apply_masks",

@@ -1,8 +1,19 @@
 """Sparse modules (``SparseLinear``, ``SparseConv2d``, ``SparseMultiheadAttention``,
-``SparseConv1D``), ``sparsify``, the mask invariant (``set_mask``, ``check_masks``), and
-inference export (``to_inference``)."""
+``SparseConv1D``), ``sparsify``, the mask invariant (``set_mask``, ``check_masks``), and the
+inference export (``to_inference``: per layer dense, ``CSRLinear`` / ``CSRConv2d`` or
+``BlockSparseLinear`` / ``BlockSparseConv2d``, whichever is fastest on the device)."""
 
-from sparsekern.nn.inference import BlockSparseConv2d, BlockSparseLinear, to_inference
+from sparsekern.nn.csr_layers import CSRConv2d, CSRLinear
+from sparsekern.nn.inference import (
+    BlockSparseConv2d,
+    BlockSparseLinear,
+    LayerChoice,
+    inference_choices,
+    inference_plan,
+    inference_report,
+    load_inference,
+    to_inference,
+)
 from sparsekern.nn.masks import (
     apply_masks,
     check_masks,
@@ -24,6 +35,9 @@ __all__ = [
     "Coverage",
     "ParameterMask",
     "SparseConv1D",
+    "CSRConv2d",
+    "CSRLinear",
+    "LayerChoice",
     "SparseConv2d",
     "SparseLinear",
     "SparseMultiheadAttention",
@@ -31,6 +45,10 @@ __all__ = [
     "check_masks",
     "coverage",
     "mask_every_gradient",
+    "inference_choices",
+    "inference_plan",
+    "inference_report",
+    "load_inference",
     "mask_problems",
     "set_mask",
     "sparse_modules",

@@ -44,9 +44,10 @@ OP_MODULES = [
     "sparsekern.ops.masked_linear",
     "sparsekern.ops.block_sparse_linear",
     "sparsekern.ops.block_sparse_conv2d",
+    "sparsekern.ops.csr_linear",
 ]
 # The ops whose hot specs CI holds to the contract.
-CONTRACT_OPS = ("masked_linear", "block_sparse_linear", "block_sparse_conv2d")
+CONTRACT_OPS = ("masked_linear", "block_sparse_linear", "block_sparse_conv2d", "csr_linear")
 
 
 def _bindir() -> str:
