@@ -15,6 +15,7 @@ __all__ = [
     "dot_precision",
     "interpreter_upcast",
     "out_tensor",
+    "twin_vjp",
 ]
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -85,3 +86,29 @@ def autocast_to(x, *others):
         t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in others
     ]
     return (x.to(dt), *cast)
+
+
+def twin_vjp(twin, inputs: tuple, needs: tuple, dy: torch.Tensor) -> list:
+    """The backward of an op as a graph, for ``create_graph=True`` (gradient penalties,
+    Hessian-vector products, meta-learning): the vector-Jacobian product of ``dy`` with the op's
+    differentiable plain-torch twin ``twin(*inputs)``, built with ``create_graph=True``. The
+    kernels' own backward is not differentiable; this costs a dense recompute, and only when a
+    second derivative was asked for.
+
+    Args:
+        twin: differentiable function of ``inputs`` with the op's output.
+        inputs: the tensors saved for backward (their autograd history is live here).
+        needs: ``ctx.needs_input_grad`` for the same positions.
+        dy: the incoming gradient, ``twin``'s output's shape.
+    Returns:
+        One gradient or None per input.
+    """
+    wanted = [t for t, need in zip(inputs, needs) if need and t is not None]
+    with torch.enable_grad():
+        y = twin(*inputs)
+        grads = iter(torch.autograd.grad(y, wanted, dy, create_graph=True, allow_unused=True))
+    out = []
+    for t, need in zip(inputs, needs):
+        g = next(grads) if need and t is not None else None
+        out.append(torch.zeros_like(t) if g is None and need and t is not None else g)
+    return out

@@ -42,7 +42,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from sparsekern.formats.block_sparse import BlockSparseMatrix, block_size_pair
 from sparsekern.ops._block_kernels import (
@@ -63,6 +62,7 @@ from sparsekern.ops._launch import (
     dot_precision,
     interpreter_upcast,
     out_tensor,
+    twin_vjp,
 )
 from sparsekern.ops._mask_cache import cached_on_mask, masked_copy
 from sparsekern.ops._mask_pass import zero_pruned
@@ -739,11 +739,27 @@ class _BlockSparseConvFunction(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable  # the kernels' backward is not itself differentiable: refuse, loudly
     def backward(ctx, dy):
         x, w, *meta = ctx.saved_tensors
         dy = nhwc(dy)
         kind, dims, geo = ctx.kind, ctx.dims, ctx.geo
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernels' backward is not differentiable
+            if kind != "masked":
+                raise RuntimeError(
+                    "block_sparse_conv2d: expected first-order gradients only (the compact conv "
+                    "kernels' backward is not differentiable), got create_graph=True; use "
+                    "block_masked_conv2d (SparseConv2d block mode) or "
+                    "block_sparse_conv2d_reference for second-order gradients"
+                )
+            stride, padding, dilation = geo[0:2], geo[2:4], geo[4:6]
+            dx, dw = twin_vjp(
+                lambda x, w: F.conv2d(x, torch.where(meta[0], w, 0), None, stride, padding,
+                                      dilation),
+                (x, w), ctx.needs_input_grad[:2], dy,
+            )  # fmt: skip
+            db = dy.sum(dim=(0, 2, 3)) if ctx.has_bias and ctx.needs_input_grad[2] else None
+            return (dx, dw, db, None, None, None) + (None,) * len(meta)
         dx = dw = db = None
         if kind == "masked":
             if ctx.needs_input_grad[0]:
@@ -845,7 +861,9 @@ def block_masked_conv2d(
         weight = zero_pruned(weight, mask) if masked else masked_copy(weight, mask)
     weight = nhwc(weight)  # the kernels' storage; the gradient flows back through the copy
     bias = None if bias is None else bias.contiguous()
-    return _BlockSparseConvFunction.apply(x, weight, bias, "masked", block, geometry, mask)
+    # channels_last made here, not inside the Function: what it saves is then its own input,
+    # whose autograd history a second derivative (twin_vjp) needs
+    return _BlockSparseConvFunction.apply(nhwc(x), weight, bias, "masked", block, geometry, mask)
 
 
 def block_sparse_conv2d_reference(x, weight: BlockSparseMatrix, weight_shape, bias=None,

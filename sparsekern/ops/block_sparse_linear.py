@@ -47,7 +47,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from sparsekern.formats.block_sparse import (
     BlockSparseMatrix,
@@ -73,6 +72,7 @@ from sparsekern.ops._launch import (
     dot_precision,
     interpreter_upcast,
     out_tensor,
+    twin_vjp,
 )
 from sparsekern.ops._mask_cache import TensorRef, cached_on_mask, masked_copy
 from sparsekern.ops._mask_pass import zero_pruned
@@ -716,6 +716,15 @@ def _run(kind: str, gemm: str, *args):
     return _IMPLS[kind, gemm](*args)
 
 
+def _dense_of(kind: str, w: torch.Tensor, meta, dims) -> torch.Tensor:
+    """The dense ``[out, in]`` weight the kernels multiply by (differentiable in ``w``)."""
+    if kind == "masked":
+        return torch.where(meta[0], w, 0)
+    rows, cols = dims
+    m = BlockSparseMatrix(w, meta[0], meta[1], (rows, cols), tuple(w.shape[1:]), validate=False)
+    return m.to_dense()
+
+
 class _BlockSparseFunction(torch.autograd.Function):
     """Autograd over the storage tensor ``w`` (dense weight or compact values). ``meta``, ``dims``:
     ``[mask], (bm, bk)`` ("masked") or the matrix's six metadata tensors and ``(rows, cols)``
@@ -729,15 +738,24 @@ class _BlockSparseFunction(torch.autograd.Function):
         ctx.save_for_backward(x2, w, *meta)
         ctx.kind, ctx.dims, ctx.x_shape = kind, dims, x.shape
         ctx.has_bias = bias is not None
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
-    @once_differentiable  # the kernels' backward is not itself differentiable: refuse, loudly
     def backward(ctx, dy):
         x2, w, *meta = ctx.saved_tensors
         kind, dims = ctx.kind, ctx.dims
         a = meta[0] if kind == "masked" else list(meta)
         dy2 = as_rows(dy)
+        if torch.is_grad_enabled():
+            # create_graph=True: the kernels' backward is not differentiable; differentiate the
+            # plain twin instead (exact; a dense recompute, only when a 2nd derivative is asked)
+            dx, dw = twin_vjp(
+                lambda x2, w: F.linear(x2, _dense_of(kind, w, meta, dims)), (x2, w),
+                ctx.needs_input_grad[:2], dy2,
+            )  # fmt: skip
+            db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+            dx = None if dx is None else dx.reshape(ctx.x_shape)
+            return (dx, dw, db, None, None) + (None,) * len(meta)
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = _run(kind, "dx", dy2, w, a, *dims).reshape(ctx.x_shape)
@@ -827,7 +845,10 @@ def block_sparse_linear(
     bias = None if bias is None else bias.contiguous()
     meta = (weight.row_ptr, weight.col_idx, weight.block_row, weight.col_ptr, weight.t_row,
             weight.t_perm)  # fmt: skip
-    return _BlockSparseFunction.apply(x, values, bias, "compact", tuple(weight.shape), *meta)
+    # rows made here, not inside the Function: what it saves is then its own input, whose
+    # autograd history a second derivative (twin_vjp) needs
+    y = _BlockSparseFunction.apply(as_rows(x), values, bias, "compact", tuple(weight.shape), *meta)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def block_masked_linear(
@@ -879,7 +900,9 @@ def block_masked_linear(
         weight = _masked_weight_value(weight, mask)
     weight = weight if weight.is_contiguous() else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    return _BlockSparseFunction.apply(x, weight, bias, "masked", (bm, bk), mask)
+    y = _BlockSparseFunction.apply(as_rows(x), weight, bias, "masked", (bm, bk), mask)
+    # rows made outside: see block_sparse_linear
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
 
 
 def _blocks(mask: torch.Tensor, block) -> int:

@@ -31,11 +31,10 @@ import weakref
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from sparsekern.formats.csr import CSRMatrix
 from sparsekern.ops._dispatch import interpreter_enabled, use_kernels
-from sparsekern.ops._launch import KERNEL_DTYPES, as_rows, autocast_to, out_tensor
+from sparsekern.ops._launch import KERNEL_DTYPES, as_rows, autocast_to, out_tensor, twin_vjp
 from sparsekern.ops._triton import require_triton, tl, triton
 
 __all__ = [
@@ -260,7 +259,11 @@ def csr_linear_vendor(x, values, row_ptr, col_idx, bias, rows: int, cols: int) -
     if x.device.type == "cpu" and dtype not in _MKL_DTYPES:
         v32 = values.float()  # cast per call, not cached
         b32 = None if bias is None else bias.float()
-        return csr_linear_vendor(x.float(), v32, row_ptr, col_idx, b32, rows, cols).to(dtype)
+        # autocast off: under a bf16 autocast the float32 addmm would be cast straight back to
+        # bf16, which MKL's CSR product refuses ("not implemented for 'BFloat16'")
+        with torch.autocast("cpu", enabled=False):
+            y = csr_linear_vendor(x.float(), v32, row_ptr, col_idx, b32, rows, cols)
+        return y.to(dtype)
     return torch_csr_product(torch_csr(values, row_ptr, col_idx, rows, cols), x, bias)
 
 
@@ -334,10 +337,21 @@ class _CSRLinearFunction(torch.autograd.Function):
         return y.reshape(*x.shape[:-1], rows)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         x2, values, row_ptr, col_idx = ctx.saved_tensors
         dy2 = as_rows(dy)
+        if torch.is_grad_enabled():
+            # create_graph=True: differentiate the plain twin (the backward below is not)
+            rows, cols = ctx.dims
+            dx, dv = twin_vjp(
+                lambda x2, v: F.linear(
+                    x2, CSRMatrix(v, row_ptr, col_idx, (rows, cols), validate=False).to_dense()
+                ),
+                (x2, values), ctx.needs_input_grad[:2], dy2,
+            )  # fmt: skip
+            db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+            dx = None if dx is None else dx.reshape(ctx.x_shape)
+            return dx, dv, db, None, None, None, None
         need_dx, need_dv = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         dx = dv = db = None
         if need_dx or need_dv:
@@ -411,9 +425,12 @@ def csr_linear(
     if values is not weight.values:
         weight = CSRMatrix(values, weight.row_ptr, weight.col_idx, weight.shape, validate=False)
     _check_inputs(x, weight, bias)
-    return _CSRLinearFunction.apply(
-        x, values, bias, weight.row_ptr, weight.col_idx, weight.shape[0], weight.shape[1]
+    # rows made here, not inside the Function: what it saves is then its own input, whose
+    # autograd history a second derivative (twin_vjp) needs
+    y = _CSRLinearFunction.apply(
+        as_rows(x), values, bias, weight.row_ptr, weight.col_idx, weight.shape[0], weight.shape[1]
     )
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 # ---------------------------------------------------------------------------------------------
