@@ -10,6 +10,12 @@ what makes sparse training cheap), so on update steps only the pruner runs one e
 backward of the same batch with all-True masks (:func:`sparsekern.pruning._common.
 dense_weight_grads`). Between updates nothing extra runs: with dT = 100, that is 1 extra
 forward + backward per 100 steps.
+
+Under DistributedDataParallel every rank must pick the same masks, or DDP's buffer broadcast
+copies rank 0's mask over weights and optimizer state another rank already zeroed under its own:
+the initial masks are broadcast from rank 0, and on update steps the dense gradients are averaged
+over the ranks (all-reduce) before drop/grow, so each rank computes the mask of the global batch
+(then rank 0's result is broadcast, so a tie broken differently cannot split the ranks).
 """
 
 from __future__ import annotations
@@ -20,9 +26,12 @@ import torch
 from torch import nn
 
 from sparsekern.pruning._common import (
+    all_reduce_mean,
     allocate_counts,
+    broadcast_masks,
     check_fraction,
     dense_weight_grads,
+    process_group_of,
     topk_mask,
 )
 from sparsekern.pruning.base import BasePruner, Closure
@@ -98,6 +107,10 @@ class RigLPruner(BasePruner):
         distribution: ``"erk"`` (default) or ``"uniform"`` layer densities.
         init: ``"random"`` (paper: uniformly random initial masks) or ``"magnitude"``.
         generator: ``torch.Generator`` for the random masks (default: the global RNG).
+        process_group: the ranks that must agree on the masks under DistributedDataParallel
+            (default: the default group when torch.distributed is initialised). Build the pruner
+            on ``ddp.module`` and let the closure call ``ddp.module`` (the extra dense backward
+            must not go through DDP's gradient hooks); the pruner all-reduces that gradient.
 
     Attributes:
         update_schedule: the :class:`~sparsekern.pruning.schedules.CosineDecay` of the drop
@@ -118,6 +131,7 @@ class RigLPruner(BasePruner):
         distribution: str = "erk",
         init: str = "random",
         generator: torch.Generator | None = None,
+        process_group=None,
         layers=None,
         regularization: str = "none",
         reg_strength: float = 0.0,
@@ -146,6 +160,7 @@ class RigLPruner(BasePruner):
         self.delta, self.alpha, self.t_end = delta, float(alpha), t_end
         self.distribution, self.init = distribution, init
         self.generator = generator
+        self.process_group = process_group_of(process_group)
         self.densities: dict[str, float] = {}
         self.last_update: dict = {}
 
@@ -162,6 +177,8 @@ class RigLPruner(BasePruner):
                 else:
                     score = m.weight.detach().abs().double().cpu()
                 masks[n] = topk_mask(score, k).to(m.mask.device)
+        if self.process_group is not None:
+            masks = broadcast_masks(masks, self.process_group)
         return masks
 
     def drop_fraction(self, step: int) -> float:
@@ -206,6 +223,8 @@ class RigLPruner(BasePruner):
             # |g| compared in the gradient's own dtype, exact)
             grow_score = grads[n].detach().abs().masked_fill(after_drop, -1.0)
             masks[n] = after_drop | topk_mask(grow_score, k)
+        if self.process_group is not None:
+            masks = broadcast_masks(masks, self.process_group)
         self._apply(masks, event="update", fraction=fraction, moved=sum(moved.values()))
         return moved
 
@@ -236,7 +255,10 @@ class RigLPruner(BasePruner):
             )
         fraction = self.update_schedule(t)
         before = {n: m.mask.clone() for n, m in self.layers.items()}
-        moved = self.update(dense_weight_grads(self.layers, closure), fraction)
+        grads = dense_weight_grads(self.layers, closure)
+        if self.process_group is not None:
+            grads = all_reduce_mean(grads, self.process_group)  # the global batch's gradient
+        moved = self.update(grads, fraction)
         self.last_update = {"step": t, "fraction": fraction, "moved": moved}
         return any(not torch.equal(before[n], m.mask) for n, m in self.layers.items())
 
