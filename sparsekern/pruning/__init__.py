@@ -41,7 +41,11 @@ from sparsekern.pruning.dropout import (
     apply_dropout_adjustment,
     find_dropout_feeds,
 )
-from sparsekern.pruning.global_magnitude import GlobalMagnitudePruner, global_magnitude_masks
+from sparsekern.pruning.global_magnitude import (
+    AUTO_MIN_DENSITY,
+    GlobalMagnitudePruner,
+    global_magnitude_masks,
+)
 from sparsekern.pruning.gradual import GradualPruner
 from sparsekern.pruning.han import FREEZE_KINDS, HanPruner
 from sparsekern.pruning.magnitude import (
@@ -78,6 +82,7 @@ from sparsekern.pruning.targets import (
 )
 
 __all__ = [
+    "AUTO_MIN_DENSITY",
     "adjusted_dropout",
     "apply_dropout_adjustment",
     "BasePruner",

@@ -28,6 +28,7 @@ from torch import nn
 from sparsekern.formats.block_sparse import block_grid, block_size_pair
 from sparsekern.nn.masks import set_mask
 from sparsekern.ops.block_sparse_conv2d import conv_weight_from_gemm, conv_weight_to_gemm
+from sparsekern.pruning._common import warn_collapsed
 from sparsekern.pruning._layers import require_sparse_layers, resolve_per_layer
 from sparsekern.pruning.base import BasePruner, Closure
 from sparsekern.pruning.schedules import Schedule
@@ -141,6 +142,13 @@ def block_masks(
         raise ValueError(f"prune_blocks_: scope must be 'layer' or 'global', got {scope!r}")
     if norm not in NORMS:
         raise ValueError(f"prune_blocks_: norm must be one of {NORMS}, got {norm!r}")
+    if density is None or isinstance(density, bool):
+        # resolve_per_layer reads None as "leave every layer alone": here that would be a silent
+        # no-op ({}), never what a caller of a pruning function wants
+        raise TypeError(
+            "prune_blocks_: expected density a number in [0, 1] or a {layer / kind: density} "
+            f"dict, got {density!r}"
+        )
     blocks = {n: _layer_block(m, block_size) for n, m in layers.items()}  # validate all first
     _check_density(min_density, "prune_blocks_ (min_density)")
     if scope == "layer":
@@ -176,10 +184,13 @@ def block_masks(
                 break
             keep[n].view(-1)[i] = True
             budget -= sz
-    return {
+    out = {
         n: expand_block_mask(k, layers[n].weight.shape, blocks[n]) & layers[n].mask
         for n, k in keep.items()
     }
+    if scope == "global" and min_density == 0:
+        warn_collapsed(out, "prune_blocks_")
+    return out
 
 
 def prune_blocks_(

@@ -9,16 +9,22 @@ import math
 import torch
 from torch import nn
 
-from sparsekern.pruning._common import check_fraction, topk_mask
+from sparsekern.pruning._common import (
+    AUTO_MIN_DENSITY,
+    auto_min_density,
+    check_fraction,
+    topk_mask,
+    warn_collapsed,
+)
 from sparsekern.pruning.base import BasePruner, Closure
 from sparsekern.pruning.schedules import Schedule
 
-__all__ = ["GlobalMagnitudePruner", "global_magnitude_masks"]
+__all__ = ["AUTO_MIN_DENSITY", "GlobalMagnitudePruner", "global_magnitude_masks"]
 
 
 @torch.no_grad()
 def global_magnitude_masks(
-    layers: dict[str, nn.Module], sparsity: float, min_density: float = 0.0
+    layers: dict[str, nn.Module], sparsity: float, min_density: float | None = 0.0
 ) -> dict[str, torch.Tensor]:
     """New masks keeping exactly ``round((1 - sparsity) * N)`` weights of the ``N`` weights of
     ``layers``: the largest ``|w|`` over all layers together, among the weights each mask still
@@ -26,12 +32,15 @@ def global_magnitude_masks(
 
     With ``min_density > 0`` every layer first keeps its ``ceil(min_density * numel)`` largest
     surviving weights (all of them if it has fewer); the rest of the budget goes to the largest
-    remaining ``|w|`` globally.
+    remaining ``|w|`` globally. ``min_density=None`` is the pruners' default floor,
+    :func:`~sparsekern.pruning._common.auto_min_density` (1% of each layer, or half the target
+    density where lower; dropped, with a warning, if the floors alone would not fit). With no
+    floor, a layer left with no weight is warned about (RuntimeWarning: layer collapse).
 
     Args:
         layers: ``{name: sparse module}`` (weights ``[out, in]`` or ``[out, in/g, kh, kw]``).
         sparsity: target pruned fraction of all the layers' weights, in [0, 1].
-        min_density: floor on each layer's kept fraction, in [0, 1].
+        min_density: floor on each layer's kept fraction, in [0, 1], or None (the default floor).
 
     Returns:
         ``{name: bool mask}`` of each weight's shape, within the current masks. When the current
@@ -41,6 +50,9 @@ def global_magnitude_masks(
         ValueError: the floors alone exceed the target (e.g. ``min_density > 1 - sparsity``).
     """
     check_fraction(sparsity, "global_magnitude_masks")
+    auto = min_density is None
+    if auto:
+        min_density = auto_min_density(sparsity)
     check_fraction(min_density, "global_magnitude_masks", "min_density")
     names = list(layers)
     total = sum(layers[n].weight.numel() for n in names)
@@ -61,6 +73,9 @@ def global_magnitude_masks(
             # the floor's weights are taken first: lift them above every other score
             s = s.masked_fill(topk_mask(s, floor), math.inf)
         scores.append(s.flatten())
+    if floors > target and auto:
+        # many tiny layers: the rounded-up floors alone exceed the budget; rank without them
+        return global_magnitude_masks(layers, sparsity, 0.0)
     if floors > target:
         raise ValueError(
             f"global_magnitude_masks: expected the per-layer floors (min_density {min_density}: "
@@ -73,6 +88,8 @@ def global_magnitude_masks(
         k = layers[n].weight.numel()
         out[n] = keep[i : i + k].view_as(layers[n].mask).to(layers[n].mask.device)
         i += k
+    if min_density == 0:
+        warn_collapsed(out, "global_magnitude_masks")
     return out
 
 
@@ -92,8 +109,9 @@ class GlobalMagnitudePruner(BasePruner):
     Args:
         model, optimizer, sparsity, schedule, layers, regularization, reg_strength: see
             :class:`BasePruner` (one sparsity for all layers together).
-        min_density: minimum kept fraction per layer (0: pure global ranking); at most
-            ``1 - sparsity``.
+        min_density: minimum kept fraction per layer, at most ``1 - sparsity``. None (default):
+            1% of each layer, or half the target density where lower, so that no layer
+            collapses; 0: pure global ranking (a layer left empty is warned about).
     """
 
     def __init__(
@@ -103,7 +121,7 @@ class GlobalMagnitudePruner(BasePruner):
         *,
         sparsity: float | None = None,
         schedule: Schedule | None = None,
-        min_density: float = 0.0,
+        min_density: float | None = None,
         layers=None,
         regularization: str = "none",
         reg_strength: float = 0.0,
@@ -117,9 +135,13 @@ class GlobalMagnitudePruner(BasePruner):
             regularization=regularization,
             reg_strength=reg_strength,
         )
-        self.min_density = check_fraction(min_density, "GlobalMagnitudePruner", "min_density")
+        self.min_density = (
+            None
+            if min_density is None
+            else check_fraction(min_density, "GlobalMagnitudePruner", "min_density")
+        )
         final = sparsity if schedule is None else schedule.final
-        if final is not None and self.min_density > 1.0 - final:
+        if final is not None and self.min_density is not None and self.min_density > 1.0 - final:
             raise ValueError(
                 f"GlobalMagnitudePruner: expected min_density <= 1 - sparsity = "
                 f"{1 - final:.4g}, got {self.min_density}"

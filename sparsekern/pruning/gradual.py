@@ -49,7 +49,9 @@ class GradualPruner(BasePruner):
         initial_sparsity: ``s_i`` (usually 0).
         scope: ``"layer"`` (every layer pruned to ``s_t``, as in the paper) or ``"global"`` (all
             layers ranked together to ``s_t``, Gupta et al.'s recommendation).
-        min_density: with ``scope="global"``, the minimum kept fraction per layer.
+        min_density: with ``scope="global"``, the minimum kept fraction per layer; None
+            (default): 1% of each layer, or half the target density where lower (see
+            :func:`~sparsekern.pruning.global_magnitude_masks`).
     """
 
     def __init__(
@@ -63,7 +65,7 @@ class GradualPruner(BasePruner):
         frequency: int = 100,
         initial_sparsity: float = 0.0,
         scope: str = "layer",
-        min_density: float = 0.0,
+        min_density: float | None = None,
         layers=None,
         regularization: str = "none",
         reg_strength: float = 0.0,
@@ -80,7 +82,11 @@ class GradualPruner(BasePruner):
             reg_strength=reg_strength,
         )
         self.scope = scope
-        self.min_density = check_fraction(min_density, "GradualPruner", "min_density")
+        self.min_density = (
+            None
+            if min_density is None
+            else check_fraction(min_density, "GradualPruner", "min_density")
+        )
 
     def sparsity_at(self, step: int) -> float:
         """The schedule's target sparsity at ``step``."""

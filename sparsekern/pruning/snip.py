@@ -10,7 +10,12 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from sparsekern.pruning._common import check_fraction, dense_weight_grads, topk_mask
+from sparsekern.pruning._common import (
+    check_fraction,
+    dense_weight_grads,
+    topk_mask,
+    warn_collapsed,
+)
 from sparsekern.pruning.base import BasePruner, Closure
 
 __all__ = ["SNIPPruner", "snip_masks", "snip_scores"]
@@ -63,6 +68,7 @@ def snip_masks(scores: dict[str, torch.Tensor], density: float) -> dict[str, tor
         k = scores[n].numel()
         out[n] = keep[i : i + k].view(scores[n].shape).to(scores[n].device)
         i += k
+    warn_collapsed(out, "snip_masks")
     return out
 
 
