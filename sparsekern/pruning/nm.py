@@ -135,7 +135,15 @@ class NMPruner(BasePruner):
                 f"NMPruner.prune: expected the sparsity of {self.n}:{self.m}, "
                 f"{self.sparsity:.4g}, got {sparsity}"
             )
-        return {n: nm_mask(mod.weight, self.n, self.m) for n, mod in self.layers.items()}
+        masks = {}
+        for name, mod in self.layers.items():
+            if getattr(mod, "weight_layout", "out_in") == "in_out":
+                # HF Conv1D stores [in, out]: the groups run along the input (reduction) dim,
+                # the one sparse tensor cores compress, so group the transpose
+                masks[name] = nm_mask(mod.weight.t(), self.n, self.m).t().contiguous()
+            else:
+                masks[name] = nm_mask(mod.weight, self.n, self.m)
+        return masks
 
     def _config(self) -> dict:
         return {"n": self.n, "m": self.m}
