@@ -20,7 +20,9 @@ cost --max-drop x sqrt(its share of the weights) accuracy points); it is reached
 over --schedule-rounds rounds. The other methods share one budget, --total-epochs (phases:
 sparsekern.training.recipes). Every epoch is checkpointed atomically; --resume continues bit for
 bit and refuses changed settings. Outputs: summary.json (command, arguments, git commit, Table 1
-and 2, every phase), the pruned model in Han's relative-index format, Fig 4 / 6 / 7 (+ 5).
+and 2, every phase), the pruned model in Han's relative-index format, Fig 4 / 6 / 7 (+ 5), and
+inference.json: the model exported by ``to_inference`` timed against dense at batch 1 and 64
+(``scripts/export_mnist.py RUN_DIR`` writes it again for a finished run).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing: `models
 from models import DROPOUT_FEEDS, HAN_2015, METHOD_FIGURES, build_model  # noqa: E402
 from sparsekern import pruning, training  # noqa: E402
 from sparsekern.nn import sparse_modules  # noqa: E402
+from sparsekern.nn.inference import format_report, inference_report  # noqa: E402
 from sparsekern.training import cli, figures, recipes, report  # noqa: E402
 from sparsekern.training.data import load_mnist, tensor_loader  # noqa: E402
 from sparsekern.training.export import save_compressed_checked  # noqa: E402
@@ -70,7 +73,7 @@ QUALITY_GRID = [0.2 * i for i in range(1, 16)]  # 0.2 .. 3.0: the sensitivity an
 CKPT_FORMAT = "sparsekern/prune_mnist/2"
 # settings a resumed run may change: they do not change the result
 RESUME_FREE = {"out", "data", "resume", "overwrite", "stop_after_epochs", "no_progress"}
-RESUME_FREE |= {"figures", "no_figures", "threads"}
+RESUME_FREE |= {"figures", "no_figures", "threads", "inference_budget"}
 
 
 def parse_args(argv=None):
@@ -118,6 +121,8 @@ def parse_args(argv=None):
     a("--figures", action="store_true", help="han: also Fig 5 (extra prune / retrain runs)")
     a("--no-figures", action="store_true", help="no figures at all")
     a("--no-progress", action="store_true", help="no progress bar")
+    a("--inference-budget", type=nonneg_float, default=5.0,
+      help="inference.json: seconds per batch size timing export vs dense (0: skip)")  # fmt: skip
     a("--table", metavar="DIR", help="print the markdown table of DIR/*.json and exit")
     args = p.parse_args(argv)
     if args.table:
@@ -350,6 +355,11 @@ def main(argv=None):
     rows = pruning.layer_report(model, x_te[:1000])
     rebuild = lambda: build_model(args.model, sparse=True, dropout=args.dropout)  # noqa: E731
     comp = save_compressed_checked(model, out / f"{args.model}_pruned.skr", rebuild)
+    inference = None
+    if args.inference_budget > 0:  # the exported model's CPU time vs dense (inference.json)
+        inference = inference_report(model, x_te[:1], (1, 64), budget_s=args.inference_budget)
+        inference = {"command": command, "run": report.run_info(ROOT), **inference}
+        report.write_json(out / "inference.json", inference)
     figs, fig5 = [], None
     if args.method == "han" and not args.no_figures:  # Fig 4, 6, 7
         dense_state = st["dense"]["state"]
@@ -389,7 +399,9 @@ def main(argv=None):
         "\n"
         + report.format_results(table1, rows, paper["kept_pct"], comp, fig, f"{n_te:,} test images")
     )
-    files = ", ".join(["summary.json", comp["path"], *figs])
+    if inference:
+        print(f"inference export ({inference['threads']} thread(s)):\n{format_report(inference)}")
+    files = ", ".join(["summary.json", comp["path"], *figs] + ["inference.json"] * bool(inference))
     print(f"wall time {wall:.0f} s; outputs in {out}/: {files}")
     return summary
 

@@ -14,6 +14,7 @@ from tests.helpers import ROOT, rejected, run_script
 SCRIPT = ROOT / "scripts" / "prune_mnist.py"
 # 1,000 training images (7 steps of 128 per epoch), 500 test images, 500 for the sensitivity
 TINY = ["--subset", "1000", "--test-subset", "500", "--sens-n", "500", "--no-progress"]
+TINY += ["--inference-budget", "0.5"]  # seconds per batch size timing the export
 
 
 def run(*args, **kw):
@@ -36,6 +37,18 @@ def test_quick_smoke(tmp_path, model):
     for fig in s["figures"]:
         assert (tmp_path / fig).stat().st_size > 1000
     assert "fig7_weight_hist.png" in s["figures"]
+    # the exported model timed against dense (issue 14's main-job report), then again from the
+    # finished run's files by scripts/export_mnist.py
+    for again in (False, True):
+        if again:
+            run_script(ROOT / "scripts" / "export_mnist.py", tmp_path, "--budget", "0.5")
+        inf = json.loads((tmp_path / "inference.json").read_text())
+        script = "export_mnist.py" if again else "prune_mnist.py"
+        assert inf["command"].startswith(f"python scripts/{script}"), inf["command"]
+        assert [r["batch"] for r in inf["model"]] == [1, 64]
+        assert all(r["dense_ms"] > 0 and r["exported_ms"] > 0 for r in inf["model"])
+        assert [c["name"] for c in inf["layers"]] == list(s["kept_pct"])[:-1]  # all but "total"
+        assert inf["max_abs_diff"] < 1e-3
 
 
 RESUME = {  # per method: a configuration of 3 epochs, killed (stopped) after the first
