@@ -39,8 +39,9 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
     skip every ``bm x bk`` block of the mask that is all False in the forward, dX and dW, so the
     step time falls with the fraction of blocks kept. Prune whole blocks
     (``sparsekern.pruning.prune_blocks_``) to make that fraction small; a mask with holes inside
-    kept blocks is still exact (applied inside the blocks). ``sparsekern.nn.to_inference`` turns
-    the layer into a ``BlockSparseLinear`` that stores only the kept blocks.
+    kept blocks is still exact (applied inside the blocks). ``sparsekern.nn.to_inference`` gives
+    the layer the representation fastest on its device (dense, CSR or a ``BlockSparseLinear``
+    storing only the kept blocks), timed at export.
     """
 
     def __init__(
