@@ -14,11 +14,14 @@ The algorithm (the paper's Algorithm 1):
   ``W[:, j:] -= (w_j - q_j) / [H_F^-1]_jj * [H_F^-1]_{j, :}`` without re-inverting.
 * Columns are processed in blocks of ``blocksize`` (128): updates inside a block are applied
   eagerly, those to the later columns lazily, as one GEMM per block.
-* Adaptive mask selection: at the start of every block, for each row, the weights of the block
-  with the smallest ``w^2 / U_cc^2`` (the OBS error of removing them) are pruned, at the target
-  sparsity (counts per row, cumulative rounding, so each row loses exactly
-  ``round(sparsity * cols)``). N:M: at the start of every group of M columns, each row keeps the N
-  with the largest ``w^2 / U_cc^2`` (a last, shorter group of ``r`` keeps ``min(N, r)``).
+* Adaptive mask selection: at the start of every block, the weights of the block with the
+  smallest ``w^2 / U_cc^2`` (the OBS error of removing them) are pruned, at the target sparsity:
+  one threshold over the whole ``[rows, blocksize]`` block (``selection="block"``, the paper's
+  Algorithm 1 and its code; rows may end at different densities, the layer at exactly
+  ``round(sparsity * rows * cols)`` by cumulative rounding), or the same count in each row of the
+  block (``selection="row"``: each row loses exactly ``round(sparsity * cols)``). N:M: at the
+  start of every group of M columns, each row keeps the N with the largest ``w^2 / U_cc^2`` (a
+  last, shorter group of ``r`` keeps ``min(N, r)``).
 * ``compensate=False`` keeps the mask selection but skips every weight update (the ablation
   "SparseGPT without the error-compensation update").
 """
@@ -69,6 +72,7 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     compensate: bool = True,
+    selection: str = "block",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``W [rows, cols]`` with SparseGPT.
 
@@ -82,18 +86,25 @@ def sparsegpt_prune(
             multiple of M.
         percdamp: dampening, as a fraction of ``mean(diag H)``.
         compensate: False: select masks the same way but never update the kept weights.
+        selection: unstructured only: ``"row"`` prunes the same count in every row of a block
+            (every row ends at exactly ``round(sparsity * cols)``); ``"block"`` takes one
+            threshold over the whole ``[rows, blocksize]`` block, as the reference code does
+            (rows may differ; the layer ends at exactly ``round(sparsity * rows * cols)``).
 
     Returns:
         ``(W', keep)``: the reconstructed weight (zero where pruned), ``H``'s dtype; the bool mask
         (True keeps).
     """
     rows, cols = W.shape
+    if selection not in ("row", "block"):
+        raise ValueError(f"sparsegpt_prune: expected selection 'row' or 'block', got {selection!r}")
     if H.shape != (cols, cols):
         raise ValueError(
             f"sparsegpt_prune: expected H of shape [{cols}, {cols}], got {list(H.shape)}"
         )
     W = W.to(H.dtype)
     W, H, dead = prepare_hessian(W, H, percdamp)
+    W = W.contiguous()
     U = upper_cholesky_inverse(H)
     if n_m is not None:
         n, m = n_m
@@ -107,13 +118,19 @@ def sparsegpt_prune(
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         d = torch.diagonal(U1)
-        mask1 = torch.zeros_like(W1, dtype=torch.bool)
-        if n_m is None:
+        mask1 = torch.zeros(rows, count, dtype=torch.bool, device=W.device)
+        if n_m is None and selection == "row":
             k = _row_prune_counts(cols, sparsity, i1, i2)
             if k > 0:
                 score = W1**2 / d.unsqueeze(0) ** 2
                 idx = torch.topk(score, k, dim=1, largest=False).indices
                 mask1.scatter_(1, idx, True)
+        elif n_m is None:
+            k = _row_prune_counts(rows * cols, sparsity, rows * i1, rows * i2)
+            if k > 0:
+                score = (W1**2 / d.unsqueeze(0) ** 2).flatten()
+                idx = torch.topk(score, k, largest=False).indices
+                mask1.view(-1)[idx] = True
         for i in range(count):
             if n_m is not None and i % m == 0:
                 r = min(m, count - i)

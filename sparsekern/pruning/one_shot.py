@@ -42,8 +42,10 @@ Report (a list, one dict per layer, forward order; skipped layers last): ``name`
 inputs, bias excluded, computed exactly from ``G``), ``tokens`` (rows of ``X``), ``seconds`` (the
 solver), ``calib_seconds`` (the forward passes); a skipped layer has ``skipped`` (the reason).
 
-Exact densities: SparseGPT and Wanda prune ``round(sparsity * cols)`` weights of every row;
-magnitude prunes the ``round(sparsity * numel)`` smallest ``|w|`` of the layer; N:M keeps N of
+Exact densities: SparseGPT (``selection="block"``, the default) and magnitude prune exactly
+``round(sparsity * numel)`` weights of each layer (SparseGPT: the block thresholds add up to it by
+cumulative rounding; rows may differ); Wanda and SparseGPT with ``selection="row"`` prune exactly
+``round(sparsity * cols)`` weights of every row; N:M keeps N of
 every M consecutive inputs of a row (a last, shorter group of ``r`` keeps ``min(N, r)``).
 """
 
@@ -249,6 +251,9 @@ class OneShotPruner(BasePruner):
         blocksize, percdamp: SparseGPT's lazy-update block (128) and dampening (0.01).
         compensate: SparseGPT's error-compensation update; False is the ablation (the same mask
             selection, kept weights unchanged).
+        selection: SparseGPT's unstructured mask selection per block: ``"block"`` (default, the
+            paper's: one threshold over the whole block, rows may differ) or ``"row"`` (the same
+            count in every row).
     """
 
     def __init__(
@@ -264,6 +269,7 @@ class OneShotPruner(BasePruner):
         blocksize: int = 128,
         percdamp: float = 0.01,
         compensate: bool = True,
+        selection: str = "block",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"OneShotPruner: expected an nn.Module, got {type(model).__name__}")
@@ -286,6 +292,8 @@ class OneShotPruner(BasePruner):
             raise ValueError(f"one_shot: expected a sparsity in [0, 1], got {sparsity}")
         if not (isinstance(blocksize, int) and blocksize >= 1):
             raise ValueError(f"one_shot: expected blocksize an integer >= 1, got {blocksize!r}")
+        if selection not in ("block", "row"):
+            raise ValueError(f"one_shot: expected selection 'block' or 'row', got {selection!r}")
         if not (percdamp >= 0 and math.isfinite(percdamp)):
             raise ValueError(f"one_shot: expected percdamp >= 0, got {percdamp}")
         self.calibration = _check_calibration(calibration)
@@ -293,6 +301,7 @@ class OneShotPruner(BasePruner):
         self.blocksize = blocksize
         self.percdamp = float(percdamp)
         self.compensate = bool(compensate)
+        self.selection = selection
         self.skipped: dict[str, tuple[str, str]] = {}  # name -> (kind, reason)
         self.kinds: dict[str, str] = {}
         names = self._select(model, layers)
@@ -407,7 +416,14 @@ class OneShotPruner(BasePruner):
         if self.method == "sparsegpt":
             H = G * (2.0 / n_tokens)
             W_new, keep = sparsegpt_prune(
-                W, H, sparsity, self.n_m, self.blocksize, self.percdamp, self.compensate
+                W,
+                H,
+                sparsity,
+                self.n_m,
+                self.blocksize,
+                self.percdamp,
+                self.compensate,
+                self.selection,
             )
         else:
             if self.method == "wanda":
@@ -484,6 +500,7 @@ class OneShotPruner(BasePruner):
             "blocksize": self.blocksize,
             "percdamp": self.percdamp,
             "compensate": self.compensate,
+            "selection": self.selection,
         }
 
     def _extra_state(self) -> dict:
@@ -505,6 +522,7 @@ def one_shot(
     blocksize: int = 128,
     percdamp: float = 0.01,
     compensate: bool = True,
+    selection: str = "block",
 ) -> list[dict]:
     """Prune ``model`` in place, one shot, from ``calibration`` (module docstring).
 
@@ -521,7 +539,8 @@ def one_shot(
         layers: names of the layers to prune; default every supported layer but the LM head and
             tied weights.
         optimizer: zero its state where pruned.
-        blocksize, percdamp, compensate: SparseGPT's options (see :class:`OneShotPruner`).
+        blocksize, percdamp, compensate, selection: SparseGPT's options (see
+            :class:`OneShotPruner`).
 
     Returns:
         The per-layer report (module docstring); :func:`format_one_shot_report` prints it.
@@ -537,6 +556,7 @@ def one_shot(
         blocksize=blocksize,
         percdamp=percdamp,
         compensate=compensate,
+        selection=selection,
     )
     pruner.prune()
     return pruner.report

@@ -45,7 +45,7 @@ def calib(d_in=64, batches=4, n=128, seed=1):
 
 
 # ---------------------------------------------------------------------------- the OBS reference
-def obs_reference(W, H, sparsity, n_m, blocksize, percdamp=0.01):
+def obs_reference(W, H, sparsity, n_m, blocksize, percdamp=0.01, selection="block"):
     """SparseGPT written the slow, obvious way in float64: column by column, the explicit inverse
     of the Hessian of the columns not yet processed (``inv(H[j:, j:])``) and the OBS update
     ``W[:, j:] -= (w_j - q_j) / Finv_00 * Finv_0,:``; masks chosen at each block (group) start with
@@ -61,7 +61,14 @@ def obs_reference(W, H, sparsity, n_m, blocksize, percdamp=0.01):
     d = torch.tensor([torch.linalg.inv(H[c:, c:])[0, 0].item() for c in range(cols)], dtype=H.dtype)
     prune = torch.zeros(rows, cols, dtype=torch.bool)
     for j in range(cols):
-        if n_m is None and j % blocksize == 0:
+        if n_m is None and j % blocksize == 0 and selection == "block":
+            j2 = min(j + blocksize, cols)
+            k = round(sparsity * rows * j2) - round(sparsity * rows * j)
+            score = (W[:, j:j2] ** 2 / d[j:j2]).flatten().tolist()
+            order = sorted(range(len(score)), key=lambda i: score[i])
+            for i in order[:k]:
+                prune[i // (j2 - j), j + i % (j2 - j)] = True
+        if n_m is None and j % blocksize == 0 and selection == "row":
             j2 = min(j + blocksize, cols)
             k = round(sparsity * j2) - round(sparsity * j)
             score = W[:, j:j2] ** 2 / d[j:j2]
@@ -85,16 +92,17 @@ def obs_reference(W, H, sparsity, n_m, blocksize, percdamp=0.01):
     return W, ~prune
 
 
-@pytest.mark.parametrize("n_m", [None, (2, 4)])
-def test_sparsegpt_equals_slow_obs_reference(n_m):
+@pytest.mark.parametrize("n_m,selection", [(None, "block"), (None, "row"), ((2, 4), "block")])
+def test_sparsegpt_equals_slow_obs_reference(n_m, selection):
     torch.manual_seed(0)
     rows, cols = 12, 72
     X = correlated(400, cols, seed=3)
     X[:, 5] = 0  # a dead input
     H = 2 * X.double().t() @ X.double() / X.shape[0]
     W = torch.randn(rows, cols, dtype=torch.float64)
-    ref_W, ref_keep = obs_reference(W, H, 0.6 if n_m is None else 0.5, n_m, blocksize=32)
-    got_W, got_keep = sparsegpt_prune(W, H, 0.6 if n_m is None else 0.5, n_m, blocksize=32)
+    s = 0.6 if n_m is None else 0.5
+    ref_W, ref_keep = obs_reference(W, H, s, n_m, blocksize=32, selection=selection)
+    got_W, got_keep = sparsegpt_prune(W, H, s, n_m, blocksize=32, selection=selection)
     assert torch.equal(got_keep, ref_keep)
     torch.testing.assert_close(got_W, ref_W, rtol=1e-9, atol=1e-9)
     assert not got_keep[:, 5].all()  # the dead column's weights score 0: pruned first
@@ -134,19 +142,22 @@ def test_rel_error_matches_direct_computation():
 
 
 # ---------------------------------------------------------------------------- masks and densities
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [*METHODS, "sparsegpt-row"])
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.9])
 def test_unstructured_exact_counts(method, sparsity):
-    model = linear_model(d_in=70, d_out=20)
-    rep = one_shot(model, calib(70), method=method, sparsity=sparsity)
+    model = linear_model(d_in=170, d_out=21)  # two blocks of 128, the second one short
+    selection = "row" if method.endswith("-row") else "block"
+    rep = one_shot(
+        model, calib(170), method=method.split("-")[0], sparsity=sparsity, selection=selection
+    )
     layer = model[0]
     assert isinstance(layer, SparseLinear)
     assert check_masks(model) == []
     mask = layer.mask
-    if method == "magnitude":  # one threshold per layer
+    if method in ("magnitude", "sparsegpt"):  # per layer
         assert int(mask.sum()) == mask.numel() - round(sparsity * mask.numel())
     else:  # per output row
-        assert (mask.sum(1) == 70 - round(sparsity * 70)).all()
+        assert (mask.sum(1) == 170 - round(sparsity * 170)).all()
     assert rep[0]["density"] == pytest.approx(float(mask.float().mean()))
     assert (layer.weight[~mask] == 0).all()
 
