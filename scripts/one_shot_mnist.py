@@ -63,7 +63,7 @@ def train_dense(data, args) -> tuple[LeNet300100, dict]:
 def time_layer(n: int) -> dict:
     """SparseGPT on one random n x n layer, float64 on 1 CPU thread, 50% and 2:4."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2 * n, n, generator=g, dtype=torch.float64)
+    x = torch.randn(n, n, generator=g, dtype=torch.float64)
     H = 2 * x.t() @ x / x.shape[0]
     W = torch.randn(n, n, generator=g, dtype=torch.float64)
     out = {"n": n, "dtype": "float64", "threads": torch.get_num_threads()}
