@@ -30,6 +30,7 @@ from models.lenet import LeNet300100  # noqa: E402
 from sparsekern import training  # noqa: E402
 from sparsekern.pruning import one_shot  # noqa: E402
 from sparsekern.pruning._sparsegpt import sparsegpt_prune  # noqa: E402
+from sparsekern.pruning._wanda import magnitude_layer_mask, row_keep  # noqa: E402
 from sparsekern.training.data import load_mnist, tensor_loader  # noqa: E402
 
 METHODS = (("sparsegpt", True), ("sparsegpt", False), ("wanda", True), ("magnitude", True))
@@ -58,6 +59,39 @@ def train_dense(data, args) -> tuple[LeNet300100, dict]:
         err = test_error(model, data["x_test"], data["y_test"])
         print(f"epoch {e + 1}/{args.epochs}: test error {err:.2f}%", flush=True)
     return model, {"train_seconds": time.perf_counter() - t0, "epochs": args.epochs}
+
+
+def wanda_diagnostic(model, calibration, xt, yt, sparsities=(0.7, 0.9)) -> dict:
+    """Why Wanda loses on this MLP: swap its two ingredients (per-row comparison, the ||x||
+    weighting) one at a time. Replaces the Wanda mask rule inside one_shot for the duration."""
+    mod = sys.modules["sparsekern.pruning.one_shot"]
+    x = torch.cat(calibration).flatten(1)
+    const = x.std(0) < 1e-6
+    variants = {
+        "wanda: |w| ||x||, per row": mod.wanda_mask,
+        "|w| ||x||, per-layer threshold": lambda W, n, s, nm: magnitude_layer_mask(
+            W.abs() * n.unsqueeze(0), s, nm
+        ),
+        "|w|, per row": lambda W, n, s, nm: row_keep(W.abs(), s),
+        "|w|, per-layer threshold (magnitude)": lambda W, n, s, nm: magnitude_layer_mask(W, s, nm),
+    }
+    out = {
+        "constant_pixels": int(const.sum()),
+        "constant_value": float(x[0, const][0]) if const.any() else None,
+        "errors": {},
+    }
+    orig = mod.wanda_mask
+    try:
+        for name, rule in variants.items():
+            mod.wanda_mask = rule
+            for s in sparsities:
+                m = copy.deepcopy(model)
+                one_shot(m, calibration, "wanda", s)
+                out["errors"][f"{name} @ {s:.0%}"] = test_error(m, xt, yt)
+                print(f"{name:40s} {s:.0%}: {out['errors'][f'{name} @ {s:.0%}']:.2f}%", flush=True)
+    finally:
+        mod.wanda_mask = orig
+    return out
 
 
 def time_layer(n: int) -> dict:
@@ -126,6 +160,7 @@ def main(argv=None):
             print(
                 f"{label:20s} {pattern:4s} error {err:6.2f}% (+{err - dense_err:.2f})", flush=True
             )
+    diag = wanda_diagnostic(model, calibration, xt, yt)
     timing = time_layer(args.time_layer) if args.time_layer else None
     commit = subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True
@@ -134,7 +169,8 @@ def main(argv=None):
     result = {
         "command": "python scripts/one_shot_mnist.py " + " ".join(cli),
         "git_commit": commit, "torch": torch.__version__, "threads": 1, "config": vars(args),
-        "dense_test_error": dense_err, **info, "runs": runs, "timing_sparsegpt_layer": timing,
+        "dense_test_error": dense_err, **info, "runs": runs, "wanda_diagnostic": diag,
+        "timing_sparsegpt_layer": timing,
     }  # fmt: skip
     (out / "mnist.json").write_text(json.dumps(result, indent=1))
     write_table(result, out / "mnist.md")
@@ -165,6 +201,14 @@ def write_table(result: dict, path: Path) -> None:
         mag = get[("magnitude", pat)]["excess_error"]
         ratio = get[("sparsegpt", pat)]["excess_error"] / mag if mag > 0 else float("nan")
         lines.append(f"| {pat} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+    d = result.get("wanda_diagnostic")
+    if d:
+        head = (
+            f"Wanda diagnostic ({d['constant_pixels']}/784 calibration pixels are the constant "
+            f"{d['constant_value']:.4f} after normalisation), test error %:"
+        )
+        lines += ["", head, ""]
+        lines += [f"- {k}: {v:.2f}" for k, v in d["errors"].items()]
     t = result.get("timing_sparsegpt_layer")
     if t:
         lines += ["", f"SparseGPT on one {t['n']}x{t['n']} layer, {t['dtype']}, 1 CPU thread: "
