@@ -473,6 +473,9 @@ class OneShotPruner(BasePruner):
                     self.skipped[n] = (self.kinds[n], "not called by the forward")
             for n in order:
                 G, tokens, calib_s = self._statistics(n, calls[n] == 1, device, dtype)
+                if G is None or tokens == 0:
+                    self.skipped[n] = (self.kinds[n], "no inputs seen on the calibration set")
+                    continue
                 row = self._prune_layer(n, G, tokens, target)
                 row["calib_seconds"] = calib_s
                 rows.append(row)
