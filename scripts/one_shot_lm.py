@@ -29,6 +29,16 @@ import torch.nn.functional as F
 from sparsekern.pruning import one_shot
 
 ROOT = Path(__file__).resolve().parents[1]
+# label -> (method, options); "sparsegpt-row": per-row mask selection (the same as sparsegpt for
+# N:M, where selection is per group anyway)
+VARIANTS = {
+    "sparsegpt": ("sparsegpt", {}),
+    "sparsegpt-row": ("sparsegpt", {"selection": "row"}),
+    "sparsegpt-no-update": ("sparsegpt", {"compensate": False}),
+    "wanda": ("wanda", {}),
+    "magnitude": ("magnitude", {}),
+}
+LABELS = tuple(VARIANTS)
 
 
 def text_bytes() -> torch.Tensor:
@@ -135,19 +145,15 @@ def main(argv=None):
     print(f"dense perplexity {dense_ppl:.3f}", flush=True)
     runs = []
     configs = [
-        (m, s, nm, comp)
-        for s, nm in ((0.5, None), (None, (2, 4)), (0.7, None))
-        for m, comp in (("sparsegpt", True), ("sparsegpt", False), ("wanda", True),
-                        ("magnitude", True))
-    ]  # fmt: skip
-    for method, sparsity, n_m, comp in configs:
+        (label, s, nm) for s, nm in ((0.5, None), (None, (2, 4)), (0.7, None)) for label in LABELS
+    ]
+    for label, sparsity, n_m in configs:
+        method, kw = VARIANTS[label]
         m = copy.deepcopy(model)
         t0 = time.perf_counter()
-        report = one_shot(m, calibration, method=method, sparsity=sparsity, n_m=n_m,
-                          compensate=comp)  # fmt: skip
+        report = one_shot(m, calibration, method=method, sparsity=sparsity, n_m=n_m, **kw)
         secs = time.perf_counter() - t0
         ppl = perplexity(m, val, args.ctx)
-        label = method + ("" if comp else "-no-update")
         pattern = "2:4" if n_m else f"{sparsity:.0%}"
         pruned = [r for r in report if "skipped" not in r]
         runs.append({
@@ -174,9 +180,6 @@ def main(argv=None):
     print(f"wrote {out / 'lm.json'}, lm.md, lm.png")
 
 
-LABELS = ("sparsegpt", "sparsegpt-no-update", "wanda", "magnitude")
-
-
 def write_table(result: dict, path: Path) -> None:
     get = {(r["method"], r["pattern"]): r for r in result["runs"]}
     pats = list(dict.fromkeys(r["pattern"] for r in result["runs"]))
@@ -192,8 +195,10 @@ def write_table(result: dict, path: Path) -> None:
         f"{c['ctx']} bytes. Every Conv1D of the blocks pruned; embeddings and the tied head dense. "
         "Perplexity per byte (increase over dense in parentheses).",
         "",
-        "| pattern | " + " | ".join(LABELS) + " | SparseGPT / magnitude increase |",
-        "|---|" + "---:|" * (len(LABELS) + 1),
+        "| pattern | "
+        + " | ".join(LABELS)
+        + " | SparseGPT / magnitude increase | SparseGPT-row / magnitude |",
+        "|---|" + "---:|" * (len(LABELS) + 2),
     ]
     for pat in pats:
         cells = [
@@ -201,7 +206,8 @@ def write_table(result: dict, path: Path) -> None:
         ]
         mag = get[("magnitude", pat)]["increase"]
         ratio = get[("sparsegpt", pat)]["increase"] / mag if mag > 0 else float("nan")
-        lines.append(f"| {pat} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+        row = get[("sparsegpt-row", pat)]["increase"] / mag if mag > 0 else float("nan")
+        lines.append(f"| {pat} | " + " | ".join(cells) + f" | {ratio:.2f} | {row:.2f} |")
     path.write_text("\n".join(lines) + "\n")
 
 

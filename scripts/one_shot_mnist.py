@@ -33,7 +33,15 @@ from sparsekern.pruning._sparsegpt import sparsegpt_prune  # noqa: E402
 from sparsekern.pruning._wanda import magnitude_layer_mask, row_keep  # noqa: E402
 from sparsekern.training.data import load_mnist, tensor_loader  # noqa: E402
 
-METHODS = (("sparsegpt", True), ("sparsegpt", False), ("wanda", True), ("magnitude", True))
+# label -> (method, options); "sparsegpt-row": per-row mask selection (the same as sparsegpt for
+# N:M, where selection is per group anyway)
+VARIANTS = {
+    "sparsegpt": ("sparsegpt", {}),
+    "sparsegpt-row": ("sparsegpt", {"selection": "row"}),
+    "sparsegpt-no-update": ("sparsegpt", {"compensate": False}),
+    "wanda": ("wanda", {}),
+    "magnitude": ("magnitude", {}),
+}
 
 
 @torch.no_grad()
@@ -144,13 +152,12 @@ def main(argv=None):
     patterns = [(float(s), None) for s in args.sparsities.split(",")] + [(None, (2, 4))]
     runs = []
     for sparsity, n_m in patterns:
-        for method, comp in METHODS:
+        for label, (method, kw) in VARIANTS.items():
             m = copy.deepcopy(model)
             t0 = time.perf_counter()
-            report = one_shot(m, calibration, method, sparsity, n_m, compensate=comp)
+            report = one_shot(m, calibration, method, sparsity, n_m, **kw)
             secs = time.perf_counter() - t0
             err = test_error(m, xt, yt)
-            label = method + ("" if comp else "-no-update")
             pattern = "2:4" if n_m else f"{sparsity:.0%}"
             runs.append({
                 "method": label, "pattern": pattern, "sparsity": 0.5 if n_m else sparsity,
@@ -179,7 +186,7 @@ def main(argv=None):
 
 
 def write_table(result: dict, path: Path) -> None:
-    labels = [m + ("" if c else "-no-update") for m, c in METHODS]
+    labels = list(VARIANTS)
     pats = list(dict.fromkeys(r["pattern"] for r in result["runs"]))
     get = {(r["method"], r["pattern"]): r for r in result["runs"]}
     dense = result["dense_test_error"]
@@ -190,8 +197,10 @@ def write_table(result: dict, path: Path) -> None:
         f"{result['torch']}, 1 CPU thread. Test error in % (excess over dense in parentheses); "
         "all three layers pruned to the pattern.",
         "",
-        "| pattern | " + " | ".join(labels) + " | SparseGPT / magnitude excess |",
-        "|---|" + "---:|" * (len(labels) + 1),
+        "| pattern | "
+        + " | ".join(labels)
+        + " | SparseGPT / magnitude excess | SparseGPT-row / magnitude |",
+        "|---|" + "---:|" * (len(labels) + 2),
     ]
     for pat in pats:
         cells = [
@@ -200,7 +209,8 @@ def write_table(result: dict, path: Path) -> None:
         ]
         mag = get[("magnitude", pat)]["excess_error"]
         ratio = get[("sparsegpt", pat)]["excess_error"] / mag if mag > 0 else float("nan")
-        lines.append(f"| {pat} | " + " | ".join(cells) + f" | {ratio:.2f} |")
+        row = get[("sparsegpt-row", pat)]["excess_error"] / mag if mag > 0 else float("nan")
+        lines.append(f"| {pat} | " + " | ".join(cells) + f" | {ratio:.2f} | {row:.2f} |")
     d = result.get("wanda_diagnostic")
     if d:
         head = (
@@ -223,7 +233,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for lab in [m + ("" if c else "-no-update") for m, c in METHODS]:
+    for lab in VARIANTS:
         rs = [r for r in result["runs"] if r["method"] == lab and r["pattern"] != "2:4"]
         (line,) = ax.plot(
             [r["sparsity"] for r in rs], [r["test_error"] for r in rs], "o-", label=lab
