@@ -16,10 +16,10 @@ The algorithm (the paper's Algorithm 1):
   eagerly, those to the later columns lazily, as one GEMM per block.
 * Adaptive mask selection: at the start of every block, the weights of the block with the
   smallest ``w^2 / U_cc^2`` (the OBS error of removing them) are pruned, at the target sparsity:
-  one threshold over the whole ``[rows, blocksize]`` block (``selection="block"``, the paper's
-  Algorithm 1 and its code; rows may end at different densities, the layer at exactly
-  ``round(sparsity * rows * cols)`` by cumulative rounding), or the same count in each row of the
-  block (``selection="row"``: each row loses exactly ``round(sparsity * cols)``). N:M: at the
+  the same count in each row of the block (``selection="row"``, the default: each row loses
+  exactly ``round(sparsity * cols)``), or one threshold over the whole ``[rows, blocksize]`` block
+  (``selection="block"``, as the reference code does; rows may end at different densities, the
+  layer at exactly ``round(sparsity * rows * cols)`` by cumulative rounding). N:M: at the
   start of every group of M columns, each row keeps the N with the largest ``w^2 / U_cc^2`` (a
   last, shorter group of ``r`` keeps ``min(N, r)``).
 * ``compensate=False`` keeps the mask selection but skips every weight update (the ablation
@@ -72,7 +72,7 @@ def sparsegpt_prune(
     blocksize: int = 128,
     percdamp: float = 0.01,
     compensate: bool = True,
-    selection: str = "block",
+    selection: str = "row",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prune ``W [rows, cols]`` with SparseGPT.
 
@@ -86,8 +86,8 @@ def sparsegpt_prune(
             multiple of M.
         percdamp: dampening, as a fraction of ``mean(diag H)``.
         compensate: False: select masks the same way but never update the kept weights.
-        selection: unstructured only: ``"row"`` prunes the same count in every row of a block
-            (every row ends at exactly ``round(sparsity * cols)``); ``"block"`` takes one
+        selection: unstructured only: ``"row"`` (default) prunes the same count in every row of
+            a block (every row ends at exactly ``round(sparsity * cols)``); ``"block"`` takes one
             threshold over the whole ``[rows, blocksize]`` block, as the reference code does
             (rows may differ; the layer ends at exactly ``round(sparsity * rows * cols)``).
 

@@ -45,7 +45,7 @@ def calib(d_in=64, batches=4, n=128, seed=1):
 
 
 # ---------------------------------------------------------------------------- the OBS reference
-def obs_reference(W, H, sparsity, n_m, blocksize, percdamp=0.01, selection="block"):
+def obs_reference(W, H, sparsity, n_m, blocksize, percdamp=0.01, selection="row"):
     """SparseGPT written the slow, obvious way in float64: column by column, the explicit inverse
     of the Hessian of the columns not yet processed (``inv(H[j:, j:])``) and the OBS update
     ``W[:, j:] -= (w_j - q_j) / Finv_00 * Finv_0,:``; masks chosen at each block (group) start with
@@ -142,11 +142,11 @@ def test_rel_error_matches_direct_computation():
 
 
 # ---------------------------------------------------------------------------- masks and densities
-@pytest.mark.parametrize("method", [*METHODS, "sparsegpt-row"])
+@pytest.mark.parametrize("method", [*METHODS, "sparsegpt-block"])
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.9])
 def test_unstructured_exact_counts(method, sparsity):
     model = linear_model(d_in=170, d_out=21)  # two blocks of 128, the second one short
-    selection = "row" if method.endswith("-row") else "block"
+    selection = "block" if method.endswith("-block") else "row"
     rep = one_shot(
         model, calib(170), method=method.split("-")[0], sparsity=sparsity, selection=selection
     )
@@ -154,7 +154,7 @@ def test_unstructured_exact_counts(method, sparsity):
     assert isinstance(layer, SparseLinear)
     assert check_masks(model) == []
     mask = layer.mask
-    if method in ("magnitude", "sparsegpt"):  # per layer
+    if method in ("magnitude", "sparsegpt-block"):  # per layer
         assert int(mask.sum()) == mask.numel() - round(sparsity * mask.numel())
     else:  # per output row
         assert (mask.sum(1) == 170 - round(sparsity * 170)).all()
