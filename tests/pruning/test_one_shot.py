@@ -356,3 +356,34 @@ def test_two_four_masks_feed_export_semi_structured():
     ref = model(x)
     got = fast(x.to("cuda", torch.float16)).float().cpu()
     torch.testing.assert_close(got, ref, rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------------------- real models
+def test_lenet5_conv_and_fc():
+    from models.lenet import LeNet5
+
+    torch.manual_seed(0)
+    model = LeNet5().eval()
+    cal = [torch.randn(16, 1, 28, 28) for _ in range(2)]
+    rep = one_shot(model, cal, method="sparsegpt", sparsity=0.8)
+    assert [(r["name"], r["kind"]) for r in rep] == [
+        ("conv1", "conv2d"), ("conv2", "conv2d"), ("fc1", "linear"), ("fc2", "linear"),
+    ]  # fmt: skip
+    assert all(r["density"] == pytest.approx(0.2, abs=0.01) for r in rep)
+    assert check_masks(model) == []
+
+
+def test_torchvision_resnet_selected_layers():
+    tv = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = tv.models.resnet18(num_classes=10).eval()
+    names = ["conv1", "layer1.0.conv1", "layer1.0.conv2", "fc"]
+    cal = [torch.randn(2, 3, 32, 32) for _ in range(2)]
+    rep = one_shot(model, cal, method="wanda", n_m=(2, 4), layers=names)
+    assert [r["name"] for r in rep] == names
+    assert isinstance(model.conv1, SparseConv2d) and isinstance(model.fc, SparseLinear)
+    assert isinstance(model.layer2[0].conv1, nn.Conv2d) and not isinstance(
+        model.layer2[0].conv1, SparseConv2d
+    )
+    assert all(check_nm(model.get_submodule(n).mask, 2, 4) for n in names)
+    assert check_masks(model) == []
