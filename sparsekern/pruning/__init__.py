@@ -17,7 +17,9 @@ One lifecycle for all of them::
 
 Pruners: :class:`HanPruner` (Han et al. 2015: quality x std threshold, iterative, L1/L2,
 dropout rule, freezing), :class:`GlobalMagnitudePruner`, :class:`GradualPruner` (Zhu and Gupta),
-:class:`SNIPPruner`, :class:`RigLPruner`, :class:`NMPruner`, :class:`BlockPruner`.
+:class:`SNIPPruner`, :class:`RigLPruner`, :class:`NMPruner`, :class:`BlockPruner`,
+:class:`OneShotPruner` (:func:`one_shot`: SparseGPT, Wanda, magnitude from calibration inputs,
+no retraining; ``docs/one_shot.md``).
 Schedules (:mod:`sparsekern.pruning.schedules`): :class:`OneShot`, :class:`Geometric` (Han's
 rounds), :class:`Cubic` (Zhu and Gupta), :class:`CosineDecay` (RigL's update fraction).
 Targets: :func:`sensitivity_targets` (Han Fig. 6), :func:`proportional_targets`.
@@ -64,6 +66,7 @@ from sparsekern.pruning.nm import (
     nm_mask,
     semi_structured_support,
 )
+from sparsekern.pruning.one_shot import OneShotPruner, format_one_shot_report, one_shot
 from sparsekern.pruning.regularization import regularization_loss
 from sparsekern.pruning.report import format_report, layer_report
 from sparsekern.pruning.rigl import RigLPruner, erk_densities, layer_densities
@@ -117,6 +120,9 @@ __all__ = [
     "nm_mask",
     "NMPruner",
     "OneShot",
+    "one_shot",
+    "OneShotPruner",
+    "format_one_shot_report",
     "proportional_targets",
     "prune_blocks_",
     "prune_model_",

@@ -1,0 +1,584 @@
+"""One-shot pruning from calibration inputs, without retraining: SparseGPT (Frantar & Alistarh
+2023), Wanda (Sun et al. 2023) and magnitude, unstructured or N:M.
+
+::
+
+    report = one_shot(model, calibration, method="sparsegpt", sparsity=0.5)   # or n_m=(2, 4)
+    print(format_one_shot_report(report))
+
+``calibration`` is an iterable of batches, each passed to ``model`` as ``model(batch)`` (a
+tensor), ``model(*batch)`` (a tuple or list) or ``model(**batch)`` (a dict); it is read once into a
+list and traversed several times.
+
+What happens, layer by layer in forward order (sequential, as in the paper):
+
+1. The selected layers (``nn.Linear``, ``nn.Conv2d`` with ``groups == 1`` and zero padding, HF
+   transformers' ``Conv1D``) are replaced in place by ``SparseLinear`` / ``SparseConv2d`` /
+   ``SparseConv1D`` sharing their parameters (masks all True: outputs unchanged). Already sparse
+   ones are used as they are (their mask is recomputed from their current weights).
+2. For each layer, in the order the model's forward calls them: the model runs on the whole
+   calibration set with a hook that accumulates ``G = X^T X`` (float64 on CPU, float32 on GPU) of
+   the layer's inputs as a GEMM operand ``X [tokens, cols]``: a Linear's ``[..., in]`` rows, a
+   conv's ``F.unfold`` patches (``cols = in * kh * kw``), a Conv1D's ``[..., nx]`` rows. The forward
+   stops right after the layer (an internal exception), so later layers are not run. Since the
+   earlier layers are already pruned, their errors propagate into the statistics of the later
+   ones. Cost: one (partial) forward pass over the calibration set per layer, plus one to find the
+   order; fine for small and medium models. (The paper's implementation caches the inputs of one
+   transformer block at a time instead; that needs knowledge of the model's structure.)
+3. The layer is pruned from ``G`` (see :mod:`sparsekern.pruning._sparsegpt` and
+   :mod:`sparsekern.pruning._wanda`): SparseGPT rewrites the kept weights (OBS reconstruction,
+   ``H = 2 G / n``), Wanda and magnitude only choose masks. The new weight is written, then the
+   mask is installed with ``set_mask`` (the mask invariant holds; an optimizer's state is zeroed).
+
+Default selection (``layers=None``): every supported layer except those named ``lm_head`` (or
+ending in ``.lm_head``) and those whose weight is shared with another module (GPT-2's
+``lm_head`` / ``wte`` tie): as in the SparseGPT paper, the transformer blocks' linear layers are
+pruned and the embeddings and the head are left dense. ``layers=[...]`` names exactly the layers
+to prune (any supported layer, the head included).
+
+Report (a list, one dict per layer, forward order; skipped layers last): ``name``, ``kind``
+(``"linear"``, ``"conv2d"``, ``"conv1d"``), ``shape`` (the GEMM view ``[rows, cols]``),
+``density`` (kept fraction), ``rel_error`` (``||W X - W' X||^2 / ||W X||^2`` over the calibration
+inputs, bias excluded, computed exactly from ``G``), ``tokens`` (rows of ``X``), ``seconds`` (the
+solver), ``calib_seconds`` (the forward passes); a skipped layer has ``skipped`` (the reason).
+
+Exact densities: SparseGPT (``selection="row"``, the default) and Wanda prune exactly
+``round(sparsity * cols)`` weights of every row; magnitude and SparseGPT with
+``selection="block"`` prune exactly ``round(sparsity * numel)`` weights of each layer (SparseGPT:
+the block thresholds add up to it by cumulative rounding; rows may differ); N:M keeps N of
+every M consecutive inputs of a row (a last, shorter group of ``r`` keeps ``min(N, r)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsekern.nn._sparse_module import is_sparse_module
+from sparsekern.nn.masks import set_mask
+from sparsekern.nn.sparse_attention import SparseConv1D, is_hf_conv1d
+from sparsekern.nn.sparse_conv2d import SparseConv2d, symmetric_zero_padding
+from sparsekern.nn.sparse_linear import SparseLinear
+from sparsekern.pruning._sparsegpt import sparsegpt_prune
+from sparsekern.pruning._wanda import magnitude_layer_mask, wanda_mask
+from sparsekern.pruning.base import BasePruner, Closure
+
+__all__ = ["METHODS", "OneShotPruner", "format_one_shot_report", "one_shot"]
+
+METHODS = ("sparsegpt", "wanda", "magnitude")
+
+
+class _StopForward(Exception):
+    """Raised by a statistics hook once its layer has seen its input: nothing after it runs."""
+
+
+# ---------------------------------------------------------------------------- layer views
+def _kind(module: nn.Module) -> str | None:
+    if isinstance(module, SparseConv1D) or is_hf_conv1d(module):
+        return "conv1d"
+    if type(module) is nn.Linear or isinstance(module, SparseLinear):
+        return "linear"
+    if type(module) is nn.Conv2d or isinstance(module, SparseConv2d):
+        return "conv2d"
+    return None
+
+
+def _unsupported(module: nn.Module, kind: str) -> str | None:
+    """Why a layer of a supported type cannot be pruned here, or None."""
+    if kind == "conv2d":
+        if module.groups != 1:
+            return f"grouped convolution (groups={module.groups}): not a single GEMM"
+        if symmetric_zero_padding(module) is None:
+            return (
+                f"padding {module.padding!r} / padding_mode {module.padding_mode!r} is not a "
+                "symmetric zero padding"
+            )
+    if getattr(module, "block_size", None) is not None:
+        return "block-sparse layer (block_size set): its mask is block-structured"
+    return None
+
+
+def _to_2d(module: nn.Module, kind: str) -> torch.Tensor:
+    """The weight as the GEMM's ``[rows (outputs), cols (inputs)]``."""
+    w = module.weight.detach()
+    if kind == "conv1d":
+        return w.t()
+    return w.reshape(w.shape[0], -1)
+
+
+def _from_2d(t: torch.Tensor, module: nn.Module, kind: str) -> torch.Tensor:
+    if kind == "conv1d":
+        return t.t().contiguous()
+    return t.reshape(module.weight.shape).contiguous()
+
+
+def _inputs_2d(module: nn.Module, kind: str, x: torch.Tensor) -> torch.Tensor:
+    """The layer's input ``x`` as the GEMM operand ``[tokens, cols]``."""
+    if kind == "conv2d":
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        pad = symmetric_zero_padding(module)
+        cols = F.unfold(x, module.kernel_size, module.dilation, pad, module.stride)
+        return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+    return x.reshape(-1, x.shape[-1])
+
+
+def _sparse_version(module: nn.Module, kind: str) -> nn.Module:
+    if is_sparse_module(module):
+        return module
+    if kind == "linear":
+        return SparseLinear.from_dense(module)
+    if kind == "conv2d":
+        return SparseConv2d.from_dense(module)
+    return SparseConv1D.from_dense(module)
+
+
+def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    for parent in model.modules():
+        for key, child in list(parent._modules.items()):
+            if child is old:
+                parent._modules[key] = new
+
+
+def _tied(model: nn.Module, name: str, module: nn.Module) -> str | None:
+    """The name of another module holding ``module``'s weight Parameter, or None."""
+    w = module.weight
+    for other_name, other in model.named_modules(remove_duplicate=False):
+        if other is module:
+            continue
+        for p in other._parameters.values():
+            if p is w:
+                return other_name
+    return None
+
+
+def _is_head(name: str) -> bool:
+    return name == "lm_head" or name.endswith(".lm_head")
+
+
+# ---------------------------------------------------------------------------- calibration
+def _device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _move(x, device):
+    return x.to(device) if isinstance(x, torch.Tensor) else x
+
+
+def _run(model: nn.Module, batch, device) -> None:
+    if isinstance(batch, torch.Tensor):
+        model(_move(batch, device))
+    elif isinstance(batch, (tuple, list)):
+        model(*[_move(b, device) for b in batch])
+    elif isinstance(batch, dict):
+        model(**{k: _move(v, device) for k, v in batch.items()})
+    else:
+        raise TypeError(
+            f"one_shot: expected calibration batches that are tensors, tuples/lists (passed as "
+            f"*args) or dicts (passed as **kwargs), got {type(batch).__name__}"
+        )
+
+
+def _check_calibration(calibration) -> list:
+    if isinstance(calibration, torch.Tensor):
+        raise TypeError(
+            "one_shot: expected an iterable of batches for calibration, got a single tensor: "
+            "wrap it in a list ([x]) or split it into batches"
+        )
+    try:
+        batches = list(calibration)
+    except TypeError:
+        raise TypeError(
+            f"one_shot: expected an iterable of batches for calibration, got "
+            f"{type(calibration).__name__}"
+        ) from None
+    if not batches:
+        raise ValueError("one_shot: expected at least one calibration batch, got none")
+    for b in batches:
+        if not isinstance(b, (torch.Tensor, tuple, list, dict)):
+            raise TypeError(
+                f"one_shot: expected calibration batches that are tensors, tuples/lists (passed "
+                f"as *args) or dicts (passed as **kwargs), got {type(b).__name__}"
+            )
+    return batches
+
+
+def _check_n_m(n_m) -> tuple[int, int] | None:
+    if n_m is None:
+        return None
+    ok = (
+        isinstance(n_m, (tuple, list))
+        and len(n_m) == 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in n_m)
+        and 1 <= n_m[0] <= n_m[1]
+    )
+    if not ok:
+        raise ValueError(f"one_shot: expected n_m = (n, m) with integers 1 <= n <= m, got {n_m!r}")
+    return int(n_m[0]), int(n_m[1])
+
+
+# ---------------------------------------------------------------------------- the pruner
+class OneShotPruner(BasePruner):
+    """One-shot pruning from calibration inputs (module docstring), under the common lifecycle::
+
+        pruner = OneShotPruner(model, calibration=batches, method="sparsegpt", n_m=(2, 4))
+        kept = pruner.prune()            # {layer: kept fraction}; pruner.report: per layer
+        summary = pruner.finalize()
+        fast, how = export_semi_structured(model)    # on a GPU: 2:4 SparseLinear -> cuSPARSELt
+
+    ``step()`` only counts steps (there is no schedule: the method is one-shot); ``prune()`` may be
+    called again (e.g. after more training), it re-runs the whole sequential procedure.
+
+    Args:
+        model: any ``nn.Module``; its selected layers are replaced in place by sparse ones at
+            construction (a model that is itself a dense layer cannot be: wrap it in
+            ``nn.Sequential``).
+        optimizer: the optimizer training the model, or None (its state is zeroed where pruned).
+        calibration: an iterable of batches (tensor / tuple / dict), read into a list.
+        method: ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
+        sparsity: pruned fraction in [0, 1] (default 0.5); with ``n_m`` it must be ``1 - n/m``
+            or None.
+        n_m: ``(n, m)``: keep N of every M consecutive inputs (2:4 for sparse tensor cores).
+        layers: names of the layers to prune (default: module docstring).
+        blocksize, percdamp: SparseGPT's lazy-update block (128) and dampening (0.01).
+        compensate: SparseGPT's error-compensation update; False is the ablation (the same mask
+            selection, kept weights unchanged).
+        selection: SparseGPT's unstructured mask selection per block: ``"row"`` (default: the
+            same count in every row of the block) or ``"block"`` (one threshold over the whole
+            block, as the reference code does; rows may differ). On the small GPT-2 of
+            ``docs/one_shot.md`` ``"row"`` is far better, on the MNIST MLP ``"block"`` is.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        calibration: Iterable,
+        method: str = "sparsegpt",
+        sparsity: float | None = None,
+        n_m: tuple[int, int] | None = None,
+        layers: Iterable[str] | None = None,
+        blocksize: int = 128,
+        percdamp: float = 0.01,
+        compensate: bool = True,
+        selection: str = "row",
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"OneShotPruner: expected an nn.Module, got {type(model).__name__}")
+        if method not in METHODS:
+            raise ValueError(f"one_shot: expected method in {METHODS}, got {method!r}")
+        self.n_m = _check_n_m(n_m)
+        if self.n_m is not None:
+            nominal = 1.0 - self.n_m[0] / self.n_m[1]
+            if sparsity is not None and abs(float(sparsity) - nominal) > 1e-12:
+                raise ValueError(
+                    f"one_shot: expected sparsity None or {nominal:.4g} (the sparsity of "
+                    f"{self.n_m[0]}:{self.n_m[1]}), got {sparsity}"
+                )
+            sparsity = nominal
+        elif sparsity is None:
+            sparsity = 0.5
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)):
+            raise TypeError(f"one_shot: expected a sparsity in [0, 1], got {sparsity!r}")
+        if not 0.0 <= float(sparsity) <= 1.0:
+            raise ValueError(f"one_shot: expected a sparsity in [0, 1], got {sparsity}")
+        if not (isinstance(blocksize, int) and blocksize >= 1):
+            raise ValueError(f"one_shot: expected blocksize an integer >= 1, got {blocksize!r}")
+        if selection not in ("block", "row"):
+            raise ValueError(f"one_shot: expected selection 'block' or 'row', got {selection!r}")
+        if not (percdamp >= 0 and math.isfinite(percdamp)):
+            raise ValueError(f"one_shot: expected percdamp >= 0, got {percdamp}")
+        self.calibration = _check_calibration(calibration)
+        self.method = method
+        self.blocksize = blocksize
+        self.percdamp = float(percdamp)
+        self.compensate = bool(compensate)
+        self.selection = selection
+        self.skipped: dict[str, tuple[str, str]] = {}  # name -> (kind, reason)
+        self.kinds: dict[str, str] = {}
+        names = self._select(model, layers)
+        if not names:
+            raise ValueError(
+                f"one_shot: expected at least one layer to prune, got none (skipped: "
+                f"{ {n: r for n, (_, r) in self.skipped.items()} })"
+            )
+        super().__init__(model, optimizer, sparsity=float(sparsity), layers=names)
+        self.report: list[dict] = []
+
+    # ------------------------------------------------------------------ selection
+    def _select(self, model: nn.Module, layers) -> list[str]:
+        if _kind(model) is not None and not is_sparse_module(model):
+            raise TypeError(
+                f"one_shot: the model is itself a dense {type(model).__name__}, which cannot be "
+                "replaced in place: wrap it, e.g. nn.Sequential(layer)"
+            )
+        found = {n: m for n, m in model.named_modules() if _kind(m) is not None}
+        if layers is None:
+            wanted = []
+            for n, m in found.items():
+                if _is_head(n):
+                    self.skipped[n] = (_kind(m), "the LM head (left dense by default)")
+                elif (other := _tied(model, n, m)) is not None:
+                    self.skipped[n] = (_kind(m), f"weight tied with {other!r}")
+                else:
+                    wanted.append(n)
+        else:
+            if isinstance(layers, str):
+                layers = [layers]
+            wanted = list(layers)
+            unknown = [n for n in wanted if n not in found]
+            if unknown:
+                raise KeyError(
+                    f"one_shot: expected layer names among the supported layers {list(found)}, "
+                    f"got unknown {unknown}"
+                )
+        names = []
+        for n in wanted:
+            m, kind = found[n], _kind(found[n])
+            why = _unsupported(m, kind)
+            if why is not None:
+                self.skipped[n] = (kind, why)
+                continue
+            new = _sparse_version(m, kind)
+            if new is not m:
+                _replace_everywhere(model, m, new)
+            self.kinds[n] = kind
+            names.append(n)
+        return names
+
+    # ------------------------------------------------------------------ the procedure
+    def compute_masks(self, sparsity, closure: Closure | None = None) -> dict:
+        raise NotImplementedError(
+            "OneShotPruner prunes sequentially (each layer's inputs come from the pruned layers "
+            "before it), which changes the model as it goes: call prune()"
+        )
+
+    @torch.no_grad()
+    def _order(self, device) -> tuple[list[str], dict[str, int]]:
+        """The selected layers in the order the forward first calls them (one calibration
+        batch), and how many times each is called per forward."""
+        order: list[str] = []
+        calls: dict[str, int] = {}
+        handles = []
+        for n, m in self.layers.items():
+
+            def hook(mod, inputs, n=n):
+                calls[n] = calls.get(n, 0) + 1
+                if n not in order:
+                    order.append(n)
+
+            handles.append(m.register_forward_pre_hook(hook))
+        try:
+            _run(self.model, self.calibration[0], device)
+        finally:
+            for h in handles:
+                h.remove()
+        return order, calls
+
+    @torch.no_grad()
+    def _statistics(self, name: str, stop: bool, device, dtype) -> tuple[torch.Tensor, int, float]:
+        """``G = X^T X`` and the token count of layer ``name``'s inputs over the calibration set,
+        with the model as it is now."""
+        module, kind = self.layers[name], self.kinds[name]
+        state = {"G": None, "n": 0}
+
+        def hook(mod, inputs):
+            x = _inputs_2d(mod, kind, inputs[0].detach()).to(dtype)
+            g = x.t() @ x
+            state["G"] = g if state["G"] is None else state["G"] + g
+            state["n"] += x.shape[0]
+            if stop:
+                raise _StopForward
+
+        t0 = time.perf_counter()
+        h = module.register_forward_pre_hook(hook)
+        try:
+            for batch in self.calibration:
+                with contextlib.suppress(_StopForward):
+                    _run(self.model, batch, device)
+        finally:
+            h.remove()
+        return state["G"], state["n"], time.perf_counter() - t0
+
+    @torch.no_grad()
+    def _prune_layer(self, name: str, G: torch.Tensor, n_tokens: int, sparsity: float):
+        module, kind = self.layers[name], self.kinds[name]
+        W = _to_2d(module, kind).to(G.dtype)
+        t0 = time.perf_counter()
+        if self.method == "sparsegpt":
+            H = G * (2.0 / n_tokens)
+            W_new, keep = sparsegpt_prune(
+                W,
+                H,
+                sparsity,
+                self.n_m,
+                self.blocksize,
+                self.percdamp,
+                self.compensate,
+                self.selection,
+            )
+        else:
+            if self.method == "wanda":
+                keep = wanda_mask(W, torch.diagonal(G).clamp_min(0).sqrt(), sparsity, self.n_m)
+            else:
+                keep = magnitude_layer_mask(W, sparsity, self.n_m)
+            W_new = W * keep
+        seconds = time.perf_counter() - t0
+        D = W - W_new
+        num = float(((D @ G) * D).sum())
+        den = float(((W @ G) * W).sum())
+        rel = num / den if den > 0 else (0.0 if num == 0 else math.inf)
+        module.weight.copy_(_from_2d(W_new, module, kind).to(module.weight.dtype))
+        set_mask(module, _from_2d(keep, module, kind).to(module.mask.device), self.optimizer)
+        return {
+            "name": name,
+            "kind": kind,
+            "shape": list(W.shape),
+            "density": float(keep.float().mean()),
+            "rel_error": rel,
+            "tokens": n_tokens,
+            "seconds": seconds,
+        }
+
+    def prune(self, sparsity: float | None = None, closure: Closure | None = None) -> dict:
+        """Run the sequential procedure (module docstring) at ``sparsity`` (default: the
+        constructor's); fills :attr:`report`. Returns ``{layer: kept fraction}``."""
+        target = (
+            self._default_target()
+            if sparsity is None
+            else self._check_target(sparsity, "prune(sparsity)")
+        )
+        if self.n_m is not None and abs(target - self.sparsity) > 1e-12:
+            raise ValueError(
+                f"OneShotPruner.prune: expected the sparsity of {self.n_m[0]}:{self.n_m[1]}, "
+                f"{self.sparsity:.4g}, got {target}"
+            )
+        device = _device(self.model)
+        dtype = torch.float64 if device.type == "cpu" else torch.float32
+        was_training = self.model.training
+        self.model.eval()
+        rows = []
+        try:
+            order, calls = self._order(device)
+            for n in self.layers:
+                if n not in order:
+                    self.skipped[n] = (self.kinds[n], "not called by the forward")
+            for n in order:
+                G, tokens, calib_s = self._statistics(n, calls[n] == 1, device, dtype)
+                if G is None or tokens == 0:
+                    self.skipped[n] = (self.kinds[n], "no inputs seen on the calibration set")
+                    continue
+                row = self._prune_layer(n, G, tokens, target)
+                row["calib_seconds"] = calib_s
+                rows.append(row)
+        finally:
+            self.model.train(was_training)
+        rows += [{"name": n, "kind": k, "skipped": why} for n, (k, why) in self.skipped.items()]
+        self.report = rows
+        self.rounds += 1
+        self.history.append(
+            {
+                "step": self.steps,
+                "round": self.rounds,
+                "target": target,
+                "sparsity": self.current_sparsity(),
+                "kept": self.kept_fractions(),
+                "changed": True,
+            }
+        )
+        return self.kept_fractions()
+
+    def _config(self) -> dict:
+        return {
+            "method": self.method,
+            "n_m": None if self.n_m is None else list(self.n_m),
+            "blocksize": self.blocksize,
+            "percdamp": self.percdamp,
+            "compensate": self.compensate,
+            "selection": self.selection,
+        }
+
+    def _extra_state(self) -> dict:
+        return {"report": [dict(r) for r in self.report]}
+
+    def _load_extra_state(self, state: dict) -> None:
+        self.report = [dict(r) for r in state.get("report", [])]
+
+
+def one_shot(
+    model: nn.Module,
+    calibration: Iterable,
+    method: str = "sparsegpt",
+    sparsity: float | None = None,
+    n_m: tuple[int, int] | None = None,
+    layers: Iterable[str] | None = None,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    compensate: bool = True,
+    selection: str = "row",
+) -> list[dict]:
+    """Prune ``model`` in place, one shot, from ``calibration`` (module docstring).
+
+    Args:
+        model: any ``nn.Module`` with ``nn.Linear`` / ``nn.Conv2d`` / HF ``Conv1D`` layers (or
+            their sparse versions); they become ``SparseLinear`` / ``SparseConv2d`` /
+            ``SparseConv1D`` with their masks set.
+        calibration: an iterable of batches: tensors (``model(x)``), tuples/lists
+            (``model(*b)``) or dicts (``model(**b)``).
+        method: ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
+        sparsity: pruned fraction in [0, 1]; default 0.5, or with ``n_m`` the pattern's
+            ``1 - n/m`` (another value with ``n_m`` raises ``ValueError``).
+        n_m: ``(n, m)``, e.g. ``(2, 4)``: N:M instead of unstructured.
+        layers: names of the layers to prune; default every supported layer but the LM head and
+            tied weights.
+        optimizer: zero its state where pruned.
+        blocksize, percdamp, compensate, selection: SparseGPT's options (see
+            :class:`OneShotPruner`).
+
+    Returns:
+        The per-layer report (module docstring); :func:`format_one_shot_report` prints it.
+    """
+    pruner = OneShotPruner(
+        model,
+        optimizer,
+        calibration=calibration,
+        method=method,
+        sparsity=sparsity,
+        n_m=n_m,
+        layers=layers,
+        blocksize=blocksize,
+        percdamp=percdamp,
+        compensate=compensate,
+        selection=selection,
+    )
+    pruner.prune()
+    return pruner.report
+
+
+def format_one_shot_report(report: list[dict]) -> str:
+    """The report as a markdown table."""
+    lines = [
+        "| layer | kind | shape | density | rel. error | solver s | calib s |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
+    for r in report:
+        if "skipped" in r:
+            lines.append(f"| {r['name']} | {r['kind']} | | | | | skipped: {r['skipped']} |")
+            continue
+        rows, cols = r["shape"]
+        lines.append(
+            f"| {r['name']} | {r['kind']} | {rows}x{cols} | {r['density']:.4f} | "
+            f"{r['rel_error']:.4g} | {r['seconds']:.3f} | {r['calib_seconds']:.3f} |"
+        )
+    return "\n".join(lines)
