@@ -155,6 +155,7 @@ def main(argv=None):
     methods = args.methods.split(",")
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
+    commit = git_commit()  # at the start: the code that ran, whatever changes meanwhile
     records = []
 
     def log(rec):
@@ -235,7 +236,7 @@ def main(argv=None):
 
     summary = {
         "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "args": vars(args),
         "torch": torch.__version__,
         "seconds": round(time.time() - t0, 1),
