@@ -425,6 +425,7 @@ def _new_bn(m: nn.BatchNorm2d, keep) -> nn.BatchNorm2d:
     new = nn.BatchNorm2d(
         n, m.eps, m.momentum, m.affine, m.track_running_stats,
         device=(m.weight if m.affine else m.running_mean).device,
+        dtype=(m.weight if m.affine else m.running_mean).dtype,
     )  # fmt: skip
     if m.affine:
         new.weight = _param(m.weight.detach()[keep], m.weight)
