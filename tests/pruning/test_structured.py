@@ -367,3 +367,16 @@ def test_structured_pruner_taylor_with_closure():
     assert small.fc1.out_features == 250 and small.fc2.out_features == 10
     with torch.no_grad():
         torch.testing.assert_close(small(x), model.eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_train_mode_model_is_untouched_and_keeps_its_mode():
+    torch.manual_seed(0)
+    model = randomise_bn(ResCatNet()).train()
+    saved = state(model)
+    x = torch.randn(2, 3, 8, 8)
+    data = [(x, torch.randint(0, 5, (2,)))]
+    for imp in ("l2", "taylor", "bn_scale", "random"):
+        small = prune_channels(model, x, 0.5, imp, data=data, loss_fn=F.cross_entropy)
+        assert small.training and model.training
+    assert same_state(model, saved), "no BatchNorm statistic may change"
+    assert all(p.grad is None for p in model.parameters())
