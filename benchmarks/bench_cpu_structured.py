@@ -61,6 +61,7 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--wait-load", type=float, default=0.8)
     ap.add_argument("--max-wait", type=float, default=600)
+    ap.add_argument("--nets", help="comma-separated subset of the nets (default: all)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "results" / "structured"))
     args = ap.parse_args(argv)
@@ -73,7 +74,10 @@ def main(argv=None):
     env = cpu_environment()
     env["command"] = "python " + " ".join(sys.argv)
     rows = []
-    for name in TIMED if args.smoke else COUNTED:
+    names = TIMED if args.smoke else COUNTED
+    if args.nets:
+        names = [n for n in names if n in args.nets.split(",")]
+    for name in names:
         dense = getattr(torchvision.models, name)(weights=None).eval()
         x1 = torch.randn(1, 3, args.res, args.res)
         nets = {"dense": dense}
@@ -110,6 +114,8 @@ def main(argv=None):
         print(name, {k: round(v["params_x"], 3) for k, v in row["counts"].items()}, flush=True)
     payload = {"env": env, "args": vars(args), "amounts": AMOUNTS, "rows": rows}
     stem = "bench_cpu_structured" + ("_smoke" if args.smoke else "")
+    if args.nets:
+        stem += "_" + args.nets.replace(",", "_")
     path = write_json(os.path.join(args.out, stem + ".json"), payload)
     Path(args.out, stem + ".md").write_text(table(payload))
     print("wrote", path)
