@@ -2,7 +2,7 @@
 Taylor, network slimming, random, and the from-scratch control ("Rethinking the value of network
 pruning"). Channels and neurons are removed physically (sparsekern.pruning.structured).
 
-    nice python scripts/prune_structured.py           # results/structured/ (~20 min alone, 1 thread)
+    nice python scripts/prune_structured.py          # results/structured/ (~17 min, 1 thread)
     nice python scripts/prune_structured.py --quick   # smoke run (runs/structured-quick)
 
 Protocol (one budget for all, recorded in the JSON):
