@@ -23,6 +23,8 @@ no retraining; ``docs/one_shot.md``).
 Schedules (:mod:`sparsekern.pruning.schedules`): :class:`OneShot`, :class:`Geometric` (Han's
 rounds), :class:`Cubic` (Zhu and Gupta), :class:`CosineDecay` (RigL's update fraction).
 Targets: :func:`sensitivity_targets` (Han Fig. 6), :func:`proportional_targets`.
+Structured (physical channel removal, a smaller dense model): :func:`prune_channels`,
+:class:`StructuredPruner` (``sparsekern.pruning.structured``, ``docs/structured.md``).
 Tools: :func:`sensitivity_analysis`, :func:`layer_report` / :func:`format_report` (Han's Table 2
 columns), :func:`remove_dead_neurons`, :func:`adjusted_dropout`, :func:`export_semi_structured`.
 """
@@ -77,6 +79,7 @@ from sparsekern.pruning.sensitivity import (
     sensitivity_analysis,
 )
 from sparsekern.pruning.snip import SNIPPruner, snip_masks, snip_scores
+from sparsekern.pruning.structured import StructuredPruner, prune_channels
 from sparsekern.pruning.targets import (
     SensitivityTargets,
     han_targets,
@@ -142,4 +145,6 @@ __all__ = [
     "snip_scores",
     "SNIPPruner",
     "sparse_layers",
+    "StructuredPruner",
+    "prune_channels",
 ]

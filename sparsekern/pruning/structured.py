@@ -1,0 +1,558 @@
+"""Structured pruning with physical removal: whole channels (conv filters, FC neurons) leave the
+model, which becomes a smaller *dense* model, faster on any device with no special kernel.
+
+    small = prune_channels(model, (torch.randn(1, 3, 224, 224),), amount=0.5, importance="l1")
+
+Coupled channels are found by tracing (``torch.fx`` plus a shape pass, see
+``sparsekern.pruning._dependency``): residual adds, ``torch.cat``, depthwise convs, BatchNorm and
+flatten into Linear. Layers whose outputs reach the model output (the classifier) or an op that
+cannot be followed keep all their channels.
+
+Importances (one score per coupled channel, higher = keep; see :data:`IMPORTANCES`):
+
+* ``"l1"`` / ``"l2"``: the L1 / L2 norm of each producer filter (conv output channel, FC row),
+  summed over the producers (and depthwise convs) the channel is coupled across; with
+  ``include_consumers`` the consumers' input slices (the weights reading the channel) are added.
+* ``"taylor"``: Molchanov et al. 2017, first order: ``|sum_{n,h,w} g * a|`` where ``a`` is what a
+  consumer reads of the channel and ``g`` the loss gradient there, summed over consumers and
+  accumulated over the batches of ``data`` (removing the channel sets ``a`` to 0, and the first
+  order change of the loss is ``-g . a``).
+* ``"taylor2"``: second order with the Fisher approximation of the Hessian
+  (``H ~ g g^T`` per sample): ``0.5 * sum_n (sum_{h,w} g_n a_n)^2``, accumulated likewise.
+* ``"bn_scale"``: network slimming (Liu et al. 2017): ``|gamma|`` of the BatchNorm(s) on the
+  channel; groups with no BatchNorm fall back to ``"l1"`` (then ``amount`` still applies to them).
+  Train with :class:`StructuredPruner`'s ``bn_l1`` to push the gammas to zero first.
+* ``"random"``: uniform, from ``seed`` (the control).
+
+``amount`` is the fraction of each group's prunable channels removed (``floor(amount * n)``, at
+least one kept), a dict ``{producer layer name: amount}`` (``"*"``: the default for the others),
+or, with ``global_pruning=True``, the fraction of all prunable channels, ranked across groups by
+their importance divided by the group's mean importance (Torch-Pruning's "mean" normalisation, so
+that layers of different scale compete fairly).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from sparsekern.pruning._dependency import (
+    ChannelGraph,
+    build_channel_graph,
+    dense_weight,
+    is_conv,
+    is_linear,
+    rebuild_pruned,
+)
+from sparsekern.pruning.base import BasePruner
+
+__all__ = [
+    "IMPORTANCES",
+    "StructuredPruner",
+    "channel_groups",
+    "channel_importance",
+    "count_macs",
+    "count_params",
+    "prune_channels",
+    "pruning_plan",
+    "removal_plan",
+]
+
+IMPORTANCES = ("l1", "l2", "taylor", "taylor2", "bn_scale", "random")
+_GRADIENT = ("taylor", "taylor2")
+_CLOSURE = object()  # a batch whose loss_fn runs the model itself (StructuredPruner's closure)
+
+
+def _as_tuple(example_inputs) -> tuple:
+    return example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+
+
+def _check_amount(a, what: str) -> float:
+    if isinstance(a, bool) or not isinstance(a, (int, float)) or not (0 <= a < 1):
+        raise ValueError(f"prune_channels: expected {what} in [0, 1), got {a!r}")
+    return float(a)
+
+
+def _check_importance(importance) -> None:
+    if importance not in IMPORTANCES:
+        raise ValueError(
+            f"prune_channels: expected importance in {IMPORTANCES}, got {importance!r}"
+        )
+
+
+def channel_groups(model: nn.Module, example_inputs) -> list[dict]:
+    """The prunable channel groups of ``model``: ``[{"producers": [...], "channels": n,
+    "bns": [...]}]``; layers in no group keep all their outputs."""
+    cg = build_channel_graph(model, _as_tuple(example_inputs))
+    return [
+        {"producers": list(g.producers), "channels": len(g.classes), "bns": list(g.bns)}
+        for g in cg.groups
+    ]
+
+
+# --------------------------------------------------------------------------------- importances
+def _sum_by_class(cg: ChannelGraph, ids: torch.Tensor, values: torch.Tensor, out: dict) -> None:
+    """``out[class] += values[k]`` for the channel ids ``ids`` ``[K]``."""
+    roots = cg.roots(ids)
+    uniq, inv = roots.unique(return_inverse=True)
+    sums = torch.zeros(len(uniq), dtype=torch.float64).index_add_(0, inv, values.double())
+    for r, v in zip(uniq.tolist(), sums.tolist()):
+        out[r] = out.get(r, 0.0) + v
+
+
+def _row_norms(w: torch.Tensor, p: int) -> torch.Tensor:
+    """``[R]`` float64 L1 or L2 norms of the rows of ``w`` ``[R, K]`` (computed in w's dtype:
+    a float64 copy of VGG's 100M-weight classifier would cost 800 MB)."""
+    return torch.linalg.vector_norm(w, ord=p, dim=1).double()
+
+
+def _norm_scores(model, cg: ChannelGraph, p: int, include_consumers: bool) -> dict[int, float]:
+    mods = dict(model.named_modules())
+    out: dict[int, float] = {}
+    for name in cg.producers + cg.depthwise:
+        w = dense_weight(mods[name]).flatten(1)  # [C_out, in * kh * kw]
+        ids = cg.out_ids[name] if name in cg.out_ids else cg.in_ids[name]
+        _sum_by_class(cg, ids, _row_norms(w, p), out)
+    if include_consumers:
+        for name in cg.consumers:
+            w = dense_weight(mods[name])  # [C_out, C_in(, kh, kw)]
+            w = w.transpose(0, 1).flatten(1)  # [C_in, ...]: what reads each input column
+            _sum_by_class(cg, cg.in_ids[name], _row_norms(w, p), out)
+    return out
+
+
+def _bn_scores(model, cg: ChannelGraph) -> dict[int, float]:
+    mods = dict(model.named_modules())
+    out: dict[int, float] = {}
+    for name in cg.bns:
+        bn = mods[name]
+        if bn.affine:
+            _sum_by_class(cg, cg.in_ids[name], bn.weight.detach().double().abs(), out)
+    return out
+
+
+def _taylor_scores(
+    model: nn.Module, cg: ChannelGraph, data: Iterable, loss_fn: Callable, order: int
+) -> dict[int, float]:
+    """Accumulate Taylor scores over ``data`` at the consumers' inputs (what removal zeroes).
+    Gradients come from ``torch.autograd.grad``: no ``.grad`` of the model is touched."""
+    mods = dict(model.named_modules())
+    acts: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(_m, inputs):
+            acts[name] = inputs[0]
+
+        return fn
+
+    handles = [mods[n].register_forward_pre_hook(hook(n)) for n in cg.consumers]
+    per_col: dict[str, torch.Tensor] = {}
+    was_training = model.training
+    model.eval()  # BatchNorm statistics stay as they are; the gradient is the eval-mode one
+    try:
+        for batch in data:
+            x, y = batch
+            acts.clear()
+            with torch.enable_grad():
+                out = None if x is _CLOSURE else model(*_as_tuple(x))
+                loss = loss_fn(out, y)
+                names = [n for n in cg.consumers if n in acts and acts[n].requires_grad]
+                grads = torch.autograd.grad(loss, [acts[n] for n in names], allow_unused=True)
+            for n, g in zip(names, grads):
+                if g is None:
+                    continue
+                ga = (g * acts[n]).detach().double()  # [B, C(, H, W)]
+                s = ga.flatten(2).sum(2) if ga.dim() > 2 else ga  # [B, C]
+                v = s.sum(0).abs() if order == 1 else 0.5 * (s**2).sum(0)
+                per_col[n] = per_col[n] + v if n in per_col else v
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if not per_col:
+        raise ValueError("prune_channels: importance 'taylor' needs data: got no batches")
+    out: dict[int, float] = {}
+    for n, v in per_col.items():
+        _sum_by_class(cg, cg.in_ids[n], v, out)
+    return out
+
+
+def channel_importance(
+    model: nn.Module,
+    cg: ChannelGraph,
+    importance: str,
+    *,
+    data: Iterable | None = None,
+    loss_fn: Callable | None = None,
+    seed: int = 0,
+    include_consumers: bool = False,
+) -> list[torch.Tensor]:
+    """One ``[n_channels]`` float64 score tensor per group of ``cg`` (higher = more important)."""
+    _check_importance(importance)
+    if importance in ("l1", "l2", "bn_scale"):
+        l1 = _norm_scores(model, cg, 1 if importance != "l2" else 2, include_consumers)
+        bn = _bn_scores(model, cg) if importance == "bn_scale" else {}
+        out = []
+        for g in cg.groups:
+            # slimming falls back to L1 where a group has no BN
+            src = bn if importance == "bn_scale" and g.bns else l1
+            out.append(torch.tensor([src.get(r, 0.0) for r in g.classes], dtype=torch.float64))
+        return out
+    if importance == "random":
+        gen = torch.Generator().manual_seed(seed)
+        return [torch.rand(len(g.classes), generator=gen, dtype=torch.float64) for g in cg.groups]
+    if data is None or loss_fn is None:
+        raise ValueError(
+            f"prune_channels: importance {importance!r} expected data (batches of (inputs, "
+            f"targets)) and loss_fn(output, targets), got data={type(data).__name__}, "
+            f"loss_fn={type(loss_fn).__name__}"
+        )
+    sc = _taylor_scores(model, cg, data, loss_fn, 1 if importance == "taylor" else 2)
+    return [
+        torch.tensor([sc.get(r, 0.0) for r in g.classes], dtype=torch.float64) for g in cg.groups
+    ]
+
+
+# ------------------------------------------------------------------------------------- planning
+def _group_amounts(cg: ChannelGraph, amount) -> list[float]:
+    if not isinstance(amount, dict):
+        a = _check_amount(amount, "amount")
+        return [a] * len(cg.groups)
+    default = _check_amount(amount.get("*", 0.0), "amount['*']")
+    prunable = cg.group_of_layer()
+    known = set(cg.producers)
+    for k, v in amount.items():
+        if k == "*":
+            continue
+        if k not in known:
+            raise KeyError(
+                f"prune_channels: expected layer names among the model's conv/linear layers "
+                f"{sorted(known)}, got unknown layer {k!r}"
+            )
+        _check_amount(v, f"amount[{k!r}]")
+        if k not in prunable and v > 0:
+            raise ValueError(
+                f"prune_channels: expected a layer whose output channels can be pruned, got "
+                f"{k!r}, whose outputs reach the model output or an op that cannot be followed"
+            )
+    out = []
+    for g in cg.groups:
+        given = [float(amount[p]) for p in g.producers if p in amount]
+        # coupled layers lose the same channels: the largest amount asked for any of them
+        out.append(max(given) if given else default)
+    return out
+
+
+def removal_plan(
+    cg: ChannelGraph, scores: list[torch.Tensor], amount, global_pruning: bool = False
+) -> set[int]:
+    """The classes (union-find roots) to remove: the lowest-scoring ``floor(amount * n)`` of each
+    group, or globally over normalised scores; at least one channel per group stays."""
+    removed: set[int] = set()
+    if global_pruning:
+        if isinstance(amount, dict):
+            raise ValueError("prune_channels: expected one amount with global_pruning, got a dict")
+        a = _check_amount(amount, "amount")
+        total = sum(len(g.classes) for g in cg.groups)
+        n_remove = math.floor(a * total)
+        if n_remove == 0:
+            return removed
+        norm, owner = [], []
+        for gi, s in enumerate(scores):
+            mean = s.mean()
+            norm.append(s / mean if mean > 0 else s)
+            owner.append(torch.full((len(s),), gi))
+        flat, own = torch.cat(norm), torch.cat(owner)
+        pos = torch.cat([torch.arange(len(s)) for s in scores])
+        left = [len(g.classes) for g in cg.groups]
+        for k in torch.argsort(flat, stable=True).tolist():
+            if n_remove == 0:
+                break
+            gi = int(own[k])
+            if left[gi] > 1:
+                removed.add(cg.groups[gi].classes[int(pos[k])])
+                left[gi] -= 1
+                n_remove -= 1
+        return removed
+    for g, s, a in zip(cg.groups, scores, _group_amounts(cg, amount)):
+        n = min(math.floor(a * len(g.classes)), len(g.classes) - 1)
+        if n > 0:
+            for k in torch.argsort(s, stable=True)[:n].tolist():
+                removed.add(g.classes[k])
+    return removed
+
+
+def _plan(model, inputs, amount, importance, global_pruning, **kw):
+    cg = build_channel_graph(model, inputs)
+    if not global_pruning:
+        _group_amounts(cg, amount)  # validate before the (maybe costly) importance pass
+    scores = channel_importance(model, cg, importance, **kw)
+    return cg, removal_plan(cg, scores, amount, global_pruning)
+
+
+def pruning_plan(
+    model: nn.Module,
+    example_inputs,
+    amount: float | dict = 0.5,
+    importance: str = "l1",
+    *,
+    global_pruning: bool = False,
+    **importance_kwargs,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """What :func:`prune_channels` would keep, without building anything: ``{"out": {layer:
+    [C_out] bool}, "in": {layer: [C_in] bool}}`` for every conv / linear / BN layer touched
+    (``in`` of a Linear after a flatten: its feature columns; of a BN or depthwise conv: its
+    channels). Same arguments as :func:`prune_channels`; ``model`` is not changed."""
+    _check_importance(importance)
+    if not isinstance(amount, dict):
+        _check_amount(amount, "amount")
+    cg, removed = _plan(
+        model, _as_tuple(example_inputs), amount, importance, global_pruning, **importance_kwargs
+    )
+    return {
+        "out": {n: cg.keep(ids, removed) for n, ids in cg.out_ids.items()},
+        "in": {n: cg.keep(ids, removed) for n, ids in cg.in_ids.items()},
+    }
+
+
+def prune_channels(
+    model: nn.Module,
+    example_inputs,
+    amount: float | dict = 0.5,
+    importance: str = "l1",
+    *,
+    global_pruning: bool = False,
+    data: Iterable | None = None,
+    loss_fn: Callable | None = None,
+    seed: int = 0,
+    include_consumers: bool = False,
+) -> nn.Module:
+    """A new, physically smaller copy of ``model`` with channels removed; ``model`` is untouched.
+
+    Args:
+        model: any torch.fx-traceable model of ``nn.Conv2d`` / ``nn.Linear`` / ``nn.BatchNorm2d``
+            (sparsekern's SparseConv2d / SparseLinear are read as ``weight * mask``).
+        example_inputs: a tensor or tuple of tensors, e.g. ``(torch.randn(1, 3, 64, 64),)``: the
+            shape pass that finds flatten sizes; any batch size and spatial size the model
+            accepts (the result works at others too).
+        amount: pruned fraction in [0, 1) per group, or ``{layer: amount, "*": default}``, or
+            with ``global_pruning`` the fraction of all prunable channels (see module docstring).
+        importance: one of :data:`IMPORTANCES`.
+        data, loss_fn: for ``"taylor"`` / ``"taylor2"``: an iterable of ``(inputs, targets)``
+            batches and ``loss_fn(model_output, targets) -> 0-d loss``.
+        seed: for ``"random"``.
+        include_consumers: L1/L2 also sum the consumers' weights that read each channel.
+
+    Returns:
+        a plain PyTorch model (no sparsekern modules), same output shape; ``amount=0`` gives an
+        exact copy (equal outputs).
+
+    Raises:
+        ValueError: amount outside [0, 1), unknown importance, untraceable model, missing data.
+        KeyError: a per-layer dict naming a layer the model does not have.
+    """
+    _check_importance(importance)
+    if not isinstance(amount, dict):
+        _check_amount(amount, "amount")
+    inputs = _as_tuple(example_inputs)
+    new = copy.deepcopy(model)  # everything below reads or changes the copy only
+    cg, removed = _plan(
+        new,
+        inputs,
+        amount,
+        importance,
+        global_pruning,
+        data=data,
+        loss_fn=loss_fn,
+        seed=seed,
+        include_consumers=include_consumers,
+    )
+    rebuild_pruned(new, cg, removed)
+    return new
+
+
+# ------------------------------------------------------------------------------------- measures
+def count_params(model: nn.Module) -> int:
+    """Parameters (weights, biases, BN affine), counted once each."""
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, example_inputs) -> int:
+    """Multiply-accumulates of the conv and linear layers for one forward of ``example_inputs``
+    (the FLOP convention of the pruning papers: 1 MAC = 1 "FLOP"; BN, activations, pooling and
+    adds are not counted)."""
+    total = 0
+
+    def hook(m, _inp, out):
+        nonlocal total
+        per_out = m.weight[0].numel()  # in/groups * kh * kw for a conv, in for a linear
+        total += out.numel() * per_out
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if is_conv(m) or is_linear(m)]
+    was_training = model.training
+    model.eval()
+    try:
+        model(*_as_tuple(example_inputs))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return total
+
+
+# --------------------------------------------------------------------------- iterative pruning
+class StructuredPruner(BasePruner):
+    """Iterative structured pruning with fine-tuning, under the common :class:`BasePruner`
+    lifecycle. During training the removed channels are *masked* (the producers' rows, the
+    depthwise filters and every consumer column that reads them set to False), so the model keeps
+    its shapes and the optimizer its parameters; :meth:`export` then removes them physically.
+
+    The target (``sparsity``, a schedule, or ``prune(sparsity)``) is the fraction of each
+    group's channels removed; rounds are cumulative (a removed channel stays removed). With
+    ``bn_l1 > 0``, :meth:`regularization_loss` is network slimming's ``bn_l1 * sum |gamma|`` over
+    the BatchNorms of the prunable groups: add it to the loss during (sparsity) training, then
+    prune with ``importance="bn_scale"``.
+
+    Args:
+        model: a sparsified model (``sparsekern.sparsify``), traceable by torch.fx.
+        optimizer: as in :class:`BasePruner`.
+        example_inputs: for the shape pass.
+        importance: one of :data:`IMPORTANCES`.
+        global_pruning: rank across groups (see :func:`prune_channels`).
+        data, loss_fn: Taylor importances: batches and loss; without them the ``closure`` given
+            to ``prune`` / ``step`` is used (one batch, its backward through autograd.grad).
+        bn_l1: slimming's L1 coefficient on the BN scales.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        example_inputs,
+        sparsity: float | None = None,
+        schedule=None,
+        importance: str = "l1",
+        global_pruning: bool = False,
+        data: Iterable | None = None,
+        loss_fn: Callable | None = None,
+        bn_l1: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        _check_importance(importance)
+        if not (bn_l1 >= 0 and math.isfinite(bn_l1)):
+            raise ValueError(f"StructuredPruner: expected bn_l1 >= 0, got {bn_l1}")
+        self.example_inputs = _as_tuple(example_inputs)
+        self.cg = build_channel_graph(model, self.example_inputs)
+        if not self.cg.groups:
+            raise ValueError("StructuredPruner: expected a model with prunable channels, got none")
+        mods = dict(model.named_modules())
+        touched = set(self.cg.producers) | set(self.cg.consumers) | set(self.cg.depthwise)
+        super().__init__(
+            model,
+            optimizer,
+            sparsity=sparsity,
+            schedule=schedule,
+            layers=[n for n in mods if n in touched and hasattr(mods[n], "mask")],
+        )
+        self.importance = importance
+        self.global_pruning = global_pruning
+        self.data, self.loss_fn = data, loss_fn
+        self.bn_l1 = float(bn_l1)
+        self.seed = seed
+        self.removed: set[int] = set()
+        self._gammas = [mods[b].weight for g in self.cg.groups for b in g.bns if mods[b].affine]
+
+    def _config(self) -> dict:
+        return {
+            "importance": self.importance,
+            "global_pruning": self.global_pruning,
+            "bn_l1": self.bn_l1,
+            "seed": self.seed,
+        }
+
+    def _extra_state(self) -> dict:
+        return {"removed_channels": self.removed_channels()}
+
+    def _load_extra_state(self, state: dict) -> None:
+        self.removed = self._classes_from(state["removed_channels"])
+
+    def removed_channels(self) -> dict[str, list[int]]:
+        """``{producer: removed output channel indices}`` (the first producer of each group)."""
+        out = {}
+        for g in self.cg.groups:
+            p = g.producers[0]
+            roots = self.cg.roots(self.cg.out_ids[p]).tolist()
+            out[p] = [i for i, r in enumerate(roots) if r in self.removed]
+        return out
+
+    def _classes_from(self, by_producer: dict[str, list[int]]) -> set[int]:
+        return {
+            self.cg.uf.find(int(self.cg.out_ids[p][i]))
+            for p, idx in by_producer.items()
+            for i in idx
+        }
+
+    def regularization_loss(self) -> torch.Tensor:
+        """``bn_l1 * sum |gamma|`` (network slimming), or a 0-d zero."""
+        if self.bn_l1 == 0 or not self._gammas:
+            return next(iter(self.layers.values())).weight.new_zeros(())
+        return self.bn_l1 * sum(g.abs().sum() for g in self._gammas)
+
+    def compute_masks(self, sparsity, closure) -> dict[str, torch.Tensor]:
+        data, loss_fn = self.data, self.loss_fn
+        if self.importance in _GRADIENT and data is None:
+            if closure is None:
+                raise ValueError(
+                    f"StructuredPruner: importance {self.importance!r} expected data and "
+                    "loss_fn, or a closure, got neither"
+                )
+            # the closure runs the model itself on the current batch: one batch of scores
+            data, loss_fn = [(_CLOSURE, None)], lambda _out, _y: closure()
+        scores = channel_importance(
+            self.model, self.cg, self.importance, data=data, loss_fn=loss_fn, seed=self.seed
+        )
+        # a removed channel stays removed: rank it below every kept one
+        for g, s in zip(self.cg.groups, scores):
+            for k, r in enumerate(g.classes):
+                if r in self.removed:
+                    s[k] = -1.0
+        removed = removal_plan(self.cg, scores, sparsity, self.global_pruning) | self.removed
+        self._pending = removed
+        return self._masks_for(removed)
+
+    def _apply(self, masks, **record) -> bool:
+        self.removed = set(self._pending)
+        return super()._apply(masks, **record, channels_removed=len(self.removed))
+
+    def _masks_for(self, removed: set[int]) -> dict[str, torch.Tensor]:
+        cg, out = self.cg, {}
+
+        def keep(ids):
+            return cg.keep(ids, removed)
+
+        for name, m in self.layers.items():
+            mask = m.mask.clone()
+            if name in cg.depthwise:
+                mask[~keep(cg.in_ids[name])] = False
+            else:
+                if name in cg.out_ids:
+                    mask[~keep(cg.out_ids[name])] = False
+                if name in cg.in_ids:
+                    mask[:, ~keep(cg.in_ids[name])] = False
+            out[name] = mask
+        return out
+
+    def export(self) -> nn.Module:
+        """A physically smaller plain copy of the model without the removed channels; in eval
+        mode it computes what the masked model computes."""
+        new = copy.deepcopy(self.model)
+        cg = build_channel_graph(new, self.example_inputs)
+        # same trace, same id numbering: the removed classes carry over
+        rebuild_pruned(new, cg, {cg.uf.find(r) for r in self.removed})
+        return new
