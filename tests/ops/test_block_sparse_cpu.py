@@ -81,6 +81,8 @@ def test_compact_forward_and_gradients(layout, block, monkeypatch):
 @pytest.mark.parametrize("holes", [False, True], ids=["whole_blocks", "holes"])
 @pytest.mark.parametrize("assume", [False, True], ids=["exact", "assume_pruned_zero"])
 def test_dense_storage(holes, assume, monkeypatch):
+    # the training step's BSR path is under test, not its density bound
+    monkeypatch.setattr(bsl, "CPU_BSR_MAX_DENSITY_TRAIN", bsl.CPU_BSR_MAX_DENSITY)
     calls = []
     real = bsl._cpu_fwd
     monkeypatch.setattr(bsl, "_cpu_fwd", lambda *a: calls.append(1) or real(*a))
@@ -117,6 +119,27 @@ def test_dense_blocks_run_the_dense_gemm(monkeypatch):
     w = torch.where(mask, torch.randn(N_OUT, K_IN), 0).requires_grad_()
     x = torch.randn(4, K_IN)
     y = block_masked_linear(x, w, mask, None, 16)
+    _close(y, _reference(x, w, mask, None, torch.zeros_like(y))[0], K_IN, "y")
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_training_bound_is_lower(monkeypatch, train):
+    """Between CPU_BSR_MAX_DENSITY_TRAIN and CPU_BSR_MAX_DENSITY of the blocks: inference runs
+    the BSR product, a step that computes dW runs the dense GEMM (dW's dense gradient costs)."""
+    calls = []
+    real = bsl._cpu_fwd
+    monkeypatch.setattr(bsl, "_cpu_fwd", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(0)
+    occ = torch.zeros(20, dtype=torch.bool)  # the 5 x 4 grid of 16 x 16 blocks
+    occ[torch.randperm(20, generator=g)[:4]] = True  # 20% of the blocks
+    mask = occ.view(5, 4).repeat_interleave(16, 0).repeat_interleave(16, 1)
+    mask = mask[:N_OUT, :K_IN].contiguous()
+    nnz = bsl.layout_of_mask(mask, 16).nnz
+    assert bsl.CPU_BSR_MAX_DENSITY_TRAIN * 20 < nnz <= bsl.CPU_BSR_MAX_DENSITY * 20
+    w = torch.where(mask, torch.randn(N_OUT, K_IN), 0).requires_grad_(train)
+    x = torch.randn(4, K_IN)
+    y = block_masked_linear(x, w, mask, None, 16)
+    assert calls == ([] if train else [1])
     _close(y, _reference(x, w, mask, None, torch.zeros_like(y))[0], K_IN, "y")
 
 
