@@ -12,6 +12,7 @@ __all__ = [
     "as_rows",
     "autocast_to",
     "check_2d",
+    "check_linear_inputs",
     "dot_precision",
     "interpreter_upcast",
     "out_tensor",
@@ -86,6 +87,37 @@ def autocast_to(x, *others):
         t.to(dt) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in others
     ]
     return (x.to(dt), *cast)
+
+
+def check_linear_inputs(
+    who: str, x, out_features: int, in_features: int, weight, bias, in_name: str = "in_features"
+) -> None:
+    """The checks every linear op makes of ``x [..., in_features]`` and ``bias [out_features]``
+    against its weight (a tensor or a sparse matrix: anything with ``dtype`` and ``device``); each
+    error names ``who``, what was expected and what came."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"{who}: expected x as a floating-point tensor, got {got}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        raise ValueError(
+            f"{who}: expected x of shape [..., {in_features}] (the weight's {in_name}), got "
+            f"{list(x.shape)}"
+        )
+    if x.dtype != weight.dtype:
+        raise TypeError(f"{who}: expected x of the weight's dtype {weight.dtype}, got {x.dtype}")
+    if x.device != weight.device:
+        raise ValueError(
+            f"{who}: expected x on the weight's device {weight.device}, got {x.device}"
+        )
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,):
+            got = list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"{who}: expected bias of shape [{out_features}], got {got}")
+        if bias.dtype != x.dtype or bias.device != x.device:
+            raise TypeError(
+                f"{who}: expected bias as {x.dtype} on {x.device}, got {bias.dtype} on "
+                f"{bias.device}"
+            )
 
 
 def twin_vjp(twin, inputs: tuple, needs: tuple, dy: torch.Tensor) -> list:

@@ -69,6 +69,7 @@ from sparsekern.ops._launch import (
     KERNEL_DTYPES,
     as_rows,
     autocast_to,
+    check_linear_inputs,
     dot_precision,
     interpreter_upcast,
     out_tensor,
@@ -783,30 +784,6 @@ def block_sparse_linear_reference(
     return F.linear(x, weight.to_dense(), bias)
 
 
-def _check_common(who: str, x, out_features: int, in_features: int, w: torch.Tensor, bias):
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"{who}: expected x as a floating-point tensor, got {got}")
-    if x.dim() < 1 or x.shape[-1] != in_features:
-        raise ValueError(
-            f"{who}: expected x of shape [..., {in_features}] (the weight's in_features), got "
-            f"{list(x.shape)}"
-        )
-    if x.dtype != w.dtype:
-        raise TypeError(f"{who}: expected x of the weight's dtype {w.dtype}, got {x.dtype}")
-    if x.device != w.device:
-        raise ValueError(f"{who}: expected x on the weight's device {w.device}, got {x.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,):
-            got = list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise ValueError(f"{who}: expected bias of shape [{out_features}], got {got}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise TypeError(
-                f"{who}: expected bias as {x.dtype} on {x.device}, got {bias.dtype} on "
-                f"{bias.device}"
-            )
-
-
 def _path(x: torch.Tensor) -> str:
     """``"kernels"`` (Triton: CUDA, or the CPU under the interpreter), ``"cpu"`` (torch.sparse
     BSR) or ``"reference"``."""
@@ -841,7 +818,7 @@ def block_sparse_linear(
             values, weight.row_ptr, weight.col_idx, weight.shape, weight.block_size,
             validate=False,
         )  # fmt: skip
-    _check_common("block_sparse_linear", x, weight.shape[0], weight.shape[1], values, bias)
+    check_linear_inputs("block_sparse_linear", x, weight.shape[0], weight.shape[1], values, bias)
     path = _path(x)
     if path == "reference":
         return block_sparse_linear_reference(x, weight, bias)
@@ -888,7 +865,9 @@ def block_masked_linear(
             got = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
             raise ValueError(f"block_masked_linear: expected weight 2-D [out, in], got {got}")
         check_mask(mask, weight, "block_masked_linear")
-        _check_common("block_masked_linear", x, weight.shape[0], weight.shape[1], weight, bias)
+        check_linear_inputs(
+            "block_masked_linear", x, weight.shape[0], weight.shape[1], weight, bias
+        )
         training = torch.is_grad_enabled() and weight.requires_grad
         bound = CPU_BSR_MAX_DENSITY_TRAIN if training else CPU_BSR_MAX_DENSITY
         too_dense = layout_of_mask(mask, (bm, bk)).nnz > bound * _blocks(mask, (bm, bk))

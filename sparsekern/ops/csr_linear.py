@@ -34,7 +34,14 @@ import torch.nn.functional as F
 
 from sparsekern.formats.csr import CSRMatrix
 from sparsekern.ops._dispatch import interpreter_enabled, use_kernels
-from sparsekern.ops._launch import KERNEL_DTYPES, as_rows, autocast_to, out_tensor, twin_vjp
+from sparsekern.ops._launch import (
+    KERNEL_DTYPES,
+    as_rows,
+    autocast_to,
+    check_linear_inputs,
+    out_tensor,
+    twin_vjp,
+)
 from sparsekern.ops._triton import require_triton, tl, triton
 
 __all__ = [
@@ -373,35 +380,6 @@ def csr_linear_reference(
     return F.linear(x, weight.to_dense(), bias)
 
 
-def _check_inputs(x, weight: CSRMatrix, bias) -> None:
-    rows, cols = weight.shape
-    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
-        raise TypeError(f"csr_linear: expected x as a floating-point tensor, got {got}")
-    if x.dim() < 1 or x.shape[-1] != cols:
-        raise ValueError(
-            f"csr_linear: expected x of shape [..., {cols}] (the weight's columns), got "
-            f"{list(x.shape)}"
-        )
-    if x.dtype != weight.dtype:
-        raise TypeError(
-            f"csr_linear: expected x of the weight's dtype {weight.dtype}, got {x.dtype}"
-        )
-    if x.device != weight.device:
-        raise ValueError(
-            f"csr_linear: expected x on the weight's device {weight.device}, got {x.device}"
-        )
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (rows,):
-            got = list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise ValueError(f"csr_linear: expected bias of shape [{rows}], got {got}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise TypeError(
-                f"csr_linear: expected bias as {x.dtype} on {x.device}, got {bias.dtype} on "
-                f"{bias.device}"
-            )
-
-
 def csr_linear(
     x: torch.Tensor, weight: CSRMatrix, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -424,7 +402,7 @@ def csr_linear(
     x, values, bias = autocast_to(x, values, bias)
     if values is not weight.values:
         weight = CSRMatrix(values, weight.row_ptr, weight.col_idx, weight.shape, validate=False)
-    _check_inputs(x, weight, bias)
+    check_linear_inputs("csr_linear", x, *weight.shape, weight, bias, in_name="columns")
     # rows made here, not inside the Function: what it saves is then its own input, whose
     # autograd history a second derivative (twin_vjp) needs
     y = _CSRLinearFunction.apply(
