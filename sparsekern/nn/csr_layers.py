@@ -67,6 +67,24 @@ class DenseFallback:
     dense_above: int | None
     values: nn.Parameter
 
+    def _init_storage(self, weight, bias, out: int, dense_above) -> None:
+        """Copies of ``weight``'s ``values`` (the Parameter) and ``row_ptr`` / ``col_idx``
+        (buffers), of ``bias`` ``[out]`` (a Parameter, or None), and ``dense_above``."""
+        self.values = nn.Parameter(weight.values.detach().clone())
+        self.register_buffer("row_ptr", weight.row_ptr.clone())
+        self.register_buffer("col_idx", weight.col_idx.clone())
+        if bias is not None:
+            if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out,):
+                got = list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+                raise ValueError(
+                    f"{type(self).__name__}: expected bias of shape [{out}], got {got}"
+                )
+            self.bias = nn.Parameter(bias.detach().clone())
+        else:
+            self.register_parameter("bias", None)
+        self.dense_above = check_dense_above(dense_above)
+        self._matrix = None  # assembled from the Parameter and buffers on first use
+
     def _above(self, rows: int) -> bool:
         """True when ``rows`` (rows of x, or images) run dense."""
         return self.dense_above is not None and rows > self.dense_above
@@ -108,20 +126,7 @@ class _CSRLayer(DenseFallback, nn.Module):
             raise TypeError(
                 f"{type(self).__name__}: weight must be a CSRMatrix, got {type(weight).__name__}"
             )
-        self.values = nn.Parameter(weight.values.detach().clone())
-        self.register_buffer("row_ptr", weight.row_ptr.clone())
-        self.register_buffer("col_idx", weight.col_idx.clone())
-        if bias is not None:
-            if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out,):
-                got = list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-                raise ValueError(
-                    f"{type(self).__name__}: expected bias of shape [{out}], got {got}"
-                )
-            self.bias = nn.Parameter(bias.detach().clone())
-        else:
-            self.register_parameter("bias", None)
-        self.dense_above = check_dense_above(dense_above)
-        self._matrix: CSRMatrix | None = None
+        self._init_storage(weight, bias, out, dense_above)
 
     @property
     def weight(self) -> CSRMatrix:

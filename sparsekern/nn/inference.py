@@ -190,19 +190,7 @@ class _BlockSparseLayer(DenseFallback, nn.Module):
         self, weight: BlockSparseMatrix, bias: torch.Tensor | None, out: int, dense_above=None
     ):
         self.block_size = weight.block_size
-        self.values = nn.Parameter(weight.values.detach().clone())
-        self.register_buffer("row_ptr", weight.row_ptr.clone())
-        self.register_buffer("col_idx", weight.col_idx.clone())
-        if bias is not None:
-            if tuple(bias.shape) != (out,):
-                raise ValueError(
-                    f"{type(self).__name__}: bias must have shape ({out},), got {tuple(bias.shape)}"
-                )
-            self.bias = nn.Parameter(bias.detach().clone())
-        else:
-            self.register_parameter("bias", None)
-        self.dense_above = check_dense_above(dense_above)
-        self._matrix: BlockSparseMatrix | None = None
+        self._init_storage(weight, bias, out, dense_above)
 
     @property
     def weight(self) -> BlockSparseMatrix:
