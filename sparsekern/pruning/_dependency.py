@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from sparsekern.pruning._graph import trace
+from sparsekern.pruning._graph import is_shape_query, trace
 
 __all__ = ["ChannelGraph", "build_channel_graph", "rebuild_pruned", "plain_copy"]
 
@@ -63,7 +63,6 @@ _BINARY = {
     torch.add, torch.sub, torch.mul, "add", "add_", "sub", "sub_", "mul", "mul_",
 }  # fmt: skip
 _FLATTEN = {torch.flatten, "flatten", "view", "reshape"}
-_SHAPE_METHODS = {"size", "dim"}
 
 
 def is_conv(m: nn.Module) -> bool:
@@ -176,17 +175,6 @@ def _shape(node) -> tuple[int, ...] | None:
     return tuple(tm.shape) if tm is not None and hasattr(tm, "shape") else None
 
 
-def _is_shape_query(node: fx.Node) -> bool:
-    if node.op == "call_method" and node.target in _SHAPE_METHODS:
-        return True
-    return (
-        node.op == "call_function"
-        and node.target in (getattr, operator.getitem)
-        and len(node.args) > 1
-        and node.args[1] in ("shape", "dtype", "device")
-    )
-
-
 def build_channel_graph(model: nn.Module, example_inputs: tuple) -> ChannelGraph:
     """Trace ``model`` (eval mode, no grad: nothing in it changes) and build its channel graph.
 
@@ -247,7 +235,7 @@ def build_channel_graph(model: nn.Module, example_inputs: tuple) -> ChannelGraph
         if node.op == "output":
             block_inputs(node)
             continue
-        if _is_shape_query(node):
+        if is_shape_query(node):
             continue
         targs = [a for a in _tensor_args(node) if a in ids]
         x = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None

@@ -122,7 +122,7 @@ def trace(model: nn.Module) -> fx.Graph | None:
         return None
 
 
-def _is_shape_query(node: fx.Node) -> bool:
+def is_shape_query(node: fx.Node) -> bool:
     """``x.size(0)``, ``x.dim()``, ``x.shape``: uses of a tensor that do not read its values."""
     if node.op == "call_method" and node.target in ("size", "dim"):
         return True
@@ -135,7 +135,7 @@ def _is_shape_query(node: fx.Node) -> bool:
 
 
 def _value_users(node: fx.Node) -> list[fx.Node]:
-    return [u for u in node.users if not _is_shape_query(u)]
+    return [u for u in node.users if not is_shape_query(u)]
 
 
 def _only_tensor_arg_is(node: fx.Node, src: fx.Node) -> bool:
@@ -147,7 +147,7 @@ def _only_tensor_arg_is(node: fx.Node, src: fx.Node) -> bool:
     flat: list = []
     for a in others:
         flat.extend(a if isinstance(a, (tuple, list)) else [a])
-    return all(not isinstance(a, fx.Node) or _is_shape_query(a) for a in flat)
+    return all(not isinstance(a, fx.Node) or is_shape_query(a) for a in flat)
 
 
 @dataclass
