@@ -45,9 +45,18 @@ OP_MODULES = [
     "sparsekern.ops.block_sparse_linear",
     "sparsekern.ops.block_sparse_conv2d",
     "sparsekern.ops.csr_linear",
+    "sparsekern.ops.sparse_train.triton_spmm",
+    "sparsekern.ops.sparse_train.triton_sddmm",
 ]
 # The ops whose hot specs CI holds to the contract.
-CONTRACT_OPS = ("masked_linear", "block_sparse_linear", "block_sparse_conv2d", "csr_linear")
+CONTRACT_OPS = (
+    "masked_linear",
+    "block_sparse_linear",
+    "block_sparse_conv2d",
+    "csr_linear",
+    "sparse_spmm",
+    "sparse_sddmm",
+)
 
 
 def _bindir() -> str:
