@@ -86,6 +86,7 @@ gpu-check:
 	PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/bench_block_sparse.py --quick --out $(RESULTS)
 	PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/bench_conv.py --quick --out $(RESULTS)
 	PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/bench_inference.py --gpu --out $(RESULTS)
+	PYTHONPATH=. TRITON_INTERPRET=0 python3 benchmarks/bench_sparse_train_gpu.py --quick --out $(RESULTS)
 
 # The whole sweeps (long): block-sparse linear (shapes x blocks 16-128 x densities 0.5-0.05) and
 # every AlexNet / VGG-16 conv layer at batch 64 and 256.
