@@ -201,3 +201,13 @@ def test_compile_specs_cover_both_kernels_at_the_benchmark_shape():
         assert s["values"]["M"] == 4096 and s["values"]["N"] == 4096
         assert set(s["signature"]) | set(s["constexprs"]) == set(s["fn"].arg_names), s["name"]
         assert s["contract"] == ("memory" if ".rows[" in s["name"] else "gemm")
+
+
+def test_batch_offsets_past_int32_are_detected():
+    """The kernels keep batch offsets (``m * stride(1)``) in int32; an operand whose batch
+    offsets pass 2^31 is copied by the launchers (meta tensors: no memory)."""
+    from sparsekern.ops.sparse_train.triton_common import batch_offsets_fit
+
+    assert batch_offsets_fit(torch.empty(4096, 4096, device="meta"))
+    assert batch_offsets_fit(torch.empty_strided((3, 2), (1, 2**31 - 1), device="meta"))
+    assert not batch_offsets_fit(torch.empty_strided((3, 3), (1, 2**30), device="meta"))

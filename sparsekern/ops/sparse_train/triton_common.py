@@ -26,7 +26,14 @@ import torch
 
 from sparsekern.ops._launch import KERNEL_DTYPES
 
-__all__ = ["BENCH_SHAPE", "bench_csr", "check_csr", "check_dense", "max_panel_nnz"]
+__all__ = [
+    "BENCH_SHAPE",
+    "batch_offsets_fit",
+    "bench_csr",
+    "check_csr",
+    "check_dense",
+    "max_panel_nnz",
+]
 
 # The benchmark shape of the static contract and of benchmarks/bench_sparse_train_gpu.py:
 # W [4096, 4096] at 5% kept, a batch of 4096 columns, bf16 (issue 24's GPU target).
@@ -75,6 +82,13 @@ def check_dense(who: str, tensors: dict, dtype, device) -> None:
             raise TypeError(f"{who}: expected {name} as {dtype}, got {t.dtype}")
         if t.device != device:
             raise ValueError(f"{who}: expected {name} on {device}, got {t.device}")
+
+
+def batch_offsets_fit(t: torch.Tensor) -> bool:
+    """True when every batch offset ``m * t.stride(1)`` of a 2-D operand fits int32. The kernels
+    keep batch offsets in int32 (row and column offsets, ``index * stride(0)``, are int64): a
+    batch-contiguous operand always fits; the launchers copy one that does not."""
+    return (t.shape[1] - 1) * abs(t.stride(1)) < 2**31
 
 
 def max_panel_nnz(row_ptr: torch.Tensor, panel: int) -> int:

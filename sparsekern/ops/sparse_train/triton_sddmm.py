@@ -27,6 +27,7 @@ from sparsekern.ops._launch import dot_precision, interpreter_upcast, out_tensor
 from sparsekern.ops._triton import require_triton, tl, triton
 from sparsekern.ops.sparse_train.triton_common import (
     BENCH_SHAPE,
+    batch_offsets_fit,
     check_csr,
     check_dense,
     max_panel_nnz,
@@ -142,6 +143,8 @@ def sddmm(
     M = a.shape[1]
     if M == 0:
         return res.zero_()
+    a = a if batch_offsets_fit(a) else a.contiguous()
+    b = b if batch_offsets_fit(b) else b.contiguous()
     most = max_panel_nnz(row_ptr, PANEL_ROWS)
 
     def grid(meta):

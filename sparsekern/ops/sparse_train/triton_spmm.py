@@ -40,6 +40,7 @@ from sparsekern.ops._launch import dot_precision, interpreter_upcast, out_tensor
 from sparsekern.ops._triton import require_triton, tl, triton
 from sparsekern.ops.sparse_train.triton_common import (
     BENCH_SHAPE,
+    batch_offsets_fit,
     check_csr,
     check_dense,
 )
@@ -242,6 +243,11 @@ def spmm(
     nnz = values.numel()
     if nnz == 0:  # nothing stored (K may be 0: the kernels' gathers need a row of x)
         return y.zero_()
+    if not batch_offsets_fit(x):
+        x = x.contiguous()
+    if not batch_offsets_fit(y):  # write a batch-contiguous result, then copy it over
+        y.copy_(spmm(row_ptr, col_idx, values, x, n_rows, variant=variant, row_order=row_order))
+        return y
     if variant == "auto":
         variant = "rows" if row_order is not None else spmm_variant(x.dtype, M)
     row_nnz = _next_pow2(max(1, nnz // n_rows))
