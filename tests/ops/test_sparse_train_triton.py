@@ -211,3 +211,8 @@ def test_batch_offsets_past_int32_are_detected():
     assert batch_offsets_fit(torch.empty(4096, 4096, device="meta"))
     assert batch_offsets_fit(torch.empty_strided((3, 2), (1, 2**31 - 1), device="meta"))
     assert not batch_offsets_fit(torch.empty_strided((3, 3), (1, 2**30), device="meta"))
+
+
+def test_bench_most_is_the_benchmark_matrix_fullest_panel():
+    row_ptr, _, _ = bench_csr(0.05, 4096, 4096, "cpu", torch.bfloat16)
+    assert max_panel_nnz(row_ptr, sd.PANEL_ROWS) == sd.BENCH_MOST

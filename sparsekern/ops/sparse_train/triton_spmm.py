@@ -57,6 +57,8 @@ __all__ = [
 
 # Rows per panel of the tensor-core kernel: tl.dot's smallest dimension.
 PANEL_ROWS = 16
+# CUDA's limit on a grid's second axis (the batch tiles).
+_MAX_GRID_Y = 65535
 # Row swizzle pays where the longest row is this many times the mean (Sputnik sorts always; a
 # binomial row length at 5% of 4096 has max/mean ~1.3, where sorting moves nothing).
 SWIZZLE_MIN_SKEW = 1.5
@@ -237,6 +239,11 @@ def spmm(
             f"{list(row_order.shape)} on {row_order.device}"
         )
     K, M = x.shape
+    if triton.cdiv(M, 64) > _MAX_GRID_Y:
+        raise ValueError(
+            f"spmm: expected at most {64 * _MAX_GRID_Y} batch columns (the grid's second axis "
+            f"holds one program per 64-256 of them), got x [{K}, {M}]; split the batch"
+        )
     y = out_tensor(out, (n_rows, M), x, x.dtype)
     if n_rows == 0 or M == 0:
         return y
