@@ -216,3 +216,43 @@ def test_batch_offsets_past_int32_are_detected():
 def test_bench_most_is_the_benchmark_matrix_fullest_panel():
     row_ptr, _, _ = bench_csr(0.05, 4096, 4096, "cpu", torch.bfloat16)
     assert max_panel_nnz(row_ptr, sd.PANEL_ROWS) == sd.BENCH_MOST
+
+
+@pytest.mark.parametrize("variant", ["rows", "dot"])
+def test_spmm_where_semantics_for_non_finite_x(variant, device):
+    """An inf in x[k] reaches the rows that store column k, and no other row of their panel
+    (the dot kernel's zeros would make 0 * inf = NaN there: it hands such x to "rows")."""
+    keep = torch.zeros(16, 8, dtype=torch.bool, device=device)
+    keep[3, 2] = keep[3, 5] = keep[7, 1] = keep[9, 5] = True
+    w = torch.randn(16, 8, device=device) * keep
+    flat = keep.reshape(-1).nonzero().squeeze(1)
+    row_ptr = torch.zeros(17, dtype=torch.int64, device=device)
+    torch.cumsum(keep.sum(1), 0, out=row_ptr[1:])
+    row_ptr, col, values = row_ptr.int(), (flat % 8).int(), w.reshape(-1)[flat].contiguous()
+    x = torch.randn(8, 16, device=device)
+    x[2, 4] = float("inf")
+    y = sp.spmm(row_ptr, col, values, x, 16, variant=variant)
+    assert not torch.isfinite(y[3, 4])  # row 3 stores column 2
+    finite = torch.ones_like(y, dtype=torch.bool)
+    finite[3, 4] = False
+    assert torch.isfinite(y[finite]).all(), f"{variant}: non-finite outside row 3, column 4"
+    ok = x.isfinite().all(0)
+    _close(y[:, ok], w.double() @ x[:, ok].double(), torch.float32, 8, "finite columns")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered in matmul:RuntimeWarning")
+def test_sddmm_where_semantics_for_non_finite_inputs(device):
+    """An inf in a[r] or b[k] reaches the entries of row r / column k only, not the other
+    entries of the panel (the kernel selects each entry's own column of its 16-wide product)."""
+    row_ptr, col, _, _, keep = _csr(0.4, torch.float32, device, n=16, k=12)
+    a = torch.randn(16, 9, device=device)
+    b = torch.randn(12, 9, device=device)
+    a[4, 3] = float("inf")
+    b[7, 0] = float("nan")
+    got = sd.sddmm(row_ptr, col, a, b)
+    rows = torch.repeat_interleave(torch.arange(16, device=device), torch.diff(row_ptr.long()))
+    hit = (rows == 4) | (col.long() == 7)
+    assert torch.isfinite(got[~hit]).all()
+    assert not torch.isfinite(got[hit]).any()
+    ref = (a.double() @ b.double().t())[keep]
+    _close(got[~hit], ref[~hit], torch.float32, 9, "sddmm finite entries")

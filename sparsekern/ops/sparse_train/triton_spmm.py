@@ -23,8 +23,9 @@ offsets for every product that can pass 2^31 (``col * stride``, ``row * stride``
   bf16): built in registers instead, it would be stored to shared memory every step as the
   wgmma's B operand, and each store must wait for the previous wgmma (compiled: pendings 0, no
   overlap). Dense compute costs ``BLOCK_N`` MACs per useful one (16 x the kernel's useful FLOPs,
-  ``0.8 x`` a dense GEMM's at 5% kept): it pays where the rows kernel is bound by issuing
-  CUDA-core FMAs, not by FLOPs. ``BLOCK_N`` is 16 because ``tl.dot`` takes no dimension under 16.
+  ``0.8 x`` a dense GEMM's at 5% kept): it can beat ``rows`` where ``rows`` is bound by issuing
+  CUDA-core FMAs (gathers served from L1), never by FLOPs; at the benchmark shape both are bound
+  by the L2 traffic of the gathers. ``BLOCK_N`` is 16: ``tl.dot`` takes no dimension under 16.
 
 Neither is the CUDA default of any layer: no GPU benchmark has measured them against cuBLAS
 (``benchmarks/bench_sparse_train_gpu.py``, ``benchmarks/NOTES.md``). Reference twin:
@@ -210,6 +211,9 @@ def spmm(
 
     Args:
         variant: "rows" (CUDA cores), "dot" (tensor cores) or "auto" (:func:`spmm_variant`).
+            Non-finite values in x run "rows" (one ``isfinite`` pass over x and a sync decide):
+            an output row sums its own stored entries only, so an inf in ``x[k]`` reaches the
+            rows that store column ``k`` and no other.
         row_order: int32 ``[n_rows]``, a permutation of the rows to launch in (``"rows"`` only;
             :func:`row_swizzle`).
         out: ``[n_rows, M]`` of x's dtype to write into (any strides).
@@ -257,6 +261,10 @@ def spmm(
         return y
     if variant == "auto":
         variant = "rows" if row_order is not None else spmm_variant(x.dtype, M)
+    if variant == "dot" and not bool(torch.isfinite(x).all()):
+        # where-semantics (an output row sums its stored entries only): "dot" multiplies every
+        # gathered row by the other 15 rows' zeros too, and 0 * inf = NaN would reach them
+        variant = "rows"
     row_nnz = _next_pow2(max(1, nnz // n_rows))
     common = (
         n_rows, M, row_nnz, x.stride(0), x.stride(1), y.stride(0), y.stride(1),
