@@ -13,7 +13,8 @@ then times with triton.testing.do_bench (median, L2 flushed between runs):
   spmm (forward y^T = W x^T; dX is the same product on W^T's CSR):
     dense      cuBLAS: torch.matmul(W, x^T), W dense with the zeros
     rows       sparsekern's row-split CSR kernel (CUDA cores)
-    dot        sparsekern's panel kernel on tensor cores (incl. its per-call panel_select)
+    dot        sparsekern's panel kernel on tensor cores (incl. its per-call panel_select and
+               isfinite check of x)
     cusparse   torch CSR matmul (cuSPARSE SpMM) on the same CSR
   sddmm (dW at the mask, dW = dy^T x):
     dense      cuBLAS: dy^T @ x (the whole dense gradient)
