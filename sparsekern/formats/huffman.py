@@ -93,23 +93,28 @@ def _canonical(lengths: np.ndarray) -> np.ndarray:
     return codes
 
 
+_CHUNK = 1 << 20  # symbols (encode) or bits (decode) per vectorised step: bounded memory
+
+
 def encode(symbols: np.ndarray, lengths: np.ndarray) -> tuple[bytes, int]:
     """``(stream, n_bits)``: ``symbols`` (ints in ``[0, len(lengths))``, each with a non-zero
     length) coded MSB first, zero-padded to whole bytes."""
-    symbols = np.asarray(symbols, dtype=np.int64)
+    symbols = np.asarray(symbols, dtype=np.int64).reshape(-1)
     lengths = np.asarray(lengths, dtype=np.int64)
     if symbols.size == 0:
         return b"", 0
     if symbols.min() < 0 or symbols.max() >= len(lengths) or (lengths[symbols] == 0).any():
         raise ValueError("encode: expected symbols that the code lengths give a code, got others")
     codes = _canonical(lengths)
-    sym_len = lengths[symbols]
-    total = int(sym_len.sum())
-    which = np.repeat(np.arange(len(symbols)), sym_len)  # the symbol each output bit belongs to
-    starts = np.cumsum(sym_len) - sym_len
-    within = np.arange(total) - starts[which]
-    bits = (codes[symbols][which] >> (sym_len[which] - 1 - within)) & 1
-    return np.packbits(bits.astype(np.uint8)).tobytes(), total
+    parts = []
+    for i in range(0, len(symbols), _CHUNK):
+        sym = symbols[i : i + _CHUNK]
+        sym_len = lengths[sym]
+        which = np.repeat(np.arange(len(sym)), sym_len)  # the symbol each output bit belongs to
+        within = np.arange(len(which)) - (np.cumsum(sym_len) - sym_len)[which]
+        parts.append(((codes[sym][which] >> (sym_len[which] - 1 - within)) & 1).astype(np.uint8))
+    bits = np.concatenate(parts)
+    return np.packbits(bits).tobytes(), len(bits)
 
 
 def decode(stream: bytes, lengths: np.ndarray, n: int) -> np.ndarray:
@@ -137,29 +142,36 @@ def decode(stream: bytes, lengths: np.ndarray, n: int) -> np.ndarray:
         hi = (codes[s] + 1) << (width - lengths[s])
         table_sym[lo:hi] = s
         table_len[lo:hi] = lengths[s]
-    bits = np.unpackbits(np.frombuffer(stream, dtype=np.uint8)).astype(np.int64)
+    bits = np.unpackbits(np.frombuffer(stream, dtype=np.uint8))
     total = len(bits)
-    padded = np.concatenate([bits, np.zeros(width, dtype=np.int64)])
-    window = np.zeros(total + 1, dtype=np.int64)  # the width bits starting at each position
-    for j in range(width):
-        window = (window << 1) | padded[j : j + total + 1]
-    step = table_len[window]
-    nxt = (np.arange(total + 1) + step).tolist()
-    bad = step == 0
-    pos, visited = 0, np.empty(n, dtype=np.int64)
-    for i in range(n):  # pointer chasing, ~0.1 us per symbol
-        if pos >= total:
-            raise HuffmanError(f"expected {n} symbols in {total} bits, found the stream truncated")
-        visited[i] = pos
-        pos = nxt[pos]
-    if pos > total or bad[visited].any():
-        raise HuffmanError(f"expected {n} symbols in {total} bits, found an invalid code")
+    padded = np.concatenate([bits, np.zeros(width, dtype=np.uint8)])
+    out = np.empty(n, dtype=np.int64)
+    pos, i = 0, 0
+    for start in range(0, total, _CHUNK):
+        end = min(start + _CHUNK, total)
+        window = np.zeros(end - start, dtype=np.int64)  # the width bits starting at each position
+        for j in range(width):
+            window = (window << 1) | padded[start + j : end + j]
+        sym, step = table_sym[window], table_len[window]
+        nxt = (np.arange(start, end) + step).tolist()
+        visited = []
+        while pos < end and i + len(visited) < n:  # pointer chasing, ~0.1 us per symbol
+            visited.append(pos - start)
+            pos = nxt[pos - start]
+        if (step[visited] == 0).any():  # a window that starts no code (stuck until n visits)
+            raise HuffmanError(f"expected {n} symbols in {total} bits, found an invalid code")
+        out[i : i + len(visited)] = sym[visited]
+        i += len(visited)
+        if i == n:
+            break
+    if i < n or pos > total:
+        raise HuffmanError(f"expected {n} symbols in {total} bits, found the stream truncated")
     if (total - pos) >= 8 or bits[pos:].any():
         raise HuffmanError(
             f"expected {n} symbols to end within the last byte ({total} bits) with zero padding, "
             f"found them ending at bit {pos}"
         )
-    return table_sym[window[visited]]
+    return out
 
 
 def pack_lengths(lengths: np.ndarray) -> bytes:

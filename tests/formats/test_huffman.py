@@ -91,3 +91,20 @@ def test_pack_lengths_round_trip():
         unpack_lengths(data[:2], 5)
     with pytest.raises(HuffmanError, match="zero padding"):
         unpack_lengths(data[:2] + bytes([data[2] | 1]), 5)
+
+
+def test_chunked_encode_and_decode_match(monkeypatch):
+    import sparsekern.formats.huffman as huffman
+
+    rng = np.random.default_rng(3)
+    symbols = np.minimum(rng.geometric(0.2, 3000) - 1, 31)
+    lengths = code_lengths(np.bincount(symbols, minlength=32))
+    whole = encode(symbols, lengths)
+    monkeypatch.setattr(huffman, "_CHUNK", 97)  # symbols and bits per step: chunk borders inside
+    assert encode(symbols, lengths) == whole
+    assert np.array_equal(decode(whole[0], lengths, len(symbols)), symbols)
+    incomplete = lengths.copy()
+    incomplete[symbols.max()] = 0  # a code with a hole: the stream hits a window with no code
+    incomplete[incomplete > 0] = np.maximum(incomplete[incomplete > 0], 1)
+    with pytest.raises(HuffmanError):
+        decode(whole[0], incomplete, len(symbols))
