@@ -241,13 +241,13 @@ def _quant_bits(quantize, layers: dict[str, nn.Module]) -> dict[str, int] | None
     if quantize is None or quantize is False:
         return None
     if isinstance(quantize, QuantizedWeights):
-        quantize.check()
-        missing = [n for n in layers if n not in quantize.bits]
-        if missing:
+        other = [n for n in layers if quantize.layers.get(n) is not layers[n]]
+        if other:
             raise ValueError(
-                f"save_compressed: expected quantize to cover every sparse layer, got none for "
-                f"{missing}"
+                "save_compressed: expected a QuantizedWeights made on this model, got one whose "
+                f"layers {other} are not this model's"
             )
+        quantize.check()
         return dict(quantize.bits)
     if quantize is True:
         by_kind = dict(DEFAULT_QUANT_BITS)

@@ -283,6 +283,12 @@ def test_v2_round_trip_equals_the_quantised_model(tmp_path, quantize, huffman, d
     load_compressed(path, again)
     _assert_same(net, again)
     assert [s["quant_bits"] for s in stats["layers"]] == [8, 5, 5]
+    with pytest.raises(ValueError, match="not this model's"):
+        save_compressed(fresh, path, quantize=qw)
+    with torch.no_grad():
+        net.fc2.weight[net.fc2.mask] *= 1.5  # trained past the codebook
+    with pytest.raises(ValueError, match="layer 'fc2'.*codebook"):
+        save_compressed(net, path, quantize=qw)
 
 
 def test_huffman_and_quantisation_shrink_the_file(tmp_path):
