@@ -637,7 +637,17 @@ def _layer_spans(meta: dict, version: int) -> list[tuple[str, list]]:
 
 
 def _read(path: str | os.PathLike) -> OrderedDict:
-    """Parse and fully verify a file; returns the state dict (CPU tensors)."""
+    """Parse and fully verify a file; returns the state dict (CPU tensors). A header that passes
+    the checksum but holds fields of the wrong type (a forged file) is refused too."""
+    try:
+        return _read_fields(path)
+    except CompressedFormatError:
+        raise
+    except (TypeError, KeyError, IndexError, ValueError, RuntimeError, OverflowError) as e:
+        raise _fail(path, f"corrupted header or data: {type(e).__name__}: {e}") from None
+
+
+def _read_fields(path: str | os.PathLike) -> OrderedDict:
     data = Path(path).read_bytes()
     if len(data) < _PREAMBLE.size:
         raise _fail(path, f"truncated: expected at least {_PREAMBLE.size} bytes, found {len(data)}")
@@ -665,8 +675,16 @@ def _read(path: str | os.PathLike) -> OrderedDict:
         header = json.loads(body[_PREAMBLE.size : _PREAMBLE.size + hlen].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise _fail(path, f"corrupted header: expected UTF-8 JSON, found an error ({e})") from None
-    if not isinstance(header, dict) or not {"keys", "layers", "dense"} <= set(header):
-        raise _fail(path, "corrupted header: expected an object with keys, layers and dense")
+    dense_type = list if version == 1 else (list, tuple)
+    if (
+        not isinstance(header, dict)
+        or not {"keys", "layers", "dense"} <= set(header)
+        or not isinstance(header["keys"], list)
+        or not isinstance(header["layers"], list)
+        or not isinstance(header["dense"], dense_type)
+        or (version == 2 and not all(isinstance(e, dict) for e in header["dense"]))
+    ):
+        raise _fail(path, "corrupted header: expected an object with lists keys, layers, dense")
     if header.get("byteorder", sys.byteorder) != sys.byteorder:
         raise _fail(
             path, f"expected {sys.byteorder}-endian data, found {header['byteorder']}-endian"

@@ -379,5 +379,13 @@ def test_shifted_offsets_under_a_valid_checksum_are_refused(tmp_path, kw):
         path.write_bytes(_rewrite_header(data, edit))
         with pytest.raises(CompressedFormatError, match=match):
             load_compressed(path)
+
+    def bad_type(h):
+        h["layers"][0]["entries"] = "many"
+
+    for edit in (lambda h: h.update(layers=3), lambda h: h.update(dense={"a": 1}), bad_type):
+        path.write_bytes(_rewrite_header(data, edit))
+        with pytest.raises(CompressedFormatError, match="corrupted header"):
+            load_compressed(path)
     path.write_bytes(_rewrite_header(data, lambda h: None))  # the unedited rewrite still loads
     load_compressed(path)
