@@ -33,6 +33,7 @@ from sparsekern.pruning._sparsegpt import sparsegpt_prune  # noqa: E402
 from sparsekern.pruning._wanda import magnitude_layer_mask, row_keep  # noqa: E402
 from sparsekern.training.data import load_mnist, tensor_loader  # noqa: E402
 
+DENSE_FORMAT = "sparsekern/one_shot_mnist/dense/1"
 # label -> (method, options); "sparsegpt-block": one mask threshold per block of 128 columns, as
 # the reference code (the same as sparsegpt for N:M, where selection is per group anyway)
 VARIANTS = {
@@ -134,15 +135,20 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     data = load_mnist(args.data)
     ckpt = Path(args.ckpt)
-    if ckpt.exists():
-        saved = torch.load(ckpt, weights_only=True)
+    config = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed}  # what trains dense.pt
+    if ckpt.exists():  # checksummed; refused unless trained with this config
+        try:
+            saved = training.load_checkpoint(ckpt, DENSE_FORMAT, expect={"config": config})
+        except training.CheckpointError as e:
+            p.error(f"--ckpt: {e}")
         model = LeNet300100()
         model.load_state_dict(saved["model"])
         info = saved["info"]
     else:
         model, info = train_dense(data, args)
         ckpt.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": model.state_dict(), "info": info}, ckpt)
+        state = {"model": model.state_dict(), "info": info, "config": config}
+        training.save_checkpoint(ckpt, state, DENSE_FORMAT)  # atomic
     xt, yt = data["x_test"], data["y_test"]
     dense_err = test_error(model, xt, yt)
     print(f"dense test error {dense_err:.2f}%", flush=True)
