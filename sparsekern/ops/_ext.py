@@ -26,7 +26,7 @@ from types import ModuleType
 __all__ = ["NO_EXT_ENV", "ext_disabled", "extension_status", "load_extension"]
 
 NO_EXT_ENV = "SPARSEKERN_NO_EXT"
-_DEFAULT_CFLAGS = ("-O3", "-fopenmp", "-std=c++17")
+_DEFAULT_CFLAGS = ("-O3", "-fopenmp")  # the C++ standard is torch's own (c++20 for 2.14)
 _LOCK = threading.Lock()
 # name -> module, or None after a failure (so a failed build is tried once per process)
 _LOADED: dict[str, ModuleType | None] = {}
@@ -72,7 +72,7 @@ def load_extension(
     Args:
         name: a Python identifier; the build name adds a hash of the sources, flags and CPU.
         sources: ``.cpp`` files (absolute paths).
-        extra_cflags: flags beyond ``-O3 -fopenmp -std=c++17 -march=native``.
+        extra_cflags: flags beyond ``-O3 -fopenmp -march=native``.
 
     Returns None (with a one-time ``RuntimeWarning`` naming the reason) when the extension is
     disabled by ``SPARSEKERN_NO_EXT=1`` (no warning then: it was asked for) or cannot be built.
@@ -88,7 +88,7 @@ def load_extension(
         try:
             module = _build(name, [pathlib.Path(s) for s in sources], list(extra_cflags))
         except Exception as exc:  # any failure means: fall back, never break the caller
-            _WHY[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:] or ''}"
+            _WHY[name] = f"{type(exc).__name__}: {_first_error(str(exc))}"
             warnings.warn(
                 f"sparsekern: the C++ extension {name!r} could not be built or loaded "
                 f"({_WHY[name]}); running the pure-torch fallback (slower). Set "
@@ -98,6 +98,15 @@ def load_extension(
             )
         _LOADED[name] = module
         return module
+
+
+def _first_error(text: str) -> str:
+    """The compiler's first ``error:`` line (the cause), else the message's last line."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    for ln in lines:
+        if "error:" in ln or "error " in ln.lower()[:12]:
+            return ln[:300]
+    return lines[-1][:300] if lines else "no message"
 
 
 def _build(name: str, sources: list[pathlib.Path], extra: list[str]) -> ModuleType:

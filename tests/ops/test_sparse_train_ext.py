@@ -29,7 +29,7 @@ def test_failure_returns_none_with_one_warning(monkeypatch, tmp_path):
         assert _ext.load_extension(name, [src]) is None
         assert _ext.load_extension(name, [src]) is None  # cached failure: no second warning
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    assert len(msgs) == 1 and "OSError: ['no cc']" in msgs[0] and "fallback" in msgs[0]
+    assert len(msgs) == 1 and "OSError: no cc" in msgs[0] and "fallback" in msgs[0]
     assert _ext.extension_status()[name].startswith("OSError")
 
 
