@@ -33,12 +33,15 @@ order).
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from sparsekern.ops._mask_cache import cached_on_mask
+from sparsekern.ops.sparse_train import _kernels
+from sparsekern.ops.sparse_train.rule import sparse_pays
 
 __all__ = ["PATHS", "PathChoice", "PlanEntry", "execution_plan", "linear_path"]
 
@@ -109,6 +112,13 @@ def _needs_weight_grad(module: nn.Module, training: bool | None) -> bool:
 
 def linear_path(module: nn.Module, input_shape, training: bool | None) -> PathChoice:
     """:meth:`SparseLinear.execution_path`'s rule (see the module doc for the protocol)."""
+    if torch.compiler.is_compiling():
+        # Inside a graph: no host reads (the kept count is a device value) and no opaque C++
+        # calls; the vendor path, which compiles. execution_plan() itself runs eagerly.
+        if module.__dict__.get("block_size") is not None:
+            return PathChoice("block", float("nan"), "torch.compile: block mode")
+        path = "masked" if _needs_weight_grad(module, training) else "dense"
+        return PathChoice(path, float("nan"), "torch.compile: vendor path (traceable)")
     kept = _kept(module)
     if module.__dict__.get("block_size") is not None:
         return PathChoice(
@@ -118,6 +128,20 @@ def linear_path(module: nn.Module, input_shape, training: bool | None) -> PathCh
         return PathChoice(
             "dense", kept, "no weight gradient needed: F.linear on the weight (pruned entries 0)"
         )
-    return PathChoice(
-        "masked", kept, "vendor GEMM for forward and dX, weight gradient masked afterwards"
-    )
+    weight = module.weight
+    rows = None
+    if input_shape is not None:
+        rows = math.prod(input_shape[:-1]) if len(input_shape) > 1 else 1
+    args = (rows, module.out_features, module.in_features, kept, weight.device, weight.dtype)
+    pays, why = sparse_pays(*args)
+    if pays and _kernels_backend() != "cpp":
+        # Asked only now, so a layer that stays dense never triggers the extension's build.
+        pays, why = sparse_pays(*args, extension=False)
+    if pays:
+        return PathChoice("sparse", kept, "CSR kernels on kept weights only: " + why)
+    return PathChoice("masked", kept, "vendor GEMM, masked dW: " + why)
+
+
+def _kernels_backend() -> str:
+    # Whether the C++ extension is there (built on first call; None -> torch.sparse fallback).
+    return _kernels.backend(torch.zeros(0))

@@ -10,6 +10,7 @@ from sparsekern.nn._sparse_module import SparseModuleMixin, adopt_parameters, ch
 from sparsekern.nn.execution_plan import PathChoice, linear_path
 from sparsekern.ops.block_sparse_linear import block_masked_linear
 from sparsekern.ops.masked_linear import masked_linear
+from sparsekern.ops.sparse_train import sparse_linear
 
 __all__ = ["SparseLinear"]
 
@@ -70,6 +71,8 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
             return block_masked_linear(input, weight, mask, self.bias, bs, assume_pruned_zero=True)
         if path == "masked":
             return masked_linear(input, weight, mask, self.bias, assume_pruned_zero=True)
+        if path == "sparse":
+            return sparse_linear(input, weight, mask, self.bias)
         return F.linear(input, weight, self.bias)
 
     def execution_path(
