@@ -34,6 +34,10 @@ void check(const torch::Tensor& t, const char* name, torch::ScalarType dtype, in
 
 int threads() { return std::max(1, at::get_num_threads()); }
 
+// Below this many multiply-adds a call runs on one thread: waking a second thread costs more
+// than the work (and far more on a loaded machine, where a barrier waits for a time slice).
+constexpr int64_t kParallelGrain = 1 << 16;
+
 #if defined(__AVX512F__)
 // out[0:len] = sum_j v[j] * B[col[j]*ld + 0:len], len <= 64 (4 zmm accumulators, masked tail).
 template <int NV>
@@ -141,7 +145,8 @@ torch::Tensor spmm(const torch::Tensor& row_ptr, const torch::Tensor& col_idx,
   const float* b = B.data_ptr<float>();
   float* o = out.data_ptr<float>();
   if (M == 0) return out;
-#pragma omp parallel for schedule(dynamic, 16) num_threads(threads())
+  const bool par = col_idx.numel() * M >= kParallelGrain;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads()) if (par)
   for (int64_t r = 0; r < R; ++r) spmm_row(ci, v, rp[r], rp[r + 1], b, M, o + r * M);
   return out;
 }
@@ -164,7 +169,8 @@ torch::Tensor sddmm(const torch::Tensor& row_ptr, const torch::Tensor& col_idx,
   const float* a = A.data_ptr<float>();
   const float* b = B.data_ptr<float>();
   float* o = out.data_ptr<float>();
-#pragma omp parallel for schedule(dynamic, 16) num_threads(threads())
+  const bool par = col_idx.numel() * M >= kParallelGrain;
+#pragma omp parallel for schedule(dynamic, 16) num_threads(threads()) if (par)
   for (int64_t r = 0; r < R; ++r) {
     const float* ar = a + r * M;
     for (int64_t j = rp[r]; j < rp[r + 1]; ++j) o[j] = dot(ar, b + (int64_t)ci[j] * M, M);
@@ -186,7 +192,7 @@ torch::Tensor scatter_dense(const torch::Tensor& flat_idx, const torch::Tensor& 
   float* o = out.data_ptr<float>();
   const int64_t n = out.numel(), nnz = values.numel();
   // zero and fill in one pass per thread over its slice of the dense output
-#pragma omp parallel num_threads(threads())
+#pragma omp parallel num_threads(threads()) if (n >= 4 * kParallelGrain)
   {
 #ifdef _OPENMP
     const int t = omp_get_thread_num(), T = omp_get_num_threads();
@@ -213,7 +219,7 @@ torch::Tensor gather_dense(const torch::Tensor& flat_idx, const torch::Tensor& d
   const float* d = dense.data_ptr<float>();
   float* o = out.data_ptr<float>();
   const int64_t nnz = out.numel();
-#pragma omp parallel for schedule(static) num_threads(threads())
+#pragma omp parallel for schedule(static) num_threads(threads()) if (nnz >= 4 * kParallelGrain)
   for (int64_t j = 0; j < nnz; ++j) o[j] = d[fi[j]];
   return out;
 }
