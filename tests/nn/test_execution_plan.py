@@ -84,3 +84,19 @@ def test_in_place_mask_edit_is_honoured_under_torch_compile(monkeypatch):
         torch.testing.assert_close(layer.weight, eager.weight)
     assert bool((layer.weight[:, :8] == 0).all())
     torch.testing.assert_close(compiled(x), eager(x))
+
+
+def test_static_rule_decisions_and_reasons():
+    from sparsekern.ops.sparse_train.rule import sparse_pays
+
+    cpu, f32 = torch.device("cpu"), torch.float32
+    assert sparse_pays(64, 4096, 9216, 0.05, cpu, f32)[0]
+    ok, why = sparse_pays(64, 4096, 9216, 0.5, cpu, f32)
+    assert not ok and "kept 0.500 >" in why
+    assert sparse_pays(64, 4096, 9216, 0.12, cpu, f32, compact=True)[0]
+    assert not sparse_pays(64, 4096, 9216, 0.12, cpu, f32)[0]
+    assert "cuda" in sparse_pays(64, 4096, 9216, 0.01, torch.device("cuda"), f32)[1]
+    assert "bfloat16" in sparse_pays(64, 4096, 9216, 0.01, cpu, torch.bfloat16)[1]
+    assert "< 16" in sparse_pays(8, 4096, 9216, 0.01, cpu, f32)[1]
+    assert "small step" in sparse_pays(64, 10, 10, 0.01, cpu, f32)[1]
+    assert "assumed" in sparse_pays(None, 4096, 9216, 0.05, cpu, f32)[1]
