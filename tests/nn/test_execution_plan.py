@@ -98,5 +98,7 @@ def test_static_rule_decisions_and_reasons():
     assert "cuda" in sparse_pays(64, 4096, 9216, 0.01, torch.device("cuda"), f32)[1]
     assert "bfloat16" in sparse_pays(64, 4096, 9216, 0.01, cpu, torch.bfloat16)[1]
     assert "< 16" in sparse_pays(8, 4096, 9216, 0.01, cpu, f32)[1]
+    assert "dense storage" in sparse_pays(16, 4096, 4096, 0.05, cpu, f32)[1]
+    assert sparse_pays(16, 4096, 4096, 0.05, cpu, f32, compact=True)[0]
     assert "small step" in sparse_pays(64, 10, 10, 0.01, cpu, f32)[1]
     assert "assumed" in sparse_pays(None, 4096, 9216, 0.05, cpu, f32)[1]

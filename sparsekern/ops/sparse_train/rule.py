@@ -16,7 +16,9 @@ Measured on the shared 2-core machine (load average ~15, so each figure is +-30%
 path, ratios at kept 0.5 / 0.1 / 0.05 (docs/kernels.md has the table): dense storage
 2.3-2.4 / 0.64-0.86 / 0.57-0.61, compact 1.0-1.8 / 0.32-0.72 / 0.18-0.63. No clear trend with
 ``M`` over 16..256 showed above that noise, so the rule does not use it, except that batches
-under :data:`MIN_ROWS` (unmeasured: a single AVX-512 lane group per kept weight) stay dense.
+under :data:`MIN_ROWS` (unmeasured: a single AVX-512 lane group per kept weight) stay dense,
+and with dense storage under :data:`MIN_ROWS_DENSE_STORAGE` (at 16 rows its ratio at 95% was
+0.57 in one run and 0.89 in the next: no margin).
 
 The sparse path runs when the predicted ratio is at most :data:`MARGIN` (the margin keeps the
 "never slower than dense" promise under the fit's error: kept <= 0.10 with dense storage, <= 0.14
@@ -42,6 +44,9 @@ FIXED_FALLBACK = 0.45
 MARGIN = 0.8
 MIN_DENSE_FLOPS = 2e7  # 6 N K M below this: the fixed per-call costs dominate
 MIN_ROWS = 16  # the smallest batch measured
+# Dense storage under 64 rows: the GEMMs are bound by reading W, as the per-step gather and the
+# dense gradient are; 4096->4096 B=16 at 95% measured 0.57 in one run and 0.89 in the next.
+MIN_ROWS_DENSE_STORAGE = 64
 NOMINAL_ROWS = 64
 
 
@@ -70,6 +75,11 @@ def sparse_pays(
         return False, f"small step ({flops:.1e} FLOPs < {MIN_DENSE_FLOPS:.0e}) at {at}"
     if m < MIN_ROWS:
         return False, f"{at} < {MIN_ROWS} (small batches unmeasured: vendor GEMM)"
+    if not compact and m < MIN_ROWS_DENSE_STORAGE:
+        return False, (
+            f"{at} < {MIN_ROWS_DENSE_STORAGE} with dense storage (the dense gradient's fixed "
+            "cost does not pay; storage='compact' does)"
+        )
     per_kept = PER_KEPT if extension else PER_KEPT_FALLBACK
     fixed = FIXED_COMPACT if compact else (FIXED if extension else FIXED_FALLBACK)
     predicted = fixed + per_kept * kept
