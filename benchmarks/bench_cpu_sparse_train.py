@@ -123,6 +123,45 @@ def contenders(fin, fout, rows, sparsity, *, sweep=False):
     return fns, plan
 
 
+def _state_bytes(model: nn.Module, opt: torch.optim.Optimizer) -> int:
+    params = list(model.parameters())
+    total = sum(p.numel() * p.element_size() for p in params)
+    total += sum(p.grad.numel() * p.grad.element_size() for p in params if p.grad is not None)
+    for st in opt.state.values():
+        total += sum(
+            v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v) and v.dim()
+        )
+    return total
+
+
+def memory_rows() -> list[dict]:
+    """Parameters + grads + Adam state after one step: nn.Linear vs compact storage (bias-free
+    9216->4096), and what the compact layer keeps besides (index, bool mask)."""
+    from sparsekern.nn import CompactSparseLinear
+
+    out = []
+    for kept in (0.05, 0.02):
+        dense = nn.Linear(9216, 4096, bias=False)
+        mask = torch.rand(4096, 9216) < kept
+        x = torch.randn(4, 9216)
+        opt = torch.optim.Adam(dense.parameters())
+        dense(x).sum().backward()
+        opt.step()
+        comp = CompactSparseLinear.from_dense(dense, mask)
+        opt_c = torch.optim.Adam(comp.parameters())
+        comp(x).sum().backward()
+        opt_c.step()
+        d, c = _state_bytes(dense, opt), _state_bytes(comp, opt_c)
+        row = {"layer": "9216->4096", "kept": kept, "dense_bytes": d, "compact_bytes": c,
+               "ratio": round(c / d, 5), "target": 1.25 * kept,
+               "index_bytes": comp.index.nbytes(), "mask_bytes": comp.mask.numel()}  # fmt: skip
+        print(f"memory 9216->4096 kept {kept}: compact/dense {row['ratio']:.4f} (target <= "
+              f"{row['target']:.4f}); + index {row['index_bytes'] / 2**20:.1f} MiB, "
+              f"mask {row['mask_bytes'] / 2**20:.1f} MiB", flush=True)  # fmt: skip
+        out.append(row)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="benchmarks/results")
@@ -130,6 +169,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--sweep", action="store_true", help="also time densities x batches")
     ap.add_argument("--quick", action="store_true", help="95%% only, 3 repeats")
+    ap.add_argument("--memory-only", action="store_true", help="only the compact-storage bytes")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     backend = _kernels.backend(torch.zeros(1))  # builds the extension before any timing
@@ -138,6 +178,9 @@ def main() -> None:
     print(
         f"kernels: {backend}; sparseprop: {SPLinear is not None}; load {env['load_average_1min']}"
     )
+    memory = memory_rows()
+    if args.memory_only:
+        return
     rows_out = []
     sparsities = [0.95] if args.quick else SPARSITIES
     repeats = 3 if args.quick else args.repeats
@@ -167,7 +210,10 @@ def main() -> None:
                           f"compact {cp:.3f}", flush=True)  # fmt: skip
     env["load_average_1min_end"] = os.getloadavg()[0]
     stem = "cpu_sparse_train_" + env["date"][:10] + ".json"
-    path = write_json(os.path.join(args.out, stem), {"env": env, "rows": rows_out, "sweep": sweep})
+    path = write_json(
+        os.path.join(args.out, stem),
+        {"env": env, "rows": rows_out, "sweep": sweep, "memory": memory},
+    )
     print("wrote", path)
 
 
