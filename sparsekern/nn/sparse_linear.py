@@ -1,4 +1,5 @@
-"""SparseLinear: ``nn.Linear`` with a bool mask; the vendor GEMM on the weight, the mask in dW."""
+"""SparseLinear: ``nn.Linear`` with a bool mask; its execution plan picks the vendor GEMM (mask in
+dW) or, at low density, kernels over the kept weights only."""
 
 from __future__ import annotations
 
@@ -22,7 +23,13 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
     (a persistent buffer, all True at construction: the layer starts dense), ``bias
     [out_features]``; ``forward`` maps ``[..., in_features] -> [..., out_features]``.
 
-    What runs: pruned weights are exactly zero (the mask invariant), so ``x @ (W*M)^T`` is
+    What runs is decided in one place, :meth:`execution_path` (reported by
+    ``sparsekern.nn.execution_plan(model)``): on the CPU in fp32, when the kept fraction is low
+    enough for the batch (a static rule, ``sparsekern.ops.sparse_train.rule``: kept <= 0.10 from
+    64 rows), the ``"sparse"`` path runs forward, dX and dW on the kept weights only
+    (``sparsekern.ops.sparse_train.sparse_linear``); ``weight.grad`` is still a dense tensor,
+    exactly zero at pruned entries. Otherwise (``"masked"``, and always on CUDA until a GPU
+    benchmark exists): pruned weights are exactly zero (the mask invariant), so ``x @ (W*M)^T`` is
     ``x @ W^T``: the forward and dX are ``F.linear``'s own (cuBLAS, MKL/oneDNN), with no mask and
     no copy, exactly what ``nn.Linear`` runs. Without a weight gradient to compute (``no_grad``,
     ``inference_mode``, a frozen weight) the forward is ``F.linear`` itself. With one, the only
