@@ -71,6 +71,7 @@ bench: venv
 	$(VPY) benchmarks/bench_cpu_layers.py --out $(RESULTS)
 	$(VPY) benchmarks/bench_cpu_block_sparse.py --out $(RESULTS)
 	$(VPY) benchmarks/bench_inference.py --out $(RESULTS)
+	$(VPY) benchmarks/bench_cpu_sparse_train.py --out $(RESULTS)
 
 # The static performance contract, without a GPU: every kernel compiled for sm_90 and sm_80 as the
 # JIT specialises it at its benchmark shape (registers, spills, shared memory, wgmma, overlap).

@@ -3,7 +3,9 @@
 inference export (``to_inference``: per layer dense, ``CSRLinear`` / ``CSRConv2d`` or
 ``BlockSparseLinear`` / ``BlockSparseConv2d``, whichever is fastest on the device)."""
 
+from sparsekern.nn.compact import CompactSparseLinear
 from sparsekern.nn.csr_layers import CSRConv2d, CSRLinear
+from sparsekern.nn.execution_plan import PathChoice, PlanEntry, execution_plan
 from sparsekern.nn.inference import (
     BlockSparseConv2d,
     BlockSparseLinear,
@@ -32,6 +34,7 @@ __all__ = [
     "HF_CONV1D",
     "BlockSparseConv2d",
     "BlockSparseLinear",
+    "CompactSparseLinear",
     "Coverage",
     "ParameterMask",
     "SparseConv1D",
@@ -44,6 +47,9 @@ __all__ = [
     "apply_masks",
     "check_masks",
     "coverage",
+    "execution_plan",
+    "PathChoice",
+    "PlanEntry",
     "mask_every_gradient",
     "inference_choices",
     "inference_plan",

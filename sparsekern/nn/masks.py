@@ -190,6 +190,9 @@ def set_mask(
     """
     _check_sparse_module(module, "set_mask")
     _check_where(mask, module.weight, "set_mask: mask")
+    if hasattr(module, "repack_mask"):  # compact storage: values and optimizer state re-packed
+        module.repack_mask(mask, optimizer)
+        return
     _apply_checked(module, mask, optimizer)
 
 

@@ -1,4 +1,5 @@
-"""SparseLinear: ``nn.Linear`` with a bool mask; the vendor GEMM on the weight, the mask in dW."""
+"""SparseLinear: ``nn.Linear`` with a bool mask; its execution plan picks the vendor GEMM (mask in
+dW) or, at low density, kernels over the kept weights only."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekern.nn._sparse_module import SparseModuleMixin, adopt_parameters, check_convertible
+from sparsekern.nn.execution_plan import PathChoice, linear_path
 from sparsekern.ops.block_sparse_linear import block_masked_linear
 from sparsekern.ops.masked_linear import masked_linear
+from sparsekern.ops.sparse_train import sparse_linear
 
 __all__ = ["SparseLinear"]
 
@@ -20,7 +23,13 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
     (a persistent buffer, all True at construction: the layer starts dense), ``bias
     [out_features]``; ``forward`` maps ``[..., in_features] -> [..., out_features]``.
 
-    What runs: pruned weights are exactly zero (the mask invariant), so ``x @ (W*M)^T`` is
+    What runs is decided in one place, :meth:`execution_path` (reported by
+    ``sparsekern.nn.execution_plan(model)``): on the CPU in fp32, when the kept fraction is low
+    enough for the batch (a static rule, ``sparsekern.ops.sparse_train.rule``: kept <= 0.10 from
+    64 rows), the ``"sparse"`` path runs forward, dX and dW on the kept weights only
+    (``sparsekern.ops.sparse_train.sparse_linear``); ``weight.grad`` is still a dense tensor,
+    exactly zero at pruned entries. Otherwise (``"masked"``, and always on CUDA until a GPU
+    benchmark exists): pruned weights are exactly zero (the mask invariant), so ``x @ (W*M)^T`` is
     ``x @ W^T``: the forward and dX are ``F.linear``'s own (cuBLAS, MKL/oneDNN), with no mask and
     no copy, exactly what ``nn.Linear`` runs. Without a weight gradient to compute (``no_grad``,
     ``inference_mode``, a frozen weight) the forward is ``F.linear`` itself. With one, the only
@@ -58,15 +67,27 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
         self.set_block_size(block_size)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """``[..., in_features] -> [..., out_features]``."""
+        """``[..., in_features] -> [..., out_features]``, by the path :meth:`execution_path`
+        chooses for ``input.shape`` (the one place the choice is made)."""
         mask = self.checked_mask()
         weight = self.weight
-        bs = self.__dict__.get("block_size")  # None for modules pickled before block mode
-        if bs is not None:
+        self.__dict__["_last_input_shape"] = tuple(input.shape)
+        path = self.execution_path(tuple(input.shape)).path
+        if path == "block":
+            bs = self.block_size
             return block_masked_linear(input, weight, mask, self.bias, bs, assume_pruned_zero=True)
-        if weight.requires_grad and torch.is_grad_enabled():
+        if path == "masked":
             return masked_linear(input, weight, mask, self.bias, assume_pruned_zero=True)
+        if path == "sparse":
+            return sparse_linear(input, weight, mask, self.bias)
         return F.linear(input, weight, self.bias)
+
+    def execution_path(
+        self, input_shape: tuple[int, ...] | None = None, *, training: bool | None = None
+    ) -> PathChoice:
+        """The path the forward runs for an input of ``input_shape`` (see
+        ``sparsekern.nn.execution_plan`` for the protocol)."""
+        return linear_path(self, input_shape, training)
 
     @classmethod
     def from_dense(

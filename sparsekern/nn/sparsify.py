@@ -10,6 +10,7 @@ from torch import nn
 
 from sparsekern.formats.block_sparse import block_size_pair
 from sparsekern.nn._sparse_module import is_sparse_module
+from sparsekern.nn.compact import CompactSparseLinear
 from sparsekern.nn.masks import mask_every_gradient
 from sparsekern.nn.sparse_attention import SparseConv1D, SparseMultiheadAttention, is_hf_conv1d
 from sparsekern.nn.sparse_conv2d import SparseConv2d
@@ -73,7 +74,9 @@ def _take_over_torch_prune(module: nn.Module) -> torch.Tensor | None:
     return mask
 
 
-def sparsify(model: nn.Module, layers=DEFAULT_LAYERS, block_size=None) -> nn.Module:
+def sparsify(
+    model: nn.Module, layers=DEFAULT_LAYERS, block_size=None, storage: str = "dense"
+) -> nn.Module:
     """Replace, in place and recursively, every module of ``model`` whose type is exactly one of
     ``layers`` by its sparse version, via ``from_dense``: the sparse module holds the SAME
     Parameter objects, so outputs are unchanged (masks start all True) and an optimizer already
@@ -104,10 +107,27 @@ def sparsify(model: nn.Module, layers=DEFAULT_LAYERS, block_size=None) -> nn.Mod
             ``Conv1D`` (or ``HF_CONV1D``); default all of them.
         block_size: ``(bm, bk)`` (or an int): the SparseLinear layers and the groups=1
             SparseConv2d layers run in block mode (see ``SparseLinear``). Default: None.
+        storage: ``"dense"`` (default: the sparse modules keep the dense ``weight`` Parameter)
+            or ``"compact"``: each ``nn.Linear`` (and ``SparseLinear``) becomes a
+            ``CompactSparseLinear`` whose trainable parameter is its kept weights only
+            (``values [nnz]``; grads and optimizer state the same size; state dict keys
+            ``weight``/``bias``/``mask`` as before). Compact layers get NEW Parameters: build the
+            optimizer after ``sparsify``. Other layer types keep dense storage.
 
     Raises:
         TypeError: an entry of ``layers`` is not supported (the message lists what is).
+        ValueError: ``storage`` is not ``"dense"``/``"compact"``, or ``"compact"`` with a
+            ``block_size``.
     """
+    if model is None or not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify: expected an nn.Module, got {type(model).__name__}")
+    if storage not in ("dense", "compact"):
+        raise ValueError(f"sparsify: expected storage 'dense' or 'compact', got {storage!r}")
+    if storage == "compact" and block_size is not None:
+        raise ValueError(
+            f"sparsify: expected block_size=None with storage='compact', got {block_size!r} "
+            "(block mode keeps dense storage)"
+        )
     targets, conv1d = _targets(layers)
     if block_size is not None:
         block_size_pair(block_size)  # fail before anything is swapped
@@ -135,7 +155,7 @@ def sparsify(model: nn.Module, layers=DEFAULT_LAYERS, block_size=None) -> nn.Mod
     if wanted(model):
         new = convert(model)
         _share_masks_and_mask_tied(new)
-        return new
+        return _compact(new) if storage == "compact" else new
 
     def walk(parent: nn.Module) -> None:
         # _modules rather than named_children(): the latter skips a module registered twice under
@@ -154,6 +174,8 @@ def sparsify(model: nn.Module, layers=DEFAULT_LAYERS, block_size=None) -> nn.Mod
 
     walk(model)
     _share_masks_and_mask_tied(model)
+    if storage == "compact":
+        model = _compact(model)
     report = coverage(model)
     if report.dense_weights:
         names = ", ".join(report.dense_weights[:6]) + (
@@ -164,6 +186,29 @@ def sparsify(model: nn.Module, layers=DEFAULT_LAYERS, block_size=None) -> nn.Mod
             f"(not in a supported layer): {names}",
             stacklevel=2,
         )
+    return model
+
+
+def _compact(model: nn.Module) -> nn.Module:
+    """Every SparseLinear of ``model`` (in place; ``model`` itself if it is one) becomes a
+    CompactSparseLinear with its kept weights and mask."""
+    if isinstance(model, SparseLinear):
+        return CompactSparseLinear.from_dense(model)
+    done: dict[int, nn.Module] = {}
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, SparseLinear) and child.__dict__.get("block_size") is None:
+                if child.__dict__.get("_mask_every_gradient"):
+                    # a weight tied to another module: new Parameters would untie it
+                    warnings.warn(
+                        f"sparsify: a SparseLinear under {type(parent).__name__}.{name} shares "
+                        "its weight with another module; it keeps dense storage",
+                        stacklevel=3,
+                    )
+                    continue
+                if id(child) not in done:
+                    done[id(child)] = CompactSparseLinear.from_dense(child)
+                setattr(parent, name, done[id(child)])
     return model
 
 

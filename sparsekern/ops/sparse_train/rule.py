@@ -1,0 +1,94 @@
+"""When the sparse training path beats the vendor (dense) path: a static rule fitted to crossovers
+measured by ``benchmarks/bench_cpu_sparse_train.py`` (figures and fit: ``docs/kernels.md``).
+
+Model of one training step (fwd + dX + dW) of an ``[N, K]`` layer on ``M`` rows at kept
+fraction ``d``, as a fraction of ``nn.Linear``'s step with the same weights::
+
+    ratio(d) ~= FIXED + PER_KEPT * d
+
+* ``PER_KEPT``: the sparse kernels' cost per kept weight over the GEMM's per weight (the GEMM
+  runs near peak; the CSR products gather one length-M vector per kept weight): ~4;
+* ``FIXED``: what does not shrink with ``d``: transposes of the activations, and with dense
+  storage the per-step gather of the kept values and the zero-filled dense ``[N, K]`` weight
+  gradient (~0.4 of the step); compact storage has no ``N K`` term (~0.3 measured).
+
+Measured on the shared 2-core machine (load average ~15, so each figure is +-30%), forced sparse
+path, ratios at kept 0.5 / 0.1 / 0.05 (docs/kernels.md has the table): dense storage
+2.3-2.4 / 0.64-0.86 / 0.57-0.61, compact 1.0-1.8 / 0.32-0.72 / 0.18-0.63. No clear trend with
+``M`` over 16..256 showed above that noise, so the rule does not use it, except that batches
+under :data:`MIN_ROWS` (unmeasured: a single AVX-512 lane group per kept weight) stay dense,
+and with dense storage under :data:`MIN_ROWS_DENSE_STORAGE` (at 16 rows its ratio at 95% was
+0.57 in one run and 0.89 in the next: no margin).
+
+The sparse path runs when the predicted ratio is at most :data:`MARGIN` (the margin keeps the
+"never slower than dense" promise under the fit's error: kept <= 0.10 with dense storage, <= 0.14
+compact) and the step is big enough that fixed per-call costs (Python, thread wake-ups) do not
+dominate (:data:`MIN_DENSE_FLOPS`).
+
+Only CPU fp32 is measured. CUDA stays on the vendor path until a GPU benchmark exists; fp16/bf16
+and fp64 stay dense on the CPU (unmeasured).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["MARGIN", "sparse_pays"]
+
+# Fitted by hand to benchmarks/results/cpu_sparse_train_2026-12-07.json (docs/kernels.md).
+PER_KEPT = 4.0
+FIXED = 0.4
+FIXED_COMPACT = 0.3
+PER_KEPT_FALLBACK = 5.0  # torch.sparse (MKL) when the extension cannot be built
+FIXED_FALLBACK = 0.45
+MARGIN = 0.8
+MIN_DENSE_FLOPS = 2e7  # 6 N K M below this: the fixed per-call costs dominate
+MIN_ROWS = 16  # the smallest batch measured
+# Dense storage under 64 rows: the GEMMs are bound by reading W, as the per-step gather and the
+# dense gradient are; 4096->4096 B=16 at 95% measured 0.57 in one run and 0.89 in the next.
+MIN_ROWS_DENSE_STORAGE = 64
+NOMINAL_ROWS = 64
+
+
+def sparse_pays(
+    rows: int | None,
+    n: int,
+    k: int,
+    kept: float,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    compact: bool = False,
+    extension: bool = True,
+) -> tuple[bool, str]:
+    """``(run the sparse path?, why)`` for an ``[n, k]`` layer at kept fraction ``kept`` on
+    ``rows`` input rows (None: :data:`NOMINAL_ROWS`)."""
+    if device.type != "cpu":
+        return False, f"{device.type}: no GPU benchmark of the sparse kernels yet (vendor GEMM)"
+    if dtype != torch.float32:
+        return False, f"{dtype}: only float32 is measured on the CPU (vendor GEMM)"
+    assumed = rows is None
+    m = NOMINAL_ROWS if assumed else max(int(rows), 1)
+    at = f"{m} rows{' (assumed: no input seen yet)' if assumed else ''}"
+    flops = 6 * n * k * m
+    if flops < MIN_DENSE_FLOPS:
+        return False, f"small step ({flops:.1e} FLOPs < {MIN_DENSE_FLOPS:.0e}) at {at}"
+    if m < MIN_ROWS:
+        return False, f"{at} < {MIN_ROWS} (small batches unmeasured: vendor GEMM)"
+    if not compact and m < MIN_ROWS_DENSE_STORAGE:
+        return False, (
+            f"{at} < {MIN_ROWS_DENSE_STORAGE} with dense storage (the dense gradient's fixed "
+            "cost does not pay; storage='compact' does)"
+        )
+    per_kept = PER_KEPT if extension else PER_KEPT_FALLBACK
+    fixed = FIXED_COMPACT if compact else (FIXED if extension else FIXED_FALLBACK)
+    predicted = fixed + per_kept * kept
+    threshold = (MARGIN - fixed) / per_kept
+    verdict = predicted <= MARGIN
+    why = (
+        f"kept {kept:.3f} {'<=' if verdict else '>'} {threshold:.3f} at {at} "
+        f"(predicted {predicted:.2f}x nn.Linear's step, sparse if <= {MARGIN}; "
+        f"{'C++ kernels' if extension else 'torch.sparse fallback'}"
+        f"{', compact storage' if compact else ''})"
+    )
+    return verdict, why

@@ -1,0 +1,104 @@
+"""execution_plan: one entry per sparse layer, the path its forward runs, and why."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sparsekern.nn import SparseLinear, execution_plan
+
+
+def test_plan_lists_sparse_layers_with_path_and_reason():
+    model = nn.Sequential(SparseLinear(6, 4), nn.ReLU(), SparseLinear(4, 3, block_size=16))
+    model(torch.randn(5, 6)).sum().backward()
+    plan = execution_plan(model)
+    assert [e.name for e in plan] == ["0", "2"]
+    assert plan[0].input_shape == (5, 6) and plan[1].input_shape == (5, 4)
+    assert plan[1].path == "block" and "block" in plan[1].why
+    assert plan[0].kept == 1.0 and plan[0].why
+    with torch.no_grad():
+        assert execution_plan(model)[0].path == "dense"
+    assert execution_plan(model, training=False)[0].path == "dense"
+
+
+def test_plan_kept_follows_mask_edits():
+    layer = SparseLinear(10, 10)
+    layer.mask[:5] = False
+    assert execution_plan(nn.Sequential(layer))[0].kept == pytest.approx(0.5)
+    layer.set_mask(torch.zeros(10, 10, dtype=torch.bool))
+    assert execution_plan(nn.Sequential(layer))[0].kept == 0.0
+
+
+def test_plan_rejects_non_module():
+    with pytest.raises(TypeError, match="expected an nn.Module, got NoneType"):
+        execution_plan(None)
+
+
+def _big_sparse_layer(kept=0.05, n=256, k=512):
+    layer = SparseLinear(k, n)
+    layer.set_mask(torch.rand(n, k) < kept)
+    return layer
+
+
+def test_low_density_layer_runs_the_sparse_path_and_matches_masked(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    layer = _big_sparse_layer()
+    x = torch.randn(64, 512, requires_grad=True)
+    y = layer(x)
+    plan = execution_plan(nn.Sequential(layer))[0]
+    assert plan.path == "sparse" and "kept 0.05" in plan.why and plan.input_shape == (64, 512)
+    y.sum().backward()
+    w = layer.weight.detach().clone().requires_grad_()
+    x2 = x.detach().clone().requires_grad_()
+    ref = torch.nn.functional.linear(x2, w * layer.mask, layer.bias.detach())
+    ref.sum().backward()
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(layer.weight.grad, w.grad * layer.mask)
+    assert bool((layer.weight.grad[~layer.mask] == 0).all())
+    dense = _big_sparse_layer(kept=0.6)
+    dense(torch.randn(64, 512))
+    entry = execution_plan(nn.Sequential(dense))[0]
+    assert entry.path == "masked" and f"kept {entry.kept:.3f} >" in entry.why
+
+
+def test_in_place_mask_edit_is_honoured_under_torch_compile(monkeypatch):
+    # The compiled forward cannot see version counters; it re-applies the mask every call.
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch.manual_seed(0)
+    layer = SparseLinear(16, 8)
+    eager = SparseLinear(16, 8)
+    eager.load_state_dict(layer.state_dict())
+    compiled = torch.compile(layer, backend="aot_eager")
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (layer, eager)]
+    x = torch.randn(4, 16)
+    for step in range(4):
+        if step == 2:
+            layer.mask[:, :8] = False
+            eager.mask[:, :8] = False
+        for mod, opt in zip((compiled, eager), opts):
+            opt.zero_grad()
+            mod(x).pow(2).sum().backward()
+            opt.step()
+        torch.testing.assert_close(layer.weight, eager.weight)
+    assert bool((layer.weight[:, :8] == 0).all())
+    torch.testing.assert_close(compiled(x), eager(x))
+
+
+def test_static_rule_decisions_and_reasons():
+    from sparsekern.ops.sparse_train.rule import sparse_pays
+
+    cpu, f32 = torch.device("cpu"), torch.float32
+    assert sparse_pays(64, 4096, 9216, 0.05, cpu, f32)[0]
+    ok, why = sparse_pays(64, 4096, 9216, 0.5, cpu, f32)
+    assert not ok and "kept 0.500 >" in why
+    assert sparse_pays(64, 4096, 9216, 0.12, cpu, f32, compact=True)[0]
+    assert not sparse_pays(64, 4096, 9216, 0.12, cpu, f32)[0]
+    assert "cuda" in sparse_pays(64, 4096, 9216, 0.01, torch.device("cuda"), f32)[1]
+    assert "bfloat16" in sparse_pays(64, 4096, 9216, 0.01, cpu, torch.bfloat16)[1]
+    assert "< 16" in sparse_pays(8, 4096, 9216, 0.01, cpu, f32)[1]
+    assert "dense storage" in sparse_pays(16, 4096, 4096, 0.05, cpu, f32)[1]
+    assert sparse_pays(16, 4096, 4096, 0.05, cpu, f32, compact=True)[0]
+    assert "small step" in sparse_pays(64, 10, 10, 0.01, cpu, f32)[1]
+    assert "assumed" in sparse_pays(None, 4096, 9216, 0.05, cpu, f32)[1]
