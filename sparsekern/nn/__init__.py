@@ -4,6 +4,7 @@ inference export (``to_inference``: per layer dense, ``CSRLinear`` / ``CSRConv2d
 ``BlockSparseLinear`` / ``BlockSparseConv2d``, whichever is fastest on the device)."""
 
 from sparsekern.nn.csr_layers import CSRConv2d, CSRLinear
+from sparsekern.nn.execution_plan import PathChoice, PlanEntry, execution_plan
 from sparsekern.nn.inference import (
     BlockSparseConv2d,
     BlockSparseLinear,
@@ -44,6 +45,9 @@ __all__ = [
     "apply_masks",
     "check_masks",
     "coverage",
+    "execution_plan",
+    "PathChoice",
+    "PlanEntry",
     "mask_every_gradient",
     "inference_choices",
     "inference_plan",

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekern.nn._sparse_module import SparseModuleMixin, adopt_parameters, check_convertible
+from sparsekern.nn.execution_plan import PathChoice, linear_path
 from sparsekern.ops.block_sparse_linear import block_masked_linear
 from sparsekern.ops.masked_linear import masked_linear
 
@@ -58,15 +59,25 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
         self.set_block_size(block_size)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        """``[..., in_features] -> [..., out_features]``."""
+        """``[..., in_features] -> [..., out_features]``, by the path :meth:`execution_path`
+        chooses for ``input.shape`` (the one place the choice is made)."""
         mask = self.checked_mask()
         weight = self.weight
-        bs = self.__dict__.get("block_size")  # None for modules pickled before block mode
-        if bs is not None:
+        self.__dict__["_last_input_shape"] = tuple(input.shape)
+        path = self.execution_path(tuple(input.shape)).path
+        if path == "block":
+            bs = self.block_size
             return block_masked_linear(input, weight, mask, self.bias, bs, assume_pruned_zero=True)
-        if weight.requires_grad and torch.is_grad_enabled():
+        if path == "masked":
             return masked_linear(input, weight, mask, self.bias, assume_pruned_zero=True)
         return F.linear(input, weight, self.bias)
+
+    def execution_path(
+        self, input_shape: tuple[int, ...] | None = None, *, training: bool | None = None
+    ) -> PathChoice:
+        """The path the forward runs for an input of ``input_shape`` (see
+        ``sparsekern.nn.execution_plan`` for the protocol)."""
+        return linear_path(self, input_shape, training)
 
     @classmethod
     def from_dense(

@@ -102,6 +102,9 @@ def cached_bytes(mask: torch.Tensor) -> int:
         return 0
     total = 0
     for *_, value in entry[1].values():
+        if hasattr(value, "nbytes") and callable(value.nbytes):  # e.g. a sparse_train MaskIndex
+            total += value.nbytes()
+            continue
         parts = value if isinstance(value, tuple) else (value,)
         total += sum(t.numel() * t.element_size() for t in parts if isinstance(t, torch.Tensor))
     return total

@@ -1,0 +1,123 @@
+"""Which path each sparse layer runs, and why: the one place a layer's forward chooses.
+
+Protocol (every sparse module implements it; ``SparseLinear`` and ``SparseConv2d`` do):
+
+    module.execution_path(input_shape=None, *, training=None) -> PathChoice(path, kept, why)
+
+* ``input_shape``: the shape of the input the forward is about to see (``x.shape``). None means
+  the shape of the last input the layer saw (modules record it), or a nominal one if it never ran.
+* ``training``: whether a weight gradient will be needed (default: ``torch.is_grad_enabled()``
+  and the weight requires grad).
+* ``path`` (a string), one of:
+
+  - ``"dense"``:  ``F.linear`` / ``F.conv2d`` on the weight, no mask work (no weight gradient
+    needed, e.g. ``no_grad`` or a frozen weight; the mask invariant makes it exact);
+  - ``"masked"``: the vendor GEMM/conv on the weight for forward and dX, dW masked afterwards
+    (today's default: the dense work, every pruned zero included);
+  - ``"block"``:  the block-sparse kernels (``block_size`` set): skip all-pruned blocks;
+  - ``"sparse"``: kernels that touch kept weights only (CSR forward, transposed dX, SDDMM dW:
+    ``sparsekern.ops.sparse_train``);
+  - ``"reference"``: the plain-PyTorch twin (double backward, ``create_graph=True``).
+
+* ``kept``: the kept fraction of the weight, in [0, 1].
+* ``why``: one sentence naming the figures behind the choice (density vs the threshold for this
+  shape and batch, the device, the dtype, ...).
+
+The forward calls ``execution_path(x.shape)`` and runs what it says, so the plan reported is the
+path that runs. Choices are static rules fitted to measured crossovers (``docs/kernels.md``);
+no timing taken at run time decides.
+
+``execution_plan(model)`` lists one :class:`PlanEntry` per sparse module (``named_modules``
+order).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from sparsekern.ops._mask_cache import cached_on_mask
+
+__all__ = ["PATHS", "PathChoice", "PlanEntry", "execution_plan", "linear_path"]
+
+PATHS = ("dense", "masked", "block", "sparse", "reference")
+
+
+class PathChoice(NamedTuple):
+    """What one layer runs for one input shape: ``path`` (one of :data:`PATHS`), ``kept``
+    fraction in [0, 1], ``why`` (one sentence)."""
+
+    path: str
+    kept: float
+    why: str
+
+
+class PlanEntry(NamedTuple):
+    """One row of :func:`execution_plan`: module ``name`` (as in ``named_modules``), its class
+    ``layer``, ``path``, ``kept`` fraction, ``why``, and the ``input_shape`` it was decided for
+    (None: a nominal shape, the layer never ran)."""
+
+    name: str
+    layer: str
+    path: str
+    kept: float
+    why: str
+    input_shape: tuple[int, ...] | None
+
+
+def execution_plan(model: nn.Module, *, training: bool | None = None) -> list[PlanEntry]:
+    """Per sparse layer of ``model``: the path its next forward runs, for the input shape it saw
+    last (or a nominal one), and why.
+
+    Args:
+        model: any ``nn.Module``; layers without ``execution_path`` are not listed.
+        training: as in the protocol (None: decided per layer from its weight's ``requires_grad``
+            and ``torch.is_grad_enabled()``).
+
+    Raises ``TypeError`` when ``model`` is not an ``nn.Module``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"execution_plan: expected an nn.Module, got {type(model).__name__}")
+    plan = []
+    for name, module in model.named_modules():
+        fn = getattr(module, "execution_path", None)
+        if not callable(fn):
+            continue
+        shape = module.__dict__.get("_last_input_shape")
+        choice = fn(shape, training=training)
+        plan.append(
+            PlanEntry(name, type(module).__name__, choice.path, choice.kept, choice.why, shape)
+        )
+    return plan
+
+
+def _kept(module: nn.Module) -> float:
+    # Cached on the mask until it changes: the forward asks on every call (~1 us on a hit
+    # instead of a pass over the mask: ~4 ms for a 9216 x 4096 mask on this CPU).
+    mask = module.mask
+    nnz = cached_on_mask(mask, "nnz", lambda m: int(m.count_nonzero()))
+    return nnz / mask.numel() if mask.numel() else 0.0
+
+
+def _needs_weight_grad(module: nn.Module, training: bool | None) -> bool:
+    if training is not None:
+        return bool(training)
+    return module.weight.requires_grad and torch.is_grad_enabled()
+
+
+def linear_path(module: nn.Module, input_shape, training: bool | None) -> PathChoice:
+    """:meth:`SparseLinear.execution_path`'s rule (see the module doc for the protocol)."""
+    kept = _kept(module)
+    if module.__dict__.get("block_size") is not None:
+        return PathChoice(
+            "block", kept, f"block mode {module.block_size}: all-pruned blocks are skipped"
+        )
+    if not _needs_weight_grad(module, training):
+        return PathChoice(
+            "dense", kept, "no weight gradient needed: F.linear on the weight (pruned entries 0)"
+        )
+    return PathChoice(
+        "masked", kept, "vendor GEMM for forward and dX, weight gradient masked afterwards"
+    )

@@ -1,0 +1,119 @@
+"""Optional C++/OpenMP extensions, built on first use and cached; never required.
+
+``load_extension(name, sources)`` compiles ``sources`` with ``torch.utils.cpp_extension.load``
+(ninja, the host C++ compiler, ``-O3 -fopenmp`` and ``-march=native`` where the compiler takes it,
+so this CPU's AVX-512 is used where it has it) into torch's extension cache
+(``$TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). The first call in a process
+builds or loads it (a rebuild only when a source or a flag changed: the build name carries their
+hash); later calls return the same module.
+
+It never raises: on any failure (no compiler, no ninja, a compile error, a read-only cache) it
+returns None and warns once per extension with the reason, and the caller runs its pure-torch
+fallback. ``SPARSEKERN_NO_EXT=1`` forces that fallback (the tests cover both paths with it).
+``import sparsekern`` compiles nothing: only the first op call that wants an extension does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import platform
+import threading
+import warnings
+from types import ModuleType
+
+__all__ = ["NO_EXT_ENV", "ext_disabled", "extension_status", "load_extension"]
+
+NO_EXT_ENV = "SPARSEKERN_NO_EXT"
+_DEFAULT_CFLAGS = ("-O3", "-fopenmp", "-std=c++17")
+_LOCK = threading.Lock()
+# name -> module, or None after a failure (so a failed build is tried once per process)
+_LOADED: dict[str, ModuleType | None] = {}
+_WHY: dict[str, str] = {}
+
+
+def ext_disabled() -> bool:
+    """True when ``SPARSEKERN_NO_EXT`` is set to something other than ``""``/``"0"``."""
+    return os.environ.get(NO_EXT_ENV, "0") not in ("", "0")
+
+
+def _arch_flags() -> list[str]:
+    # -march=native turns on every ISA extension of the building CPU (avx512f/bw/vl/bf16 here);
+    # the build name hashes the CPU model so a cache shared between machines never runs code
+    # compiled for another CPU. Only x86-64/aarch64 hosts get it; others build portable code.
+    if platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64"):
+        return ["-march=native"]
+    return []
+
+
+def _cpu_model() -> str:
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def extension_status() -> dict[str, str]:
+    """Per extension tried in this process: ``"loaded"``, or why it fell back."""
+    return {k: ("loaded" if v is not None else _WHY.get(k, "failed")) for k, v in _LOADED.items()}
+
+
+def load_extension(
+    name: str,
+    sources: list[pathlib.Path],
+    extra_cflags: tuple[str, ...] | list[str] = (),
+) -> ModuleType | None:
+    """The compiled module for ``sources`` (C++ files using torch's extension API), or None.
+
+    Args:
+        name: a Python identifier; the build name adds a hash of the sources, flags and CPU.
+        sources: ``.cpp`` files (absolute paths).
+        extra_cflags: flags beyond ``-O3 -fopenmp -std=c++17 -march=native``.
+
+    Returns None (with a one-time ``RuntimeWarning`` naming the reason) when the extension is
+    disabled by ``SPARSEKERN_NO_EXT=1`` (no warning then: it was asked for) or cannot be built.
+    """
+    if ext_disabled():
+        return None
+    if name in _LOADED:
+        return _LOADED[name]
+    with _LOCK:
+        if name in _LOADED:
+            return _LOADED[name]
+        module = None
+        try:
+            module = _build(name, [pathlib.Path(s) for s in sources], list(extra_cflags))
+        except Exception as exc:  # any failure means: fall back, never break the caller
+            _WHY[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[-1:] or ''}"
+            warnings.warn(
+                f"sparsekern: the C++ extension {name!r} could not be built or loaded "
+                f"({_WHY[name]}); running the pure-torch fallback (slower). Set "
+                f"{NO_EXT_ENV}=1 to silence this.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        _LOADED[name] = module
+        return module
+
+
+def _build(name: str, sources: list[pathlib.Path], extra: list[str]) -> ModuleType:
+    from torch.utils import cpp_extension  # imported here: `import sparsekern` stays light
+
+    cflags = [*_DEFAULT_CFLAGS, *_arch_flags(), *extra]
+    h = hashlib.sha256()
+    for src in sources:
+        h.update(src.read_bytes())
+    h.update(" ".join(cflags).encode())
+    h.update(_cpu_model().encode())
+    build_name = f"sparsekern_{name}_{h.hexdigest()[:12]}"
+    return cpp_extension.load(
+        name=build_name,
+        sources=[str(s) for s in sources],
+        extra_cflags=cflags,
+        extra_ldflags=["-fopenmp"],
+        verbose=False,
+    )
