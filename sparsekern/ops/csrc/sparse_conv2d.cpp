@@ -14,7 +14,8 @@
 //            weights into a register tile, and in the same pass dW[entry] += <dO, X> over the
 //            tile (each kept weight belongs to one input channel, so one thread owns it).
 //
-// The layout transposes (NCHW <-> [C, H, W, Bp]) are memory-bound passes done here too.
+// The inputs' layout pass (NCHW -> padded [C, H, W, Bp]) is done here too; outputs (y, dX) are
+// written NCHW directly from a thread-local batch-last row.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -78,28 +79,6 @@ at::Tensor to_batch_last(const at::Tensor& x, int64_t top, int64_t bottom, int64
   return out;
 }
 
-// y [C, H, W, Bp] -> out [N, C, H, W]
-at::Tensor from_batch_last(const at::Tensor& y, int64_t N) {
-  check_f32(y, "y");
-  const int64_t C = y.size(0), H = y.size(1), W = y.size(2), Bp = y.size(3);
-  auto out = at::empty({N, C, H, W}, y.options());
-  const float* src = y.data_ptr<float>();
-  float* dst = out.data_ptr<float>();
-  const int64_t plane = H * W, chw = C * H * W;
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t c = 0; c < C; ++c) {
-    for (int64_t h = 0; h < H; ++h) {
-      const float* s = src + (c * H + h) * W * Bp;
-      float* d0 = dst + c * plane + h * W;
-      for (int64_t n = 0; n < N; ++n) {
-        float* d = d0 + n * chw;
-        for (int64_t w = 0; w < W; ++w) d[w] = s[w * Bp + n];
-      }
-    }
-  }
-  return out;
-}
-
 // ----------------------------------------------------------------------------- forward
 
 // acc[t][v] = bias + sum_e val[e] * X[(off[e] + t*sx) * Bp + b0 + 16 v], t < T, v < NV
@@ -138,40 +117,54 @@ void fwd_row(const float* X, const int64_t* off, const float* val, int64_t e0, i
     fwd_tile<1, NV>(X + q * sxBp, off, val, e0, e1, sxBp, bias, out + q * Bp, Bp);
 }
 
+// A [W, Bp] batch-last row (L1-resident) -> row h of channel c of NCHW out, batches n < N.
+inline void store_row_nchw(const float* __restrict__ rb, int64_t W, int64_t Bp, int64_t N,
+                           float* __restrict__ dst, int64_t chw) {
+  for (int64_t n = 0; n < N; ++n) {
+    float* d = dst + n * chw;
+    for (int64_t w = 0; w < W; ++w) d[w] = rb[w * Bp + n];
+  }
+}
+
 // Xp [C_in, Hp, Wp, Bp] (padded). row_ptr [C_out+1]; off[e] = ((ic*Hp + i*dh)*Wp + j*dw)*Bp.
-// Returns [C_out, OH, OW, Bp].
+// Returns y [N, C_out, OH, OW]: each output row is computed batch-last in a thread-local buffer,
+// then written once, transposed (no batch-last output tensor, no extra pass over it).
 at::Tensor forward(const at::Tensor& Xp, const at::Tensor& row_ptr, const at::Tensor& off,
-                   const at::Tensor& val, const c10::optional<at::Tensor>& bias, int64_t OH,
-                   int64_t OW, int64_t sh, int64_t sw) {
+                   const at::Tensor& val, const c10::optional<at::Tensor>& bias, int64_t N,
+                   int64_t OH, int64_t OW, int64_t sh, int64_t sw) {
   check_f32(Xp, "Xp");
   check_f32(val, "values");
-  const int64_t Hp = Xp.size(1), Wp = Xp.size(2), Bp = Xp.size(3);
+  const int64_t Wp = Xp.size(2), Bp = Xp.size(3);
   const int64_t OC = row_ptr.size(0) - 1;
-  auto out = at::empty({OC, OH, OW, Bp}, Xp.options());
+  auto out = at::empty({N, OC, OH, OW}, Xp.options());
   const float* X = Xp.data_ptr<float>();
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int64_t* of = off.data_ptr<int64_t>();
   const float* vl = val.data_ptr<float>();
   const float* bs = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   float* O = out.data_ptr<float>();
-  const int64_t sxBp = sw * Bp;
-  (void)Hp;
-#pragma omp parallel for collapse(2) schedule(dynamic, 4)
-  for (int64_t oc = 0; oc < OC; ++oc) {
-    for (int64_t p = 0; p < OH; ++p) {
-      const float b = bs ? bs[oc] : 0.f;
-      float* orow = O + (oc * OH + p) * OW * Bp;
-      const float* xrow = X + p * sh * Wp * Bp;
-      for (int64_t b0 = 0; b0 < Bp; b0 += 64) {
-        const int64_t nv = std::min<int64_t>(4, (Bp - b0) / 16);
-        const float* xb = xrow + b0;
-        float* ob = orow + b0;
-        switch (nv) {
-          case 1: fwd_row<1>(xb, of, vl, rp[oc], rp[oc + 1], OW, sxBp, b, ob, Bp); break;
-          case 2: fwd_row<2>(xb, of, vl, rp[oc], rp[oc + 1], OW, sxBp, b, ob, Bp); break;
-          case 3: fwd_row<3>(xb, of, vl, rp[oc], rp[oc + 1], OW, sxBp, b, ob, Bp); break;
-          default: fwd_row<4>(xb, of, vl, rp[oc], rp[oc + 1], OW, sxBp, b, ob, Bp); break;
+  const int64_t sxBp = sw * Bp, chw = OC * OH * OW;
+#pragma omp parallel
+  {
+    std::vector<float> rowbuf(OW * Bp);
+#pragma omp for collapse(2) schedule(dynamic, 4)
+    for (int64_t oc = 0; oc < OC; ++oc) {
+      for (int64_t p = 0; p < OH; ++p) {
+        const float b = bs ? bs[oc] : 0.f;
+        float* orow = rowbuf.data();
+        const float* xrow = X + p * sh * Wp * Bp;
+        for (int64_t b0 = 0; b0 < Bp; b0 += 64) {
+          const int64_t nv = std::min<int64_t>(4, (Bp - b0) / 16);
+          const float* xb = xrow + b0;
+          float* ob = orow + b0;
+          switch (nv) {
+            case 1: fwd_row<1>(xb, of, vl, rp[oc], rp[oc + 1], OW, sxBp, b, ob, Bp); break;
+            case 2: fwd_row<2>(xb, of, vl, rp[oc], rp[oc + 1], OW, sxBp, b, ob, Bp); break;
+            case 3: fwd_row<3>(xb, of, vl, rp[oc], rp[oc + 1], OW, sxBp, b, ob, Bp); break;
+            default: fwd_row<4>(xb, of, vl, rp[oc], rp[oc + 1], OW, sxBp, b, ob, Bp); break;
+          }
         }
+        store_row_nchw(orow, OW, Bp, N, O + (oc * OH + p) * OW, chw);
       }
     }
   }
@@ -242,40 +235,46 @@ void bwd_run(const float* X, const float* dO, const int64_t* doff, const float* 
 // (dO with Ah/Aw zero rows/cols before it, zeros after). The index is CSC (per input channel),
 // bucketed by stride phase: col_ptr [C_in * sh * sw + 1] over entries sorted by
 // (ic, (i*dh) % sh, (j*dw) % sw); doff[e] = ((oc*OHp + Ah - (i*dh)/sh)*OWp + Aw - (j*dw)/sw)*Bp;
-// val[e] the weight. Returns dX [C_in, H, W, Bp] and, if need_dw, dW [nnz] in that CSC order.
+// the weight of entry e is val[perm[e]] (val in CSR order), its place in the dense weight
+// flat[e]. Returns dX [N, C_in, H, W] (if need_dx) and the dense dW [weight_numel] (if
+// need_dw), zero except at the kept entries, the only ones computed.
 std::vector<at::Tensor> backward(const at::Tensor& Xp, const at::Tensor& dOp,
                                  const at::Tensor& col_ptr, const at::Tensor& doff,
-                                 const at::Tensor& val, int64_t H, int64_t W, int64_t ph,
-                                 int64_t pw, int64_t sh, int64_t sw, bool need_dx,
-                                 bool need_dw) {
+                                 const at::Tensor& perm, const at::Tensor& flat,
+                                 const at::Tensor& val, int64_t N, int64_t H, int64_t W,
+                                 int64_t weight_numel, int64_t ph, int64_t pw, int64_t sh,
+                                 int64_t sw, bool need_dx, bool need_dw) {
   check_f32(Xp, "Xp");
   check_f32(dOp, "dOp");
   check_f32(val, "values");
   const int64_t IC = Xp.size(0), Hp = Xp.size(1), Wp = Xp.size(2), Bp = Xp.size(3);
   const int64_t OWp = dOp.size(2);
-  const int64_t nnz = val.size(0);
   TORCH_CHECK(dOp.size(3) == Bp, "sparse_conv2d backward: batch padding mismatch");
-  // dX is needed for the tile loop even when only dW is asked: it is then a scratch buffer.
-  auto dx = at::empty({need_dx ? IC : 0, H, W, Bp}, Xp.options());
-  auto dw = at::zeros({need_dw ? nnz : 0}, Xp.options());
+  auto dx = at::empty({need_dx ? N : 0, IC, H, W}, Xp.options());
+  auto dw = at::zeros({need_dw ? weight_numel : 0}, Xp.options());
   const float* X = Xp.data_ptr<float>();
   const float* G = dOp.data_ptr<float>();
   const int64_t* cp = col_ptr.data_ptr<int64_t>();
   const int64_t* of = doff.data_ptr<int64_t>();
-  const float* vl = val.data_ptr<float>();
+  const int64_t* pm = perm.data_ptr<int64_t>();
+  const int64_t* fl = flat.data_ptr<int64_t>();
+  const float* vcsr = val.data_ptr<float>();
   float* DX = need_dx ? dx.data_ptr<float>() : nullptr;
   float* DW = need_dw ? dw.data_ptr<float>() : nullptr;
   const int64_t S = sh * sw;
-  const int64_t sxBp = sw * Bp;
+  const int64_t sxBp = sw * Bp, chw = IC * H * W;
 #pragma omp parallel
   {
     std::vector<v16> dwv;
-    std::vector<float> scratch;
-    if (!need_dx) scratch.resize(W * Bp);
+    std::vector<float> vals;                 // this channel's weights, CSC order
+    std::vector<float> rowbuf(W * Bp + 16);  // one dX row, batch-last
 #pragma omp for schedule(dynamic, 1)
     for (int64_t ic = 0; ic < IC; ++ic) {
       const int64_t c0 = cp[ic * S], c1 = cp[(ic + 1) * S];
       if (need_dw) dwv.assign(c1 - c0, v16{});
+      vals.resize(c1 - c0 + 1);
+      for (int64_t e = c0; e < c1; ++e) vals[e - c0] = vcsr[pm[e]];
+      const float* vl = vals.data() - c0;  // indexed by e
       for (int64_t h = 0; h < H; ++h) {
         const int64_t hp = h + ph;
         const int64_t a = hp % sh, m = hp / sh;
@@ -287,7 +286,7 @@ std::vector<at::Tensor> backward(const at::Tensor& Xp, const at::Tensor& dOp,
           const int64_t n0 = (wstart + pw) / sw;
           const int64_t e0 = cp[ic * S + a * sw + b], e1 = cp[ic * S + a * sw + b + 1];
           const float* xrow = X + ((ic * Hp + hp) * Wp + wstart + pw) * Bp;
-          float* dxrow = need_dx ? DX + ((ic * H + h) * W + wstart) * Bp : scratch.data();
+          float* dxrow = rowbuf.data() + wstart * Bp;
           const float* grow = G + (m * OWp + n0) * Bp;
           v16* dwb = need_dw ? dwv.data() + (e0 - c0) : nullptr;
           for (int64_t b0 = 0; b0 < Bp; b0 += 64) {
@@ -309,9 +308,10 @@ std::vector<at::Tensor> backward(const at::Tensor& Xp, const at::Tensor& dOp,
 #undef SK_BWD
           }
         }
+        if (need_dx) store_row_nchw(rowbuf.data(), W, Bp, N, DX + (ic * H + h) * W, chw);
       }
       if (need_dw)
-        for (int64_t e = c0; e < c1; ++e) DW[e] = hsum(dwv[e - c0]);
+        for (int64_t e = c0; e < c1; ++e) DW[fl[e]] = hsum(dwv[e - c0]);
     }
   }
   (void)Hp;
@@ -322,7 +322,6 @@ std::vector<at::Tensor> backward(const at::Tensor& Xp, const at::Tensor& dOp,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("to_batch_last", &to_batch_last, "NCHW -> padded [C, H, W, Bp]");
-  m.def("from_batch_last", &from_batch_last, "[C, H, W, Bp] -> NCHW");
   m.def("forward", &forward, "sparse conv2d forward, batch-last");
   m.def("backward", &backward, "sparse conv2d dX and dW (kept weights only), batch-last");
 }

@@ -29,7 +29,8 @@ The index (CSR, CSC permutation, offsets) is cached on the mask tensor
 (``sparsekern.ops._mask_cache``), keyed on its version counter and on the geometry (input size,
 padded batch, conv arguments): a mask edited in place is re-indexed before any use.
 Memory per kept weight: 8 (flat index) + 8 (forward offset) + 8 (CSC offset) + 8 (permutation)
-= 32 bytes, plus the activations' batch-last copies (input and dO, fp32, batch padded to 16).
++ 8 (CSC flat index) = 40 bytes, plus the activations' batch-last copies (input and dO, fp32,
+batch padded to 16).
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def extension_available() -> bool:
 class ConvGeometry(NamedTuple):
     """Everything the kernels need for one (mask, input size, conv arguments): index tensors
     (int64) in CSR order (``flat`` into the weight, ``row_ptr [C_out+1]``, forward ``off``) and
-    in CSC order (``perm`` of the CSR entries, ``col_ptr [C_in*sH*sW+1]``, backward ``doff``),
-    plus the sizes."""
+    in CSC order (``perm`` of the CSR entries, ``col_ptr [C_in*sH*sW+1]``, backward ``doff``,
+    ``flat_csc``), plus the sizes."""
 
     flat: torch.Tensor
     row_ptr: torch.Tensor
@@ -72,6 +73,7 @@ class ConvGeometry(NamedTuple):
     perm: torch.Tensor
     col_ptr: torch.Tensor
     doff: torch.Tensor
+    flat_csc: torch.Tensor
     batch_pad: int  # Bp: batch rounded up to 16
     out_hw: tuple[int, int]
     dout_pad: tuple[int, int, int, int]  # dO zero rows/cols: top, bottom, left, right
@@ -131,6 +133,7 @@ def _build_geometry(mask, in_hw, bp, stride, padding, dilation) -> ConvGeometry:
         perm=perm,
         col_ptr=col_ptr,
         doff=doff[perm].contiguous(),
+        flat_csc=flat[perm].contiguous(),
         batch_pad=bp,
         out_hw=(oh, ow),
         dout_pad=(ah, ohp - ah - oh, aw, owp - aw - ow),
@@ -148,11 +151,11 @@ class _SparseConv2dFn(torch.autograd.Function):
         vals = weight.detach().reshape(-1)[geom.flat].float().contiguous()
         b32 = None if bias is None else bias.detach().float().contiguous()
         oh, ow = geom.out_hw
-        y = ext.forward(xp, geom.row_ptr, geom.off, vals, b32, oh, ow, stride[0], stride[1])
+        y = ext.forward(xp, geom.row_ptr, geom.off, vals, b32, n, oh, ow, stride[0], stride[1])
         ctx.save_for_backward(x, weight, bias, mask)
         ctx.xp, ctx.vals, ctx.geom = xp, vals, geom
         ctx.conv = (stride, padding, dilation)
-        return ext.from_batch_last(y, n).to(x.dtype)
+        return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, gy):
@@ -172,16 +175,12 @@ class _SparseConv2dFn(torch.autograd.Function):
         top, bottom, left, right = geom.dout_pad
         g32 = gy.float().contiguous()
         dgp = ext.to_batch_last(g32, top, bottom, left, right, geom.batch_pad)
-        dx_bl, dw_csc = ext.backward(
-            ctx.xp, dgp, geom.col_ptr, geom.doff, ctx.vals[geom.perm].contiguous(),
-            h, w, padding[0], padding[1], stride[0], stride[1], need_x, need_w,
+        dx, dw = ext.backward(
+            ctx.xp, dgp, geom.col_ptr, geom.doff, geom.perm, geom.flat_csc, ctx.vals,
+            n, h, w, weight.numel(), padding[0], padding[1], stride[0], stride[1], need_x, need_w,
         )  # fmt: skip
-        dx = ext.from_batch_last(dx_bl, n).to(x.dtype) if need_x else None
-        dweight = None
-        if need_w:
-            dweight = torch.zeros(weight.numel(), dtype=weight.dtype)
-            dweight[geom.flat[geom.perm]] = dw_csc.to(weight.dtype)
-            dweight = dweight.view_as(weight)
+        dx = dx.to(x.dtype) if need_x else None
+        dweight = dw.view_as(weight).to(weight.dtype) if need_w else None
         dbias = g32.sum((0, 2, 3)).to(bias.dtype) if need_b else None
         return dx, dweight, dbias, None, None, None, None, None
 
