@@ -18,10 +18,11 @@ __all__ = ["SPARSE_CONV_MAX_KEPT", "SparseConv2d", "conv_path", "symmetric_zero_
 
 # The unstructured sparse training path (``sparsekern.ops.sparse_train.conv2d``) runs when the
 # kept fraction is at most this, scaled by the batch's share of its 16-lane padding (N / 16k).
-# Fitted to the crossovers of benchmarks/bench_cpu_sparse_conv.py (docs/kernels.md): the sparse
-# step matched dense (ratio 1.0) between kept 0.15 and 0.30 on ResNet-18 layer3/layer4/strided
-# convs at batch 32; 0.10 keeps it >= ~1.3x faster there.
-SPARSE_CONV_MAX_KEPT = 0.10
+# Fitted to measured crossovers (docs/kernels.md; 2 threads, loaded machine, step time over
+# nn.Conv2d's): at batch 32 the sparse step matched dense at kept 0.33 (layer3 3x3 256, 14x14),
+# 0.38 (layer4 3x3 512, 7x7), 0.30 (3x3 s2 128->256, 28x28), ~0.5 (1x1 256, 14x14); at kept 0.2
+# it measured 0.64-0.74 (batch 32) and 0.69-0.71 (batch 16), at kept 0.1 with batch 8 0.68-0.75.
+SPARSE_CONV_MAX_KEPT = 0.2
 # Below these sizes the layout passes and index work are not repaid (a 3-channel stem conv).
 _MIN_CHANNELS = 16
 

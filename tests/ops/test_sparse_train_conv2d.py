@@ -208,3 +208,20 @@ def test_module_sparse_path_with_padding_modes_and_unbatched():
         torch.testing.assert_close(layer(x), conv(x), atol=1e-4, rtol=1e-4)
     x1 = torch.randn(16, 9, 8)
     torch.testing.assert_close(layer(x1), conv(x1), atol=1e-4, rtol=1e-4)
+
+
+def test_module_without_the_extension_says_so_and_stays_exact(monkeypatch):
+    monkeypatch.setattr(op, "_ext", lambda: None)
+    layer = _layer(16, 16, 0.03)
+    x = torch.randn(16, 16, 6, 6)
+    choice = layer.execution_path(tuple(x.shape))
+    assert choice.path == "masked" and "extension is unavailable" in choice.why
+    ref = sparse_conv2d_reference(x, layer.weight, layer.mask, layer.bias, (1, 1), (1, 1))
+    torch.testing.assert_close(layer(x), ref)
+
+
+def test_compiled_module_runs_the_vendor_path():
+    layer = _layer(16, 16, 0.03)
+    x = torch.randn(16, 16, 6, 6)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x), atol=1e-4, rtol=1e-4)
