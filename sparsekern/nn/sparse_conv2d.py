@@ -244,6 +244,8 @@ def _sparse_blocker(module: SparseConv2d, pad) -> str | None:
         return f"groups={module.groups}: the sparse kernels take groups=1"
     if pad is None:
         return "asymmetric 'same' padding"
+    if w.dtype not in sparse_conv_op._KERNEL_DTYPES:
+        return f"dtype {w.dtype}: the sparse kernels compute in fp32"
     if torch.is_autocast_enabled("cpu"):
         return "autocast is on: the vendor path applies it"
     if min(module.in_channels, module.out_channels) < _MIN_CHANNELS:

@@ -225,3 +225,12 @@ def test_compiled_module_runs_the_vendor_path():
     x = torch.randn(16, 16, 6, 6)
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
     torch.testing.assert_close(compiled(x), layer(x), atol=1e-4, rtol=1e-4)
+
+
+def test_float64_keeps_its_precision():
+    x, weight, mask, bias, conv = _case((3, 4, 5, 6, 6, 3, 1, 1, 1), 0.5, torch.float64)
+    y = sparse_conv2d(x, weight, mask, bias, *conv)
+    torch.testing.assert_close(y, sparse_conv2d_reference(x, weight, mask, bias, *conv),
+                               atol=1e-12, rtol=1e-12)  # fmt: skip
+    layer = _layer(16, 16, 0.03).double()
+    assert "dtype torch.float64" in layer.execution_path((16, 16, 6, 6)).why

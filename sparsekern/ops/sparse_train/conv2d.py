@@ -49,6 +49,8 @@ __all__ = ["ConvGeometry", "conv_geometry", "extension_available", "sparse_conv2
 
 _SOURCE = pathlib.Path(__file__).resolve().parents[1] / "csrc" / "sparse_conv2d.cpp"
 _EXT_NAME = "sparse_conv2d"
+# The kernels compute in fp32: half types are upcast; float64 keeps its precision (vendor path).
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _ext():
@@ -204,13 +206,14 @@ def sparse_conv2d(
         stride, padding, dilation: pairs of ints (padding symmetric, zeros).
 
     Returns ``[N, C_out, H_out, W_out]`` in ``x``'s dtype. ``dweight`` is dense and exactly zero
-    where ``mask`` is False. Without the extension (or off the CPU) this is ``masked_conv2d``.
+    where ``mask`` is False. Without the extension, off the CPU, or for float64 (the kernels
+    accumulate in fp32) this is ``masked_conv2d``.
 
     Raises:
         ValueError / TypeError naming expected vs got for a wrong rank, shape, dtype or device.
     """
     _check(x, weight, mask, bias, stride, padding, dilation)
-    if _ext() is None or x.device.type != "cpu":
+    if x.dtype not in _KERNEL_DTYPES or x.device.type != "cpu" or _ext() is None:
         from sparsekern.ops.masked_conv2d import masked_conv2d
 
         return masked_conv2d(x, weight, mask, bias, stride, padding, dilation)
