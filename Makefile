@@ -70,6 +70,7 @@ format: venv
 bench: venv
 	$(VPY) benchmarks/bench_cpu_layers.py --out $(RESULTS)
 	$(VPY) benchmarks/bench_cpu_block_sparse.py --out $(RESULTS)
+	$(VPY) benchmarks/bench_cpu_sparse_conv.py --out $(RESULTS)
 	$(VPY) benchmarks/bench_inference.py --out $(RESULTS)
 	$(VPY) benchmarks/bench_cpu_sparse_train.py --out $(RESULTS)
 

@@ -8,11 +8,23 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from sparsekern.nn._sparse_module import SparseModuleMixin, adopt_parameters, check_convertible
+from sparsekern.nn.execution_plan import PathChoice, _kept, _needs_weight_grad
 from sparsekern.ops._conv import resolve_padding
 from sparsekern.ops.block_sparse_conv2d import block_masked_conv2d
 from sparsekern.ops.masked_conv2d import masked_conv2d
+from sparsekern.ops.sparse_train import conv2d as sparse_conv_op
 
-__all__ = ["SparseConv2d", "symmetric_zero_padding"]
+__all__ = ["SPARSE_CONV_MAX_KEPT", "SparseConv2d", "conv_path", "symmetric_zero_padding"]
+
+# The unstructured sparse training path (``sparsekern.ops.sparse_train.conv2d``) runs when the
+# kept fraction is at most this, scaled by the batch's share of its 16-lane padding (N / 16k).
+# Fitted to measured crossovers (docs/kernels.md; 2 threads, loaded machine, step time over
+# nn.Conv2d's): at batch 32 the sparse step matched dense at kept 0.33 (layer3 3x3 256, 14x14),
+# 0.38 (layer4 3x3 512, 7x7), 0.30 (3x3 s2 128->256, 28x28), ~0.5 (1x1 256, 14x14); at kept 0.2
+# it measured 0.64-0.74 (batch 32) and 0.69-0.71 (batch 16), at kept 0.1 with batch 8 0.68-0.75.
+SPARSE_CONV_MAX_KEPT = 0.2
+# Below these sizes the layout passes and index work are not repaid (a 3-channel stem conv).
+_MIN_CHANNELS = 16
 
 
 def symmetric_zero_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
@@ -43,6 +55,13 @@ class SparseConv2d(SparseModuleMixin, nn.Conv2d):
     Change the mask with :meth:`set_mask`; state dict, deepcopy and pickle behave as for
     :class:`sparsekern.nn.SparseLinear` (keys ``weight``, ``bias``, ``mask``; a dense
     ``nn.Conv2d`` state dict loads with ``strict=True`` and sets the mask all True).
+
+    Unstructured sparse path (automatic, CPU, groups=1): when a weight gradient is needed and
+    the kept fraction is low enough for the batch (:func:`conv_path`: at most
+    :data:`SPARSE_CONV_MAX_KEPT` x N / (N rounded up to 16)), forward, dX and dW run on the kept
+    weights only (:func:`sparsekern.ops.sparse_train.conv2d.sparse_conv2d`, C++/OpenMP); else the
+    vendor path above. :meth:`execution_path` (and ``sparsekern.nn.execution_plan``) says which
+    path runs and why. Same results (fp32 rounding aside) and gradients, double backward included.
 
     Block mode (``block_size=(bm, bk)``, groups=1 only): the block-sparse kernels
     (``sparsekern.ops.block_sparse_conv2d``) skip every all-pruned block of the weight's tap-major
@@ -87,16 +106,33 @@ class SparseConv2d(SparseModuleMixin, nn.Conv2d):
             raise ValueError(f"SparseConv2d: block mode needs groups=1, got groups={self.groups}")
         super().set_block_size(block_size)
 
+    def execution_path(
+        self, input_shape: tuple[int, ...] | None = None, *, training: bool | None = None
+    ) -> PathChoice:
+        """The path the forward runs for an input of ``input_shape`` (see
+        ``sparsekern.nn.execution_plan`` for the protocol; :func:`conv_path` for the rule)."""
+        return conv_path(self, input_shape, training)
+
     def _conv_forward(
         self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
-        # Mirrors nn.Conv2d._conv_forward with masked_conv2d in place of F.conv2d.
+        # Mirrors nn.Conv2d._conv_forward with the chosen path in place of F.conv2d.
         x, padding = input, self.padding
         if self.padding_mode != "zeros":
             x = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = _pair(0)
         mask = self.checked_mask()
+        self.__dict__["_last_input_shape"] = tuple(input.shape)
+        path = self.execution_path(tuple(input.shape)).path
         bs = getattr(self, "block_size", None)  # None for modules pickled before block mode
+        if path == "sparse":
+            unbatched = x.dim() == 3
+            x = x.unsqueeze(0) if unbatched else x
+            pad = (0, 0) if self.padding_mode != "zeros" else symmetric_zero_padding(self)
+            y = sparse_conv_op.sparse_conv2d(
+                x, weight, mask, bias, _pair(self.stride), pad, _pair(self.dilation)
+            )
+            return y.squeeze(0) if unbatched else y
         if bs is not None:
             pad = (0, 0) if self.padding_mode != "zeros" else symmetric_zero_padding(self)
             if pad is not None:  # else an asymmetric 'same': the vendor conv handles it
@@ -107,7 +143,7 @@ class SparseConv2d(SparseModuleMixin, nn.Conv2d):
                     assume_pruned_zero=True,
                 )  # fmt: skip
                 return y.squeeze(0) if unbatched else y
-        if torch.is_grad_enabled() and weight.requires_grad:
+        if path == "masked":
             return masked_conv2d(
                 x, weight, mask, bias, self.stride, padding, self.dilation, self.groups,
                 assume_pruned_zero=True,
@@ -152,3 +188,68 @@ class SparseConv2d(SparseModuleMixin, nn.Conv2d):
             dtype=conv.weight.dtype,
         )
         return adopt_parameters(sparse, conv, mask, block_size)
+
+
+def conv_path(module: SparseConv2d, input_shape, training: bool | None) -> PathChoice:
+    """:meth:`SparseConv2d.execution_path`'s rule: ``block`` in block mode (symmetric zero
+    padding); ``dense`` when no weight gradient is needed; ``sparse`` on the CPU, groups=1, no
+    autocast, the C++ extension loaded, at least 16 channels each side, and a kept fraction at most
+    ``SPARSE_CONV_MAX_KEPT * N / ceil16(N)`` (the kernels vectorise over the batch in 16 lanes);
+    ``masked`` (vendor conv, masked dW) otherwise; under ``torch.compile`` the vendor paths.
+    The forward runs what this returns."""
+    bs = module.__dict__.get("block_size")
+    pad = (0, 0) if module.padding_mode != "zeros" else symmetric_zero_padding(module)
+    if torch.compiler.is_compiling():
+        # The mask's nnz is data-dependent (no graph guard on it) and the C++ kernels are opaque
+        # to the compiler: a compiled forward runs the traceable vendor/block paths, and the kept
+        # fraction is not computed (nan).
+        if bs is not None and pad is not None:
+            return PathChoice("block", float("nan"), "block mode under torch.compile")
+        grad = _needs_weight_grad(module, training)
+        return PathChoice("masked" if grad else "dense", float("nan"), "torch.compile: vendor conv")
+    kept = _kept(module)
+    if bs is not None and pad is not None:
+        return PathChoice("block", kept, f"block mode {bs}: all-pruned blocks are skipped")
+    if not _needs_weight_grad(module, training):
+        return PathChoice(
+            "dense", kept, "no weight gradient needed: F.conv2d on the weight (pruned entries 0)"
+        )
+    why_not = _sparse_blocker(module, pad)
+    if why_not is None:
+        n = 1 if input_shape is None or len(input_shape) == 3 else int(input_shape[0])
+        lanes = -(-n // 16) * 16
+        limit = SPARSE_CONV_MAX_KEPT * n / lanes
+        if kept <= limit:
+            return PathChoice(
+                "sparse",
+                kept,
+                f"kept {kept:.3f} <= {limit:.3f} (= {SPARSE_CONV_MAX_KEPT} x batch {n} / "
+                f"{lanes} lanes): C++ kernels on the kept weights only",
+            )
+        why_not = (
+            f"kept {kept:.3f} > {limit:.3f} (= {SPARSE_CONV_MAX_KEPT} x batch {n} / {lanes} "
+            "lanes), where the sparse kernels stop paying"
+        )
+    return PathChoice(
+        "masked", kept, f"vendor conv for forward and dX, weight gradient masked ({why_not})"
+    )
+
+
+def _sparse_blocker(module: SparseConv2d, pad) -> str | None:
+    """Why the sparse kernels cannot run this layer, or None."""
+    w = module.weight
+    if w.device.type != "cpu":
+        return f"on {w.device.type}: the sparse kernels are CPU only, no GPU benchmark yet"
+    if module.groups != 1:
+        return f"groups={module.groups}: the sparse kernels take groups=1"
+    if pad is None:
+        return "asymmetric 'same' padding"
+    if w.dtype not in sparse_conv_op._KERNEL_DTYPES:
+        return f"dtype {w.dtype}: the sparse kernels compute in fp32"
+    if torch.is_autocast_enabled("cpu"):
+        return "autocast is on: the vendor path applies it"
+    if min(module.in_channels, module.out_channels) < _MIN_CHANNELS:
+        return f"fewer than {_MIN_CHANNELS} channels: layout passes not repaid"
+    if not sparse_conv_op.extension_available():
+        return "the C++ extension is unavailable"
+    return None
