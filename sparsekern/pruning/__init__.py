@@ -18,6 +18,8 @@ One lifecycle for all of them::
 Pruners: :class:`HanPruner` (Han et al. 2015: quality x std threshold, iterative, L1/L2,
 dropout rule, freezing), :class:`GlobalMagnitudePruner`, :class:`GradualPruner` (Zhu and Gupta),
 :class:`SNIPPruner`, :class:`RigLPruner`, :class:`NMPruner`, :class:`BlockPruner`,
+:class:`ImportancePruner` (any :class:`Importance`: :class:`MagnitudeImportance`,
+:class:`TaylorImportance`, :class:`RandomImportance`; :func:`score_masks`),
 :class:`OneShotPruner` (:func:`one_shot`: SparseGPT, Wanda, magnitude from calibration inputs,
 no retraining; ``docs/one_shot.md``).
 Schedules (:mod:`sparsekern.pruning.schedules`): :class:`OneShot`, :class:`Geometric` (Han's
@@ -55,6 +57,14 @@ from sparsekern.pruning.global_magnitude import (
 )
 from sparsekern.pruning.gradual import GradualPruner
 from sparsekern.pruning.han import FREEZE_KINDS, HanPruner
+from sparsekern.pruning.importance import (
+    Importance,
+    ImportancePruner,
+    MagnitudeImportance,
+    RandomImportance,
+    TaylorImportance,
+    score_masks,
+)
 from sparsekern.pruning.magnitude import (
     han_threshold,
     keep_at_least,
@@ -120,12 +130,15 @@ __all__ = [
     "han_targets",
     "han_threshold",
     "HanPruner",
+    "Importance",
+    "ImportancePruner",
     "keep_at_least",
     "layer_densities",
     "layer_kind",
     "layer_report",
     "magnitude_mask",
     "magnitude_prune_",
+    "MagnitudeImportance",
     "nm_mask",
     "NMPruner",
     "OneShot",
@@ -136,6 +149,7 @@ __all__ = [
     "prune_blocks_",
     "prune_model_",
     "quality_for_density",
+    "RandomImportance",
     "regularization_loss",
     "remove_dead_neurons",
     "resolve_per_layer",
@@ -147,11 +161,13 @@ __all__ = [
     "sensitivity_targets",
     "SensitivityResult",
     "SensitivityTargets",
+    "score_masks",
     "snip_masks",
     "snip_scores",
     "SNIPPruner",
     "sparse_layers",
     "StructuredPruner",
+    "TaylorImportance",
     "prune_channels",
     "EarlyCROPPruner",
     "GaPPruner",

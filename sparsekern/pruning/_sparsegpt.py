@@ -12,12 +12,12 @@ The algorithm (the paper's Algorithm 1):
 * ``U = cholesky(H^-1)``, upper: row ``j`` of ``U`` is row ``j`` of ``inv(H[j:, j:])`` divided by
   the square root of its diagonal entry, so one sweep over the columns applies every OBS update
   ``W[:, j:] -= (w_j - q_j) / [H_F^-1]_jj * [H_F^-1]_{j, :}`` without re-inverting.
-* Columns are processed in blocks of ``blocksize`` (128): updates inside a block are applied
+* Columns are processed in blocks of ``block_size`` (128): updates inside a block are applied
   eagerly, those to the later columns lazily, as one GEMM per block.
 * Adaptive mask selection: at the start of every block, the weights of the block with the
   smallest ``w^2 / U_cc^2`` (the OBS error of removing them) are pruned, at the target sparsity:
   the same count in each row of the block (``selection="row"``, the default: each row loses
-  exactly ``round(sparsity * cols)``), or one threshold over the whole ``[rows, blocksize]`` block
+  exactly ``round(sparsity * cols)``), or one threshold over the whole ``[rows, block_size]`` block
   (``selection="block"``, as the reference code does; rows may end at different densities, the
   layer at exactly ``round(sparsity * rows * cols)`` by cumulative rounding). N:M: at the
   start of every group of M columns, each row keeps the N with the largest ``w^2 / U_cc^2`` (a
@@ -69,7 +69,7 @@ def sparsegpt_prune(
     H: torch.Tensor,
     sparsity: float = 0.5,
     n_m: tuple[int, int] | None = None,
-    blocksize: int = 128,
+    block_size: int = 128,
     percdamp: float = 0.01,
     compensate: bool = True,
     selection: str = "row",
@@ -82,13 +82,13 @@ def sparsegpt_prune(
         H: ``2 X^T X / n``, ``[cols, cols]``, symmetric.
         sparsity: pruned fraction (unstructured); ignored when ``n_m`` is given.
         n_m: ``(n, m)``: keep N of every M consecutive columns in each row.
-        blocksize: the lazy-update block (128 in the paper); with N:M it is rounded down to a
+        block_size: the lazy-update block (128 in the paper); with N:M it is rounded down to a
             multiple of M.
         percdamp: dampening, as a fraction of ``mean(diag H)``.
         compensate: False: select masks the same way but never update the kept weights.
         selection: unstructured only: ``"row"`` (default) prunes the same count in every row of
             a block (every row ends at exactly ``round(sparsity * cols)``); ``"block"`` takes one
-            threshold over the whole ``[rows, blocksize]`` block, as the reference code does
+            threshold over the whole ``[rows, block_size]`` block, as the reference code does
             (rows may differ; the layer ends at exactly ``round(sparsity * rows * cols)``).
 
     Returns:
@@ -108,10 +108,10 @@ def sparsegpt_prune(
     U = upper_cholesky_inverse(H)
     if n_m is not None:
         n, m = n_m
-        blocksize = max(m, (blocksize // m) * m)
+        block_size = max(m, (block_size // m) * m)
     prune = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)  # True: pruned
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
         count = i2 - i1
         W1 = W[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)

@@ -22,20 +22,30 @@ from, in this order: the ``sparsity`` argument of :meth:`BasePruner.prune`; the 
 (:mod:`sparsekern.pruning.schedules`) at the pruner's clock; the constructor's ``sparsity``.
 
 Subclasses implement :meth:`BasePruner.compute_masks` (target -> new masks, without touching the
-model) and may override :meth:`BasePruner.step`, :meth:`BasePruner.regularization_loss` and the
+model), take their own keywords and forward the shared ones (``sparsity``, ``schedule``,
+``layers``, ``regularization``, ``reg_strength``) with ``**base``::
+
+    class MyPruner(BasePruner):
+        def __init__(self, model, optimizer=None, *, my_knob=1.0, **base):
+            super().__init__(model, optimizer, **base)
+
+and may override :meth:`BasePruner.step`, :meth:`BasePruner.regularization_loss` and the
 ``_config`` / ``_extra_state`` hooks that feed ``state_dict``.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
 
-from sparsekern.nn.masks import set_mask
+from sparsekern.nn.masks import set_mask, zero_optimizer_state
 from sparsekern.pruning._layers import require_sparse_layers, resolve_per_layer, sparse_layers
+from sparsekern.pruning._optim import ELEMENTWISE, check_elementwise, optimizers_holding
+from sparsekern.pruning._vocab import wrap_init
 from sparsekern.pruning.regularization import REGULARIZATIONS, regularization_loss
 from sparsekern.pruning.schedules import Schedule
 
@@ -52,7 +62,10 @@ class BasePruner:
         model: a model with sparse layers (``sparsekern.sparsify(model)``).
         optimizer: the optimizer training the model, or None; its state is zeroed wherever a
             mask changes. Replace it with :meth:`set_optimizer` (e.g. a fresh optimizer for
-            retraining).
+            retraining). Its update must be elementwise (SGD, Adam, AdamW, ...: LBFGS and Muon
+            are refused, since they move pruned weights off zero). Any other optimizer seen
+            stepping that holds state for the pruned weights is zeroed too, with a warning
+            (without that, momentum revives pruned weights).
         sparsity: the target pruned fraction (see the module docstring); None if the pruner
             takes its target from ``schedule`` or from each ``prune(sparsity)`` call.
         schedule: a :class:`~sparsekern.pruning.schedules.Schedule`. Step clock: ``step()``
@@ -72,6 +85,15 @@ class BasePruner:
 
     #: whether the target may be a dict per layer
     per_layer_targets = False
+    #: whether masks only shrink (a pruned weight never returns): then an explicit
+    #: ``prune(sparsity)`` below the sparsity reached is refused instead of doing nothing
+    monotone = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        # one deprecation path for every pruner: the old keyword names (blocksize, n / m,
+        # global_pruning, seed) become the new ones with a DeprecationWarning (_vocab.RENAMED)
+        super().__init_subclass__(**kwargs)
+        wrap_init(cls)
 
     def __init__(
         self,
@@ -115,6 +137,13 @@ class BasePruner:
         self.reg_strength = float(reg_strength)
         self.optimizer: torch.optim.Optimizer | None = None
         self.set_optimizer(optimizer)
+        self._warned_optimizers: set[int] = set()
+        if optimizer is None:
+            # dense steps before the pruner was built: momentum / Adam moments of the weights
+            # live in an optimizer the pruner was not given; find it now (also a gc scan when
+            # the weights have gradients and no tracked optimizer matched)
+            weights = [m.weight for m in self.layers.values()]
+            self._other_optimizers(scan=any(w.grad is not None for w in weights))
         self.steps = 0
         self.rounds = 0
         self.history: list[dict] = []
@@ -153,10 +182,40 @@ class BasePruner:
             if sparsity is None
             else self._check_target(sparsity, "prune(sparsity)")
         )
+        if sparsity is not None and self.monotone:
+            self._check_reachable(target)
         self._apply(self.compute_masks(target, closure), target=target)
         return self.kept_fractions()
 
-    def compute_masks(self, sparsity, closure: Closure | None) -> dict[str, torch.Tensor]:
+    def _check_reachable(self, target) -> None:
+        """ValueError when an explicit target is below the sparsity already reached: pruned
+        weights never return in this pruner, so the call would silently change nothing."""
+        who = f"{type(self).__name__}.prune"
+        if isinstance(target, dict) or getattr(self, "scope", "layer") == "layer":
+            per = self._per_layer(target)
+            low = {
+                n: (round(1 - self.kept_fractions()[n], 4), s)
+                for n, s in per.items()
+                if s is not None
+                and int(self.layers[n].mask.count_nonzero())
+                < round((1 - s) * self.layers[n].mask.numel())
+            }
+            if low:
+                raise ValueError(
+                    f"{who}: expected a sparsity at least the one already reached (pruned "
+                    "weights never return here), got (reached, asked) "
+                    + ", ".join(f"{n}: {a}" for n, a in low.items())
+                )
+            return
+        total = sum(m.mask.numel() for m in self.layers.values())
+        kept = sum(int(m.mask.count_nonzero()) for m in self.layers.values())
+        if kept < round((1 - target) * total):
+            raise ValueError(
+                f"{who}: expected a sparsity >= {self.current_sparsity():.4g}, the one already "
+                f"reached (pruned weights never return here), got {target}"
+            )
+
+    def compute_masks(self, sparsity, closure: Closure | None = None) -> dict[str, torch.Tensor]:
         """The new masks for target ``sparsity``: ``{layer name: bool tensor of its weight's
         shape}`` for the layers that change; must not modify the model. Subclasses implement it."""
         raise NotImplementedError(f"{type(self).__name__} does not implement compute_masks")
@@ -180,6 +239,16 @@ class BasePruner:
             raise TypeError(
                 f"{type(self).__name__}: expected a torch.optim.Optimizer or None, got "
                 f"{type(optimizer).__name__}"
+            )
+        check_elementwise(optimizer, type(self).__name__)
+        if not isinstance(optimizer, ELEMENTWISE):
+            warnings.warn(
+                f"{type(self).__name__}: cannot tell whether {type(optimizer).__name__}'s update "
+                "is elementwise; pruned weights stay zero only under an elementwise optimizer "
+                "(docs/pruning.md, 'Optimizers'); sparsekern.check_masks(model) after a step "
+                "tells",
+                RuntimeWarning,
+                stacklevel=3,
             )
         held = {id(p) for g in optimizer.param_groups for p in g["params"]}
         missing = [n for n, m in self.layers.items() if id(m.weight) not in held]
@@ -254,8 +323,20 @@ class BasePruner:
             raise ValueError(
                 f"{who}.load_state_dict: expected the state of a {who}, got a {state['pruner']}"
             )
+        for key in ("steps", "rounds"):
+            v = state.get(key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(
+                    f"{who}.load_state_dict: expected {key!r} an integer >= 0, got {v!r}"
+                )
+        hist = state.get("history")
+        if not isinstance(hist, list) or not all(isinstance(h, dict) for h in hist):
+            raise ValueError(f"{who}.load_state_dict: expected 'history' a list of dicts")
+        if not isinstance(state.get("config"), dict):
+            raise ValueError(f"{who}.load_state_dict: expected 'config' a dict")
         if strict:
-            diffs = config_differences(state["config"], self.config())
+            saved = {_RENAMED_CONFIG.get(k, k): v for k, v in state["config"].items()}
+            diffs = config_differences(saved, self.config())
             if diffs:
                 raise ValueError(
                     f"{who}.load_state_dict: the state was saved with another configuration: "
@@ -339,13 +420,17 @@ class BasePruner:
                     f"{type(self).__name__}: expected a mask of shape {list(m.mask.shape)} for "
                     f"{n}, got {list(mask.shape)}"
                 )
+        others = self._other_optimizers()
         changed = False
         for n, mask in masks.items():
             m = self.layers[n]
             mask = mask.to(m.mask.device)
             if torch.equal(mask, m.mask):
                 continue
+            reset = ~mask | (mask != m.mask)
             set_mask(m, mask, self.optimizer)
+            for opt in others:
+                zero_optimizer_state(opt, m.weight, reset)
             changed = True
         self.rounds += 1
         self._after_masks(changed)
@@ -361,8 +446,33 @@ class BasePruner:
         )
         return changed
 
+    def _other_optimizers(self, scan: bool = False) -> list:
+        """The optimizers other than :attr:`optimizer` holding state for the pruned weights
+        (:mod:`sparsekern.pruning._optim`): their state is zeroed with the given one's. Raises
+        for one whose update is not elementwise; warns once per optimizer found."""
+        weights = [m.weight for m in self.layers.values()]
+        others = [o for o in optimizers_holding(weights, scan) if o is not self.optimizer]
+        who = type(self).__name__
+        for o in others:
+            check_elementwise(o, who)
+            if id(o) not in self._warned_optimizers:
+                self._warned_optimizers.add(id(o))
+                warnings.warn(
+                    f"{who}: a {type(o).__name__} that was not passed to the pruner holds state "
+                    "(momentum, moments) for the pruned weights; it is zeroed wherever a mask "
+                    "changes, or the next steps would revive pruned weights. Pass it: "
+                    f"{who}(model, optimizer, ...) or set_optimizer(optimizer)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        return others
+
     def _after_masks(self, changed: bool) -> None:
         """Hook after masks were installed (Han: the dropout adjustment)."""
+
+
+#: config keys of earlier releases -> now (a state saved before the vocabulary still resumes)
+_RENAMED_CONFIG = {"blocksize": "block_size"}
 
 
 def _jsonable(v):

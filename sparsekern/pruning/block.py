@@ -10,7 +10,10 @@ channels of one kernel tap per block), the matrix the block-sparse conv kernels 
 
 Per layer (``scope="layer"``) every layer keeps ``round(density x its blocks)`` blocks; globally
 (``scope="global"``) one score threshold over all layers keeps ``density`` of all blocks (by count,
-weighted by block size), with an optional per-layer floor ``min_density``.
+weighted by block size). In both, every layer keeps at least the floor ``min_density`` gives
+(``max(1, ceil(min_density x blocks))`` blocks; None, the default: ``min(0.01, density / 2)``, so
+at least one block), with a RuntimeWarning where the floor overrides a per-layer target: a
+layer is emptied only with ``min_density=0``.
 
 Example::
 
@@ -22,16 +25,19 @@ Example::
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
 from sparsekern.formats.block_sparse import block_grid, block_size_pair
 from sparsekern.nn.masks import set_mask
 from sparsekern.ops.block_sparse_conv2d import conv_weight_from_gemm, conv_weight_to_gemm
-from sparsekern.pruning._common import warn_collapsed
+from sparsekern.pruning._common import auto_min_density, warn_collapsed
 from sparsekern.pruning._layers import require_sparse_layers, resolve_per_layer
+from sparsekern.pruning._vocab import renamed_keywords
 from sparsekern.pruning.base import BasePruner, Closure
-from sparsekern.pruning.schedules import Schedule
+from sparsekern.pruning.importance import check_finite, floor_count
 
 __all__ = [
     "BlockPruner",
@@ -126,13 +132,14 @@ def _layer_block(module: nn.Module, block_size) -> tuple[int, int]:
     return block_size_pair(own)
 
 
+@renamed_keywords
 def block_masks(
     layers: dict[str, nn.Module],
     density: float | dict,
     block_size=None,
     norm: str = "l1",
     scope: str = "layer",
-    min_density: float = 0.0,
+    min_density: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """The masks :func:`prune_blocks_` installs, computed without touching the layers:
     ``{layer: bool mask of its weight's shape}`` (whole kept blocks, ANDed with the current
@@ -150,7 +157,10 @@ def block_masks(
             f"dict, got {density!r}"
         )
     blocks = {n: _layer_block(m, block_size) for n, m in layers.items()}  # validate all first
-    _check_density(min_density, "prune_blocks_ (min_density)")
+    if min_density is not None:
+        _check_density(min_density, "prune_blocks_ (min_density)")
+    for n, m in layers.items():
+        check_finite(m.weight, n, "prune_blocks_")
     if scope == "layer":
         per = resolve_per_layer(layers, density, "prune_blocks_ density")
         for d in per.values():
@@ -161,14 +171,29 @@ def block_masks(
             for n, m in layers.items()
             if per[n] is not None
         }
-        keep = {n: _top_blocks(s, round(per[n] * s.numel())) for n, s in scores.items()}
+        keep, raised = {}, []
+        for n, s in scores.items():
+            md = auto_min_density(1.0 - per[n]) if min_density is None else min_density
+            target = round(per[n] * s.numel())
+            k = max(target, floor_count(md, s.numel()))
+            if k > target:
+                raised.append(f"{n} ({k} of {s.numel()} blocks kept, target {target})")
+            keep[n] = _top_blocks(s, k)
+        if raised:
+            warnings.warn(
+                f"prune_blocks_: the min_density floor keeps more blocks than the target in "
+                f"{', '.join(raised)} (a layer is never emptied unless min_density=0)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     else:
         if isinstance(density, dict):
             raise TypeError("prune_blocks_: scope='global' takes one density, got a dict")
         d = _check_density(density, "prune_blocks_")
+        md = auto_min_density(1.0 - d) if min_density is None else min_density
         scores = {n: block_scores(m.weight, blocks[n], norm, m.mask) for n, m in layers.items()}
         # The floor first, then the best of the rest by one threshold, by weight count.
-        keep = {n: _top_blocks(s, round(min_density * s.numel())) for n, s in scores.items()}
+        keep = {n: _top_blocks(s, floor_count(md, s.numel())) for n, s in scores.items()}
         size = {n: blocks[n][0] * blocks[n][1] for n in layers}
         total = sum(s.numel() * size[n] for n, s in scores.items())
         budget = d * total - sum(int(k.sum()) * size[n] for n, k in keep.items())
@@ -188,18 +213,19 @@ def block_masks(
         n: expand_block_mask(k, layers[n].weight.shape, blocks[n]) & layers[n].mask
         for n, k in keep.items()
     }
-    if scope == "global" and min_density == 0:
+    if min_density == 0:
         warn_collapsed(out, "prune_blocks_")
     return out
 
 
+@renamed_keywords
 def prune_blocks_(
     model: nn.Module,
     density: float | dict,
     block_size=None,
     norm: str = "l1",
     scope: str = "layer",
-    min_density: float = 0.0,
+    min_density: float | None = None,
     optimizer: torch.optim.Optimizer | None = None,
 ) -> dict[str, float]:
     """Prune ``model``'s sparse layers to whole blocks, in place (through ``set_mask``: pruned
@@ -215,7 +241,9 @@ def prune_blocks_(
         block_size: ``(bm, bk)``; default: each layer's own block size (SparseLinear block mode).
         norm: ``"l1"`` or ``"l2"`` (per-weight mean, see :func:`block_scores`).
         scope: ``"layer"`` (each layer keeps its own fraction) or ``"global"`` (one threshold).
-        min_density: global scope only: every layer keeps at least this fraction of its blocks.
+        min_density: every layer keeps at least ``max(1, ceil(min_density x blocks))`` blocks
+            (a RuntimeWarning where that overrides a per-layer target); None (default):
+            ``min(0.01, density / 2)``; 0: no floor (an emptied layer is warned about).
         optimizer: whose state for pruned weights is zeroed.
     """
     layers = require_sparse_layers(model, "prune_blocks_")
@@ -244,35 +272,25 @@ class BlockPruner(BasePruner):
         block_size: ``(bm, bk)``; default: each layer's own block size.
         norm: ``"l1"`` or ``"l2"``.
         scope: ``"layer"`` or ``"global"``.
-        min_density: global scope: every layer keeps at least this fraction of its blocks.
+        min_density: the floor of :func:`prune_blocks_` (default None: at least one block).
     """
 
     per_layer_targets = True
+    monotone = True
 
     def __init__(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         *,
-        sparsity: float | dict | None = None,
-        schedule: Schedule | None = None,
         block_size=None,
         norm: str = "l1",
         scope: str = "layer",
-        min_density: float = 0.0,
-        layers=None,
-        regularization: str = "none",
-        reg_strength: float = 0.0,
+        min_density: float | None = None,
+        **base,
     ) -> None:
-        super().__init__(
-            model,
-            optimizer,
-            sparsity=sparsity,
-            schedule=schedule,
-            layers=layers,
-            regularization=regularization,
-            reg_strength=reg_strength,
-        )
+        super().__init__(model, optimizer, **base)
+        sparsity = base.get("sparsity")
         if scope not in ("layer", "global"):
             raise ValueError(f"BlockPruner: expected scope 'layer' or 'global', got {scope!r}")
         if norm not in NORMS:
@@ -281,7 +299,9 @@ class BlockPruner(BasePruner):
             _layer_block(m, block_size)  # every layer has a block size
         self.block_size = None if block_size is None else list(block_size_pair(block_size))
         self.norm, self.scope = norm, scope
-        self.min_density = _check_density(min_density, "BlockPruner (min_density)")
+        if min_density is not None:
+            min_density = _check_density(min_density, "BlockPruner (min_density)")
+        self.min_density = min_density
         if scope == "global" and isinstance(sparsity, dict):
             raise TypeError("BlockPruner: scope='global' takes one sparsity, got a dict")
 

@@ -6,7 +6,9 @@ on a cubic schedule
 pruning every ``dt`` steps from step ``t0`` over ``n`` pruning steps: fast at first, while there
 are many redundant weights, slower towards ``s_f``. Each pruning step removes the smallest |w|
 of each layer (``scope="layer"``, as in the paper) or of all layers together (``scope="global"``,
-Gupta et al. 2022's recommendation); a pruned weight never returns.
+Gupta et al. 2022's recommendation); a pruned weight never returns. The selection is the one of
+every scored pruner (:func:`~sparsekern.pruning.importance.score_masks`); ``importance=`` swaps
+the score (e.g. ``TaylorImportance()`` for gradual first-order pruning).
 """
 
 from __future__ import annotations
@@ -14,17 +16,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from sparsekern.pruning._common import check_fraction, topk_mask
-from sparsekern.pruning.base import BasePruner, Closure
-from sparsekern.pruning.global_magnitude import global_magnitude_masks
+from sparsekern.pruning.importance import SCOPES, Importance, ImportancePruner
 from sparsekern.pruning.schedules import Cubic
 
 __all__ = ["GradualPruner"]
 
-SCOPES = ("layer", "global")
 
-
-class GradualPruner(BasePruner):
+class GradualPruner(ImportancePruner):
     """Gradual magnitude pruning on Zhu and Gupta's cubic schedule, driven by :meth:`step`.
 
     Lifecycle::
@@ -49,9 +47,9 @@ class GradualPruner(BasePruner):
         initial_sparsity: ``s_i`` (usually 0).
         scope: ``"layer"`` (every layer pruned to ``s_t``, as in the paper) or ``"global"`` (all
             layers ranked together to ``s_t``, Gupta et al.'s recommendation).
-        min_density: with ``scope="global"``, the minimum kept fraction per layer; None
-            (default): 1% of each layer, or half the target density where lower (see
-            :func:`~sparsekern.pruning.global_magnitude_masks`).
+        min_density: the floor on each layer's kept fraction; None (default):
+            ``min(1%, (1 - s_t) / 2)`` and at least one weight (see ``docs/pruning.md``).
+        importance: the score (default ``MagnitudeImportance()``, the paper's).
     """
 
     def __init__(
@@ -66,46 +64,30 @@ class GradualPruner(BasePruner):
         initial_sparsity: float = 0.0,
         scope: str = "layer",
         min_density: float | None = None,
-        layers=None,
-        regularization: str = "none",
-        reg_strength: float = 0.0,
+        importance: Importance | None = None,
+        **base,
     ) -> None:
         if scope not in SCOPES:
             raise ValueError(f"GradualPruner: expected scope in {SCOPES}, got {scope!r}")
+        if "schedule" in base:
+            raise TypeError("GradualPruner: the schedule is Cubic(sparsity, begin_step, ...)")
         schedule = Cubic(sparsity, begin_step, end_step, frequency, initial_sparsity)
         super().__init__(
             model,
             optimizer,
             schedule=schedule,
-            layers=layers,
-            regularization=regularization,
-            reg_strength=reg_strength,
-        )
-        self.scope = scope
-        self.min_density = (
-            None
-            if min_density is None
-            else check_fraction(min_density, "GradualPruner", "min_density")
+            importance=importance,
+            scope=scope,
+            min_density=min_density,
+            **base,
         )
 
     def sparsity_at(self, step: int) -> float:
         """The schedule's target sparsity at ``step``."""
         return self.schedule(step)
 
-    @torch.no_grad()
-    def compute_masks(self, sparsity: float, closure: Closure | None = None) -> dict:
-        """Per layer (``scope="layer"``: each layer's ``round((1 - s) numel)`` largest |w|) or
-        globally; never regrows a weight."""
-        if self.scope == "global":
-            return global_magnitude_masks(self.layers, sparsity, self.min_density)
-        masks = {}
-        for n, m in self.layers.items():
-            keep = round((1.0 - sparsity) * m.weight.numel())
-            if keep >= int(m.mask.count_nonzero()):
-                continue
-            score = m.weight.detach().abs().double().masked_fill(~m.mask, -1.0)
-            masks[n] = topk_mask(score, keep)
-        return masks
-
     def _config(self) -> dict:
-        return {"scope": self.scope, "min_density": self.min_density}
+        cfg = {"scope": self.scope, "min_density": self.min_density}
+        if self.importance.config() != {"type": "MagnitudeImportance", "p": 1}:
+            cfg["importance"] = self.importance.config()
+        return cfg

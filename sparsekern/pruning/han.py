@@ -4,15 +4,17 @@ lifecycle (see ``docs/pruning.md`` for a full example)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import nn
 
+from sparsekern.pruning._common import AUTO_MIN_DENSITY, auto_min_density, check_fraction
 from sparsekern.pruning._layers import layer_kind, resolve_per_layer
 from sparsekern.pruning.base import BasePruner, Closure
 from sparsekern.pruning.dropout import apply_dropout_adjustment, find_dropout_feeds
+from sparsekern.pruning.importance import floor_count
 from sparsekern.pruning.magnitude import keep_at_least, magnitude_mask, quality_for_density
-from sparsekern.pruning.schedules import Schedule
 
 __all__ = ["HanPruner", "FREEZE_KINDS"]
 
@@ -41,7 +43,8 @@ class HanPruner(BasePruner):
 
     The target of a round, in this order: ``prune(quality=q)`` (Han's rule at quality ``q``,
     a number or a per-layer dict); ``prune(sparsity)``; the schedule (Han: ``Geometric``, on the
-    round clock); the constructor's ``sparsity``; the constructor's ``quality``. A sparsity
+    round clock); the constructor's ``sparsity``; the constructor's ``quality`` (which excludes
+    ``sparsity`` and ``schedule``: both given is a ValueError). A sparsity
     target is reached per layer by the quality that hits it (:func:`quality_for_density`), so
     every mask is still Han's threshold rule. Layers a per-layer target does not cover are left
     alone. A pruned weight never returns: sparsity only grows, round after round.
@@ -50,7 +53,7 @@ class HanPruner(BasePruner):
         model, optimizer, sparsity, schedule, layers: see :class:`BasePruner`; targets may be
             per layer (``{"fc1": 0.92, "conv": 0.5, "*": 0.8}``).
         quality: Han's quality parameter (threshold = quality x std of the layer's surviving
-            weights), a number or a per-layer dict; used when no sparsity target is given.
+            weights), a number or a per-layer dict; not with ``sparsity`` or ``schedule``.
             Typical values come from :func:`sparsekern.pruning.sensitivity_analysis`.
         regularization: ``"l2"`` (default; Han: best after retraining), ``"l1"`` or ``"none"``.
         reg_strength: its coefficient, Caffe's weight decay (5e-4 for LeNet / AlexNet). Do not
@@ -60,7 +63,9 @@ class HanPruner(BasePruner):
         dropout_feeds: ``{dropout module name: layer name}``; default: found by tracing.
         min_density: a floor on each layer's kept fraction (not in Han; a guard against a round
             emptying a layer): a round that would go below keeps the largest-magnitude
-            ``ceil(min_density * numel)`` survivors. Default 0: pure Han.
+            ``max(1, ceil(min_density * numel))`` survivors, with a RuntimeWarning. None
+            (default, as every pruner): ``min(1%, (1 - s) / 2)`` at a sparsity target, 1% at a
+            quality; 0: pure Han (a layer may end empty).
 
     Attributes:
         original_connections: ``{layer: C_io}``, kept connections at :meth:`prepare`.
@@ -69,40 +74,38 @@ class HanPruner(BasePruner):
     """
 
     per_layer_targets = True
+    monotone = True
 
     def __init__(
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         *,
-        sparsity: float | dict | None = None,
         quality: float | dict | None = None,
-        schedule: Schedule | None = None,
-        layers=None,
-        regularization: str = "l2",
-        reg_strength: float = 5e-4,
         dropout: bool = True,
         dropout_feeds: dict[str, str] | None = None,
-        min_density: float = 0.0,
+        min_density: float | None = None,
+        **base,
     ) -> None:
-        super().__init__(
-            model,
-            optimizer,
-            sparsity=sparsity,
-            schedule=schedule,
-            layers=layers,
-            regularization=regularization,
-            reg_strength=reg_strength,
-        )
+        base.setdefault("regularization", "l2")
+        base.setdefault("reg_strength", 5e-4)
+        super().__init__(model, optimizer, **base)
         if quality is not None:
             self._check_quality(quality, "quality")
+            if self.sparsity is not None or self.schedule is not None:
+                # the sparsity / schedule would always win: quality would be silently ignored
+                given = "sparsity" if self.sparsity is not None else "schedule"
+                raise ValueError(
+                    f"HanPruner: expected quality or {given}, got both ({given} targets win, "
+                    "quality would be ignored); per round: prune(quality=q)"
+                )
         self.quality = quality
         self.dropout = bool(dropout)
         self.dropout_feeds = dict(dropout_feeds) if dropout_feeds is not None else None
         self._given_feeds = self.dropout_feeds is not None
-        if not 0.0 <= min_density <= 1.0:
-            raise ValueError(f"HanPruner: expected min_density in [0, 1], got {min_density}")
-        self.min_density = float(min_density)
+        self.min_density = (
+            None if min_density is None else check_fraction(min_density, "HanPruner", "min_density")
+        )
         self.original_connections: dict[str, int] = {}
         self.original_dropout: dict[str, float] = {}
         self._prepared = False
@@ -180,21 +183,36 @@ class HanPruner(BasePruner):
         """Per layer, the quality that keeps ``1 - sparsity`` of its weights, then Han's rule."""
         per = self._per_layer(sparsity)
         q = {
-            n: None if per[n] is None else quality_for_density(m.weight, m.mask, 1.0 - per[n])
+            n: None
+            if per[n] is None
+            else quality_for_density(m.weight, m.mask, 1.0 - per[n], name=n)
             for n, m in self.layers.items()
         }
-        return self._masks_for_quality(q)
+        return self._masks_for_quality(q, per)
 
-    def _masks_for_quality(self, qualities: dict[str, float | None]) -> dict[str, torch.Tensor]:
-        masks = {}
+    def _masks_for_quality(
+        self, qualities: dict[str, float | None], per: dict[str, float | None] | None = None
+    ) -> dict[str, torch.Tensor]:
+        masks, raised = {}, []
         for n, m in self.layers.items():
             if qualities[n] is None:
                 continue
-            mask = magnitude_mask(m.weight, m.mask, qualities[n])
-            if self.min_density > 0:
-                floor = math.ceil(self.min_density * m.mask.numel())
-                mask = keep_at_least(m.weight, m.mask, mask, floor)
+            mask = magnitude_mask(m.weight, m.mask, qualities[n], name=n)
+            md = self.min_density
+            if md is None:
+                md = AUTO_MIN_DENSITY if per is None else auto_min_density(per[n])
+            floor = floor_count(md, m.mask.numel())
+            if int(mask.count_nonzero()) < floor <= int(m.mask.count_nonzero()):
+                raised.append(n)
+            mask = keep_at_least(m.weight, m.mask, mask, floor)
             masks[n] = mask
+        if raised:
+            warnings.warn(
+                f"HanPruner: the round would keep fewer weights than the min_density floor in "
+                f"{raised}; kept the floor's largest |w| (min_density=0: pure Han)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return masks
 
     def _after_masks(self, changed: bool) -> None:

@@ -38,7 +38,7 @@ __all__ = [
 ]
 
 
-def _check(weight: torch.Tensor, mask: torch.Tensor, who: str) -> None:
+def _check(weight: torch.Tensor, mask: torch.Tensor, who: str, name: str | None = None) -> None:
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
         raise TypeError(f"{who}: expected a torch.bool mask, got {got}")
@@ -47,22 +47,33 @@ def _check(weight: torch.Tensor, mask: torch.Tensor, who: str) -> None:
             f"{who}: expected a mask of the weight's shape {list(weight.shape)}, "
             f"got {list(mask.shape)}"
         )
+    # a NaN compares False with every threshold and makes std NaN: the whole layer would be pruned
+    bad = ~torch.isfinite(weight.detach())
+    if bool(bad.any()):
+        where = f"layer {name!r}" if name is not None else "the weight"
+        raise ValueError(
+            f"{who}: expected finite weights, got {int(bad.count_nonzero())} NaN/inf of "
+            f"{weight.numel()} in {where}; fix the training or the checkpoint before pruning"
+        )
 
 
-def han_threshold(weight: torch.Tensor, mask: torch.Tensor, quality: float) -> float:
+def han_threshold(
+    weight: torch.Tensor, mask: torch.Tensor, quality: float, *, name: str | None = None
+) -> float:
     """Han's pruning threshold ``quality * std(weight[mask])``.
 
     Args:
         weight: the layer's weight, ``[out, in]`` or ``[out, in/groups, kh, kw]``, any float dtype.
         mask: bool, the weight's shape; True marks the surviving weights.
         quality: the quality parameter, >= 0.
+        name: the layer's name, for the error a non-finite weight raises.
 
     Returns:
         The threshold as a Python float: ``quality`` times the population standard deviation
         (``correction=0``) of the surviving weights, computed in float64. 0.0 when no weight
         survives (there is nothing left to prune).
     """
-    _check(weight, mask, "han_threshold")
+    _check(weight, mask, "han_threshold", name)
     if not (quality >= 0 and math.isfinite(quality)):
         raise ValueError(f"han_threshold: expected a finite quality >= 0, got {quality}")
     kept = weight.detach()[mask].double()
@@ -87,18 +98,24 @@ def _above(abs_w: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def magnitude_mask(weight: torch.Tensor, mask: torch.Tensor, quality: float) -> torch.Tensor:
+def magnitude_mask(
+    weight: torch.Tensor, mask: torch.Tensor, quality: float, *, name: str | None = None
+) -> torch.Tensor:
     """The mask after one round of Han pruning: ``mask & (|weight| > han_threshold(...))``.
 
     Args:
         weight: ``[out, in]`` or ``[out, in/groups, kh, kw]``.
         mask: bool, the weight's shape.
         quality: >= 0.
+        name: the layer's name, for the error a non-finite weight raises.
 
     Returns:
         A new bool tensor of the weight's shape; never True where ``mask`` is False.
+
+    Raises:
+        ValueError: a NaN or inf weight (naming the layer).
     """
-    threshold = han_threshold(weight, mask, quality)
+    threshold = han_threshold(weight, mask, quality, name=name)
     return mask & _above(weight.detach().abs(), threshold)
 
 
@@ -141,13 +158,15 @@ def magnitude_prune_(
     Returns:
         ``module.mask``, bool, the weight's shape.
     """
-    new = magnitude_mask(module.weight, module.mask, quality)
+    new = magnitude_mask(module.weight, module.mask, quality, name=type(module).__name__)
     set_mask(module, new, optimizer)
     return module.mask
 
 
 @torch.no_grad()
-def quality_for_density(weight: torch.Tensor, mask: torch.Tensor, density: float) -> float:
+def quality_for_density(
+    weight: torch.Tensor, mask: torch.Tensor, density: float, *, name: str | None = None
+) -> float:
     """The quality parameter that makes Han's rule keep about ``density`` of the layer's weights.
 
     Han's Table 2 lists the kept fraction per layer (LeNet-300-100: 8%, 9%, 26%); this inverts the
@@ -163,7 +182,7 @@ def quality_for_density(weight: torch.Tensor, mask: torch.Tensor, density: float
     Returns:
         A quality >= 0 (0.0 when the layer already keeps no more than ``density``).
     """
-    _check(weight, mask, "quality_for_density")
+    _check(weight, mask, "quality_for_density", name)
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"quality_for_density: expected a density in [0, 1], got {density}")
     kept = weight.detach()[mask].double()
@@ -201,7 +220,7 @@ def prune_model_(
     qualities = resolve_per_layer(layers, quality, "prune_model_: quality")
     # Compute every mask before installing any, so a failure leaves the model untouched.
     masks = {
-        n: magnitude_mask(m.weight, m.mask, qualities[n])
+        n: magnitude_mask(m.weight, m.mask, qualities[n], name=n)
         for n, m in layers.items()
         if qualities[n] is not None
     }

@@ -19,7 +19,9 @@ import copy
 import torch
 from torch import nn
 
+from sparsekern.pruning._vocab import n_m_pair, n_m_positional, renamed_keywords
 from sparsekern.pruning.base import BasePruner, Closure
+from sparsekern.pruning.importance import check_finite
 
 __all__ = [
     "NMPruner",
@@ -29,11 +31,6 @@ __all__ = [
     "nm_mask",
     "semi_structured_support",
 ]
-
-
-def _check_nm(n: int, m: int, who: str) -> None:
-    if not (isinstance(n, int) and isinstance(m, int) and 1 <= n <= m):
-        raise ValueError(f"{who}: expected integers 1 <= N <= M, got N={n}, M={m}")
 
 
 def _groups(t: torch.Tensor, m: int, fill: float) -> tuple[torch.Tensor, int]:
@@ -47,34 +44,48 @@ def _groups(t: torch.Tensor, m: int, fill: float) -> tuple[torch.Tensor, int]:
     return flat.view(flat.shape[0], -1, m), k
 
 
-@torch.no_grad()
-def nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
+@renamed_keywords
+def nm_mask(weight: torch.Tensor, n_m: tuple[int, int] = (2, 4), *deprecated_m) -> torch.Tensor:
     """The N:M mask of ``weight`` by magnitude: in every group of ``m`` consecutive weights along
     the input dimension, the ``n`` largest ``|w|`` (ties: the first by ``torch.topk``).
 
     Args:
         weight: ``[out, in]`` (Linear) or ``[out, in/g, kh, kw]`` (conv; grouped along the
             flattened ``in/g * kh * kw``).
-        n, m: keep N of every M, ``1 <= n <= m``.
+        n_m: ``(n, m)``: keep N of every M, ``1 <= n <= m`` (the old ``nm_mask(w, n, m)``
+            still works, with a DeprecationWarning).
 
     Returns:
         bool, the weight's shape: exactly ``n`` True in every full group of ``m``; a last, shorter
         group of ``r`` weights keeps ``min(n, r)``.
     """
-    _check_nm(n, m, "nm_mask")
+    n, m = n_m_positional(n_m, deprecated_m, "nm_mask")
     if weight.dim() < 2:
         raise ValueError(f"nm_mask: expected a weight of 2 or more dims, got {list(weight.shape)}")
-    # padding scores -1 < 0 <= |w|: a padded slot is chosen only when the short group has < n
-    score, k = _groups(weight.detach().abs().double(), m, -1.0)
-    idx = torch.topk(score, n, dim=-1).indices
-    keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, idx, True)
-    return keep.view(weight.shape[0], -1)[:, :k].reshape(weight.shape)
+    check_finite(weight, "weight", "nm_mask")
+    with torch.no_grad():
+        # padding scores -1 < 0 <= |w|: a padded slot is chosen only when the short group has < n
+        score, k = _groups(weight.detach().abs().double(), m, -1.0)
+        idx = torch.topk(score, n, dim=-1).indices
+        keep = torch.zeros_like(score, dtype=torch.bool).scatter_(-1, idx, True)
+        return keep.view(weight.shape[0], -1)[:, :k].reshape(weight.shape)
 
 
-def check_nm(mask: torch.Tensor, n: int = 2, m: int = 4) -> bool:
+@renamed_keywords
+def check_nm(mask: torch.Tensor, n_m: tuple[int, int] = (2, 4), *deprecated_m) -> bool:
     """True iff ``mask`` (bool, a weight's shape) keeps exactly ``n`` of every full group of ``m``
-    along the input dimension, and ``min(n, r)`` of a last short group of ``r``."""
-    _check_nm(n, m, "check_nm")
+    along the input dimension, and ``min(n, r)`` of a last short group of ``r``
+    (``n_m = (n, m)``; the old ``check_nm(mask, n, m)`` warns).
+
+    Raises:
+        TypeError: ``mask`` is not a bool tensor (counting a float tensor would sum its values).
+    """
+    n, m = n_m_positional(n_m, deprecated_m, "check_nm")
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(
+            f"check_nm: expected a torch.bool mask, got {got} (for a weight: check_nm(w != 0, n_m))"
+        )
     groups, k = _groups(mask.to(torch.int32), m, 0)
     counts = groups.sum(-1)
     full = k // m
@@ -89,7 +100,7 @@ class NMPruner(BasePruner):
 
     Lifecycle::
 
-        pruner = NMPruner(model, opt, n=2, m=4)                # every sparse layer
+        pruner = NMPruner(model, opt, n_m=(2, 4))              # every sparse layer
         ... train dense: opt.step(); pruner.step()
         kept = pruner.prune()                                  # one shot: 2 of every 4 kept
         ... fine-tune: opt.step(); pruner.step()               # the pattern stays fixed
@@ -101,7 +112,10 @@ class NMPruner(BasePruner):
 
     Args:
         model, optimizer, layers, regularization, reg_strength: see :class:`BasePruner`.
-        n, m: keep N of every M (``1 <= n <= m``).
+        n_m: ``(n, m)``: keep N of every M (``1 <= n <= m``); the old ``n=, m=`` warn.
+
+    Attributes:
+        n, m: the pattern.
     """
 
     def __init__(
@@ -109,22 +123,15 @@ class NMPruner(BasePruner):
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         *,
-        n: int = 2,
-        m: int = 4,
-        layers=None,
-        regularization: str = "none",
-        reg_strength: float = 0.0,
+        n_m: tuple[int, int] = (2, 4),
+        **base,
     ) -> None:
-        _check_nm(n, m, "NMPruner")
-        super().__init__(
-            model,
-            optimizer,
-            sparsity=1.0 - n / m,
-            layers=layers,
-            regularization=regularization,
-            reg_strength=reg_strength,
-        )
+        n, m = n_m_pair(n_m, "NMPruner")
+        if "sparsity" in base or "schedule" in base:
+            raise TypeError("NMPruner: the sparsity is the pattern's, 1 - n/m; pass n_m only")
+        super().__init__(model, optimizer, sparsity=1.0 - n / m, **base)
         self.n, self.m = n, m
+        self.n_m = (n, m)
 
     @torch.no_grad()
     def compute_masks(self, sparsity: float, closure: Closure | None = None) -> dict:
@@ -137,12 +144,13 @@ class NMPruner(BasePruner):
             )
         masks = {}
         for name, mod in self.layers.items():
+            check_finite(mod.weight, name, "NMPruner")
             if getattr(mod, "weight_layout", "out_in") == "in_out":
                 # HF Conv1D stores [in, out]: the groups run along the input (reduction) dim,
                 # the one sparse tensor cores compress, so group the transpose
-                masks[name] = nm_mask(mod.weight.t(), self.n, self.m).t().contiguous()
+                masks[name] = nm_mask(mod.weight.t(), self.n_m).t().contiguous()
             else:
-                masks[name] = nm_mask(mod.weight, self.n, self.m)
+                masks[name] = nm_mask(mod.weight, self.n_m)
         return masks
 
     def _config(self) -> dict:
@@ -206,7 +214,7 @@ def export_semi_structured(
             dense.weight.copy_(mod.weight * mod.mask)
             if mod.bias is not None:
                 dense.bias.copy_(mod.bias)
-        if not check_nm(mod.mask, 2, 4):
+        if not check_nm(mod.mask, (2, 4)):
             report[name] = "not 2:4: kept dense"
         else:
             try:

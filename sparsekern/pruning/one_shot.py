@@ -61,11 +61,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekern.nn._sparse_module import is_sparse_module
-from sparsekern.nn.masks import set_mask
+from sparsekern.nn.masks import set_mask, zero_optimizer_state
 from sparsekern.nn.sparse_attention import SparseConv1D, is_hf_conv1d
 from sparsekern.nn.sparse_conv2d import SparseConv2d, symmetric_zero_padding
 from sparsekern.nn.sparse_linear import SparseLinear
 from sparsekern.pruning._sparsegpt import sparsegpt_prune
+from sparsekern.pruning._vocab import n_m_pair, renamed_keywords
 from sparsekern.pruning._wanda import magnitude_layer_mask, wanda_mask
 from sparsekern.pruning.base import BasePruner, Closure
 
@@ -211,18 +212,71 @@ def _check_calibration(calibration) -> list:
     return batches
 
 
+def _tensors(batch):
+    if isinstance(batch, torch.Tensor):
+        return [batch]
+    if isinstance(batch, (tuple, list)):
+        return [t for b in batch for t in _tensors(b)]
+    if isinstance(batch, dict):
+        return [t for b in batch.values() for t in _tensors(b)]
+    return []
+
+
+def _describe(batch) -> str:
+    if isinstance(batch, torch.Tensor):
+        return f"tensor{list(batch.shape)} {batch.dtype}"
+    if isinstance(batch, dict):
+        return "{" + ", ".join(f"{k}: {_describe(v)}" for k, v in batch.items()) + "}"
+    if isinstance(batch, (tuple, list)):
+        return "(" + ", ".join(_describe(b) for b in batch) + ")"
+    return type(batch).__name__
+
+
+@torch.no_grad()
+def _dry_run(model: nn.Module, batches: list) -> None:
+    """Run the unchanged model on every calibration batch and refuse (ValueError naming the
+    batch) a non-finite input, a batch the model cannot take (width, dtype, arity) or a
+    non-finite output, before any layer is replaced or pruned. Cost: one forward pass over the
+    calibration set (the procedure itself makes one per layer)."""
+    for i, b in enumerate(batches):
+        for t in _tensors(b):
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise ValueError(
+                    f"one_shot: expected finite calibration inputs, got NaN/inf in batch {i} "
+                    f"({_describe(b)})"
+                )
+    device = _device(model)
+    was = model.training
+    model.eval()
+    try:
+        for i, b in enumerate(batches):
+            try:
+                out = _run_out(model, b, device)
+            except Exception as e:
+                raise ValueError(
+                    f"one_shot: expected calibration batches the model takes, got batch {i} "
+                    f"({_describe(b)}) on which it fails: {type(e).__name__}: {e}"
+                ) from e
+            for t in _tensors(out):
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    raise ValueError(
+                        f"one_shot: expected a finite output of the dense model on the "
+                        f"calibration batches, got NaN/inf on batch {i} ({_describe(b)})"
+                    )
+    finally:
+        model.train(was)
+
+
+def _run_out(model: nn.Module, batch, device):
+    if isinstance(batch, torch.Tensor):
+        return model(_move(batch, device))
+    if isinstance(batch, (tuple, list)):
+        return model(*[_move(b, device) for b in batch])
+    return model(**{k: _move(v, device) for k, v in batch.items()})
+
+
 def _check_n_m(n_m) -> tuple[int, int] | None:
-    if n_m is None:
-        return None
-    ok = (
-        isinstance(n_m, (tuple, list))
-        and len(n_m) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in n_m)
-        and 1 <= n_m[0] <= n_m[1]
-    )
-    if not ok:
-        raise ValueError(f"one_shot: expected n_m = (n, m) with integers 1 <= n <= m, got {n_m!r}")
-    return int(n_m[0]), int(n_m[1])
+    return None if n_m is None else n_m_pair(n_m, "one_shot")
 
 
 # ---------------------------------------------------------------------------- the pruner
@@ -248,7 +302,8 @@ class OneShotPruner(BasePruner):
             or None.
         n_m: ``(n, m)``: keep N of every M consecutive inputs (2:4 for sparse tensor cores).
         layers: names of the layers to prune (default: module docstring).
-        blocksize, percdamp: SparseGPT's lazy-update block (128) and dampening (0.01).
+        block_size, percdamp: SparseGPT's lazy-update column block (128) and dampening (0.01)
+            (``blocksize=`` is the deprecated name).
         compensate: SparseGPT's error-compensation update; False is the ablation (the same mask
             selection, kept weights unchanged).
         selection: SparseGPT's unstructured mask selection per block: ``"row"`` (default: the
@@ -267,7 +322,7 @@ class OneShotPruner(BasePruner):
         sparsity: float | None = None,
         n_m: tuple[int, int] | None = None,
         layers: Iterable[str] | None = None,
-        blocksize: int = 128,
+        block_size: int = 128,
         percdamp: float = 0.01,
         compensate: bool = True,
         selection: str = "row",
@@ -291,27 +346,34 @@ class OneShotPruner(BasePruner):
             raise TypeError(f"one_shot: expected a sparsity in [0, 1], got {sparsity!r}")
         if not 0.0 <= float(sparsity) <= 1.0:
             raise ValueError(f"one_shot: expected a sparsity in [0, 1], got {sparsity}")
-        if not (isinstance(blocksize, int) and blocksize >= 1):
-            raise ValueError(f"one_shot: expected blocksize an integer >= 1, got {blocksize!r}")
+        if isinstance(block_size, bool) or not (isinstance(block_size, int) and block_size >= 1):
+            raise ValueError(f"one_shot: expected block_size an integer >= 1, got {block_size!r}")
         if selection not in ("block", "row"):
             raise ValueError(f"one_shot: expected selection 'block' or 'row', got {selection!r}")
         if not (percdamp >= 0 and math.isfinite(percdamp)):
             raise ValueError(f"one_shot: expected percdamp >= 0, got {percdamp}")
         self.calibration = _check_calibration(calibration)
+        _dry_run(model, self.calibration)  # a bad batch fails here, before any layer changes
         self.method = method
-        self.blocksize = blocksize
+        self.block_size = block_size
         self.percdamp = float(percdamp)
         self.compensate = bool(compensate)
         self.selection = selection
         self.skipped: dict[str, tuple[str, str]] = {}  # name -> (kind, reason)
         self.kinds: dict[str, str] = {}
+        self._replaced: list[tuple[nn.Module, nn.Module]] = []
         names = self._select(model, layers)
-        if not names:
-            raise ValueError(
-                f"one_shot: expected at least one layer to prune, got none (skipped: "
-                f"{ {n: r for n, (_, r) in self.skipped.items()} })"
-            )
-        super().__init__(model, optimizer, sparsity=float(sparsity), layers=names)
+        try:
+            if not names:
+                raise ValueError(
+                    f"one_shot: expected at least one layer to prune, got none (skipped: "
+                    f"{ {n: r for n, (_, r) in self.skipped.items()} })"
+                )
+            super().__init__(model, optimizer, sparsity=float(sparsity), layers=names)
+        except Exception:
+            for old, new in self._replaced:  # leave the model as it came
+                _replace_everywhere(model, new, old)
+            raise
         self.report: list[dict] = []
 
     # ------------------------------------------------------------------ selection
@@ -351,6 +413,7 @@ class OneShotPruner(BasePruner):
             new = _sparse_version(m, kind)
             if new is not m:
                 _replace_everywhere(model, m, new)
+                self._replaced.append((m, new))
             self.kinds[n] = kind
             names.append(n)
         return names
@@ -421,7 +484,7 @@ class OneShotPruner(BasePruner):
                 H,
                 sparsity,
                 self.n_m,
-                self.blocksize,
+                self.block_size,
                 self.percdamp,
                 self.compensate,
                 self.selection,
@@ -438,7 +501,11 @@ class OneShotPruner(BasePruner):
         den = float(((W @ G) * W).sum())
         rel = num / den if den > 0 else (0.0 if num == 0 else math.inf)
         module.weight.copy_(_from_2d(W_new, module, kind).to(module.weight.dtype))
-        set_mask(module, _from_2d(keep, module, kind).to(module.mask.device), self.optimizer)
+        new_mask = _from_2d(keep, module, kind).to(module.mask.device)
+        reset = ~new_mask | (new_mask != module.mask)
+        set_mask(module, new_mask, self.optimizer)
+        for opt in self._others:  # optimizers holding the weights' state, not passed in
+            zero_optimizer_state(opt, module.weight, reset)
         return {
             "name": name,
             "kind": kind,
@@ -462,6 +529,7 @@ class OneShotPruner(BasePruner):
                 f"OneShotPruner.prune: expected the sparsity of {self.n_m[0]}:{self.n_m[1]}, "
                 f"{self.sparsity:.4g}, got {target}"
             )
+        self._others = self._other_optimizers()
         device = _device(self.model)
         dtype = torch.float64 if device.type == "cpu" else torch.float32
         was_training = self.model.training
@@ -501,7 +569,7 @@ class OneShotPruner(BasePruner):
         return {
             "method": self.method,
             "n_m": None if self.n_m is None else list(self.n_m),
-            "blocksize": self.blocksize,
+            "block_size": self.block_size,
             "percdamp": self.percdamp,
             "compensate": self.compensate,
             "selection": self.selection,
@@ -514,6 +582,7 @@ class OneShotPruner(BasePruner):
         self.report = [dict(r) for r in state.get("report", [])]
 
 
+@renamed_keywords
 def one_shot(
     model: nn.Module,
     calibration: Iterable,
@@ -523,7 +592,7 @@ def one_shot(
     layers: Iterable[str] | None = None,
     *,
     optimizer: torch.optim.Optimizer | None = None,
-    blocksize: int = 128,
+    block_size: int = 128,
     percdamp: float = 0.01,
     compensate: bool = True,
     selection: str = "row",
@@ -543,7 +612,7 @@ def one_shot(
         layers: names of the layers to prune; default every supported layer but the LM head and
             tied weights.
         optimizer: zero its state where pruned.
-        blocksize, percdamp, compensate, selection: SparseGPT's options (see
+        block_size, percdamp, compensate, selection: SparseGPT's options (see
             :class:`OneShotPruner`).
 
     Returns:
@@ -557,7 +626,7 @@ def one_shot(
         sparsity=sparsity,
         n_m=n_m,
         layers=layers,
-        blocksize=blocksize,
+        block_size=block_size,
         percdamp=percdamp,
         compensate=compensate,
         selection=selection,

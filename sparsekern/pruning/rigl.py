@@ -132,20 +132,14 @@ class RigLPruner(BasePruner):
         init: str = "random",
         generator: torch.Generator | None = None,
         process_group=None,
-        layers=None,
-        regularization: str = "none",
-        reg_strength: float = 0.0,
+        **base,
     ) -> None:
-        super().__init__(
-            model,
-            optimizer,
-            sparsity=sparsity,
-            layers=layers,
-            regularization=regularization,
-            reg_strength=reg_strength,
-        )
-        if t_end is None and (total_steps is None or total_steps < 1):
-            raise ValueError(f"RigLPruner: expected total_steps >= 1 (or t_end), got {total_steps}")
+        super().__init__(model, optimizer, sparsity=sparsity, **base)
+        if t_end is None and (total_steps is None or total_steps < 2):
+            raise ValueError(
+                f"RigLPruner: expected total_steps >= 2 (or t_end >= 1: RigL updates its masks "
+                f"before t_end = 0.75 total_steps), got {total_steps}"
+            )
         if isinstance(delta, bool) or not isinstance(delta, int) or delta < 1:
             raise ValueError(f"RigLPruner: expected delta an integer >= 1, got {delta!r}")
         check_fraction(alpha, "RigLPruner", "alpha")
@@ -155,7 +149,9 @@ class RigLPruner(BasePruner):
             raise ValueError(
                 f"RigLPruner: expected distribution in {DISTRIBUTIONS}, got {distribution!r}"
             )
-        t_end = int(0.75 * total_steps) if t_end is None else int(t_end)
+        t_end = max(1, int(0.75 * total_steps)) if t_end is None else t_end
+        if isinstance(t_end, bool) or not isinstance(t_end, int) or t_end < 1:
+            raise ValueError(f"RigLPruner: expected t_end an integer >= 1, got {t_end!r}")
         self.update_schedule = CosineDecay(alpha, end=t_end, every=delta)
         self.delta, self.alpha, self.t_end = delta, float(alpha), t_end
         self.distribution, self.init = distribution, init

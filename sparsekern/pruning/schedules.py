@@ -208,11 +208,12 @@ class CosineDecay(Schedule):
     def __init__(self, value: float, end: int, every: int = 100) -> None:
         self.final = 0.0
         self.value = _check_target(value, "CosineDecay: value")
-        self.end = _check_int(end, "CosineDecay: end", 0)
+        # end = 0 would make every value 0: ``value`` silently ignored
+        self.end = _check_int(end, "CosineDecay: end", 1)
         self.every = _check_int(every, "CosineDecay: every", 1)
 
     def __call__(self, t: int) -> float:
-        if t >= self.end or self.end <= 0:
+        if t >= self.end:
             return 0.0
         return self.value * (1.0 + math.cos(math.pi * t / self.end)) / 2.0
 

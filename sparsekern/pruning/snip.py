@@ -16,7 +16,8 @@ from sparsekern.pruning._common import (
     topk_mask,
     warn_collapsed,
 )
-from sparsekern.pruning.base import BasePruner, Closure
+from sparsekern.pruning.base import Closure
+from sparsekern.pruning.importance import ImportancePruner, TaylorImportance
 
 __all__ = ["SNIPPruner", "snip_masks", "snip_scores"]
 
@@ -72,8 +73,9 @@ def snip_masks(scores: dict[str, torch.Tensor], density: float) -> dict[str, tor
     return out
 
 
-class SNIPPruner(BasePruner):
-    """SNIP: one-shot masks at initialisation from the connection sensitivity ``|g * w|``.
+class SNIPPruner(ImportancePruner):
+    """SNIP: one-shot masks at initialisation from the connection sensitivity ``|g * w|``
+    (:class:`ImportancePruner` with ``TaylorImportance()`` and ``scope="global"``).
 
     Lifecycle::
 
@@ -87,9 +89,14 @@ class SNIPPruner(BasePruner):
     For several batches, let the closure average their losses (the gradient of the mean loss is
     the mean of the gradients).
 
+    Deviation from the paper: the per-layer floor ``min_density`` (default None: ``min(1%,
+    (1 - s) / 2)`` and at least one weight per layer) that every pruner has; SNIP's plain global
+    top-kappa, which can empty a layer at high sparsity, is ``min_density=0``.
+
     Args:
         model, optimizer, sparsity, layers, regularization, reg_strength: see
             :class:`BasePruner` (one sparsity for all layers together).
+        min_density: the floor (see above).
 
     Attributes:
         scores: ``{layer: |g * w|}`` of the last :meth:`prune`.
@@ -100,18 +107,16 @@ class SNIPPruner(BasePruner):
         model: nn.Module,
         optimizer: torch.optim.Optimizer | None = None,
         *,
-        sparsity: float | None = None,
-        layers=None,
-        regularization: str = "none",
-        reg_strength: float = 0.0,
+        min_density: float | None = None,
+        **base,
     ) -> None:
         super().__init__(
             model,
             optimizer,
-            sparsity=sparsity,
-            layers=layers,
-            regularization=regularization,
-            reg_strength=reg_strength,
+            importance=TaylorImportance(),
+            scope="global",
+            min_density=min_density,
+            **base,
         )
         self.scores: dict[str, torch.Tensor] | None = None
 
@@ -126,7 +131,11 @@ class SNIPPruner(BasePruner):
         was = self.model.training
         self.model.train()
         try:
-            self.scores = snip_scores(self.layers, lambda _: closure(), [None])
+            masks = super().compute_masks(sparsity, closure)
         finally:
             self.model.train(was)
-        return snip_masks(self.scores, 1.0 - sparsity)
+        self.scores = self.importance.last
+        return masks
+
+    def _config(self) -> dict:
+        return {} if self.min_density is None else {"min_density": self.min_density}

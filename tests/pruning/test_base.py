@@ -40,7 +40,7 @@ PRUNERS = {
         dict(sparsity=0.8, total_steps=8, delta=2),
         dict(sparsity=0.8, total_steps=8),
     ),
-    "nm": (NMPruner, dict(n=1, m=4), dict(n=2, m=4)),
+    "nm": (NMPruner, dict(n_m=(1, 4)), dict(n_m=(2, 4))),
     "block": (
         BlockPruner,
         dict(sparsity=0.5, block_size=16),
@@ -126,7 +126,7 @@ def test_bad_targets_leave_the_model_untouched(method):
     model = sparsify(Net())
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises((ValueError, TypeError)):
-        cls(model, **{**kw, "sparsity": 1.5} if "sparsity" in kw else {"n": 5, "m": 4})
+        cls(model, **{**kw, "sparsity": 1.5} if "sparsity" in kw else {"n_m": (5, 4)})
     pruner = cls(model, **kw)
     for bad in (-0.1, 1.5, float("nan"), "0.5"):
         with pytest.raises((ValueError, TypeError)):

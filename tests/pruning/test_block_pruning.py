@@ -66,8 +66,14 @@ def test_global_scope_with_floor():
     model = sparsify(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)), block_size=16)
     with torch.no_grad():
         model[0].weight.mul_(100.0)  # layer 0 dominates a global ranking
-    kept = prune_blocks_(model, density=0.5, scope="global")
+    with pytest.warns(RuntimeWarning, match="keep no weight"):
+        kept = prune_blocks_(model, density=0.5, scope="global", min_density=0)
     assert kept["0"] == 1.0 and kept["1"] == 0.0
+    model = sparsify(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)), block_size=16)
+    with torch.no_grad():
+        model[0].weight.mul_(100.0)
+    kept = prune_blocks_(model, density=0.5, scope="global")  # the default floor: one block
+    assert kept["1"] == 1 / 16 and kept["0"] == 15 / 16
     model = sparsify(nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)), block_size=16)
     with torch.no_grad():
         model[0].weight.mul_(100.0)

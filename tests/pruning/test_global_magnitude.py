@@ -45,7 +45,10 @@ def test_floor_per_layer(device):
     with torch.no_grad():
         model.fc2.weight.mul_(1e-3)  # globally the smallest: pure global MP empties fc2
     layers = sparse_layers(model)
-    assert int(global_magnitude_masks(layers, 0.9)["fc2"].sum()) == 0
+    with pytest.warns(RuntimeWarning, match="keep no weight"):
+        assert int(global_magnitude_masks(layers, 0.9, min_density=0)["fc2"].sum()) == 0
+    # the default floor, min(1%, (1 - s) / 2) and one weight: fc2 keeps its largest
+    assert int(global_magnitude_masks(layers, 0.9)["fc2"].sum()) == 1
     masks = global_magnitude_masks(layers, 0.9, min_density=0.05)  # floors 2 + 52 + 4 <= 112
     assert int(masks["fc2"].sum()) == math.ceil(0.05 * 64)
     assert int(masks["conv"].sum()) >= math.ceil(0.05 * 36)

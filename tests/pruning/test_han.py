@@ -129,10 +129,16 @@ def test_min_density_floor():
         kept = pruner.prune()
     for n, m in pruner.layers.items():
         assert int(m.mask.sum()) == math.ceil(0.05 * m.mask.numel()), n
-    bare = HanPruner(_net(), quality=1.5)
+    bare = HanPruner(_net(), quality=1.5, min_density=0)  # pure Han
     for _ in range(3):
         kept = bare.prune()
     assert min(kept.values()) == 0.0  # what the floor prevents
+    default = HanPruner(_net(), quality=1.5)  # the default floor: 1% and one weight, warned
+    with pytest.warns(RuntimeWarning, match="min_density floor"):
+        for _ in range(3):
+            kept = default.prune()
+    for n, m in default.layers.items():
+        assert int(m.mask.sum()) >= max(1, math.ceil(0.01 * m.mask.numel())), n
 
 
 def test_dropout_follows_kept_connections():

@@ -27,9 +27,9 @@ pytestmark = pytest.mark.usefixtures("reference_path")
 )  # in dims 16, 28, 75, 18: divisible by M or not
 def test_exactly_n_of_every_m(shape, n, m):
     w = torch.randn(shape)
-    mask = nm_mask(w, n, m)
+    mask = nm_mask(w, (n, m))
     assert mask.shape == w.shape and mask.dtype == torch.bool
-    assert check_nm(mask, n, m)
+    assert check_nm(mask, (n, m))
     flat, k = mask.reshape(shape[0], -1), mask[0].numel()
     full = k // m
     counts = flat[:, : full * m].reshape(shape[0], full, m).sum(-1)
@@ -40,10 +40,10 @@ def test_exactly_n_of_every_m(shape, n, m):
 
 def test_keeps_the_largest_in_each_group():
     w = torch.tensor([[0.1, -0.9, 0.3, 0.2, 5.0, 4.0, -6.0, 0.0]])
-    assert nm_mask(w, 2, 4).tolist() == [[False, True, True, False, True, False, True, False]]
+    assert nm_mask(w, (2, 4)).tolist() == [[False, True, True, False, True, False, True, False]]
     # conv [out, in, kh, kw]: groups along the flattened in * kh * kw
     c = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]], [[-8.0, 0.5], [0.1, 7.0]]]])  # [1, 2, 2, 2]
-    assert nm_mask(c, 2, 4).flatten().tolist() == [
+    assert nm_mask(c, (2, 4)).flatten().tolist() == [
         False,
         False,
         True,
@@ -56,18 +56,18 @@ def test_keeps_the_largest_in_each_group():
 
 
 def test_check_nm_rejects_other_patterns():
-    mask = nm_mask(torch.randn(4, 8), 2, 4)
-    assert not check_nm(mask, 1, 4)
+    mask = nm_mask(torch.randn(4, 8), (2, 4))
+    assert not check_nm(mask, (1, 4))
     mask[0, 0] = ~mask[0, 0]
-    assert not check_nm(mask, 2, 4)
-    with pytest.raises(ValueError, match="1 <= N <= M, got N=5, M=4"):
-        nm_mask(torch.randn(4, 8), 5, 4)
+    assert not check_nm(mask, (2, 4))
+    with pytest.raises(ValueError, match=r"1 <= n <= m, got \(5, 4\)"):
+        nm_mask(torch.randn(4, 8), (5, 4))
 
 
 def test_pruner_lifecycle(device):
     model = sparsify(Net()).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    pruner = NMPruner(model, opt, n=2, m=4)
+    pruner = NMPruner(model, opt, n_m=(2, 4))
     g = torch.Generator().manual_seed(0)
 
     def train(steps):
@@ -86,7 +86,7 @@ def test_pruner_lifecycle(device):
     assert kept["conv"] == pytest.approx(5 / 9)  # in*kh*kw = 9: 2 of 4, 2 of 4, 1 of 1
     train(3)  # the pattern stays and pruned weights stay at zero under momentum
     for m in pruner.layers.values():
-        assert check_nm(m.mask, 2, 4)
+        assert check_nm(m.mask, (2, 4))
         assert torch.all(m.weight[~m.mask] == 0)
         assert torch.all(opt.state[m.weight]["momentum_buffer"][~m.mask] == 0)
     assert pruner.finalize()["steps"] == 5
@@ -100,7 +100,7 @@ def test_export_without_gpu_says_why():
     if ok:
         pytest.skip(f"a GPU that runs 2:4 is present ({reason}); see test_export_on_gpu")
     model = sparsify(nn.Sequential(nn.Linear(128, 64)))
-    NMPruner(model, n=2, m=4).prune()
+    NMPruner(model, n_m=(2, 4)).prune()
     with pytest.raises(SemiStructuredUnsupported, match="skipped: "):
         export_semi_structured(model)
 
@@ -111,7 +111,7 @@ def test_export_on_gpu():
     if not ok:
         pytest.skip(f"2:4 export not supported here: {reason}")
     model = sparsify(nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))).cuda()
-    NMPruner(model, n=2, m=4).prune()
+    NMPruner(model, n_m=(2, 4)).prune()
     fast, report = export_semi_structured(model.eval())
     assert report["0"] == "2:4 semi-structured"
     assert report["2"] != "2:4 semi-structured"  # 10 rows: a shape the kernels cannot tile

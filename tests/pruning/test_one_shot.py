@@ -45,7 +45,7 @@ def calib(d_in=64, batches=4, n=128, seed=1):
 
 
 # ---------------------------------------------------------------------------- the OBS reference
-def obs_reference(W, H, sparsity, n_m, blocksize, percdamp=0.01, selection="row"):
+def obs_reference(W, H, sparsity, n_m, block_size, percdamp=0.01, selection="row"):
     """SparseGPT written the slow, obvious way in float64: column by column, the explicit inverse
     of the Hessian of the columns not yet processed (``inv(H[j:, j:])``) and the OBS update
     ``W[:, j:] -= (w_j - q_j) / Finv_00 * Finv_0,:``; masks chosen at each block (group) start with
@@ -61,15 +61,15 @@ def obs_reference(W, H, sparsity, n_m, blocksize, percdamp=0.01, selection="row"
     d = torch.tensor([torch.linalg.inv(H[c:, c:])[0, 0].item() for c in range(cols)], dtype=H.dtype)
     prune = torch.zeros(rows, cols, dtype=torch.bool)
     for j in range(cols):
-        if n_m is None and j % blocksize == 0 and selection == "block":
-            j2 = min(j + blocksize, cols)
+        if n_m is None and j % block_size == 0 and selection == "block":
+            j2 = min(j + block_size, cols)
             k = round(sparsity * rows * j2) - round(sparsity * rows * j)
             score = (W[:, j:j2] ** 2 / d[j:j2]).flatten().tolist()
             order = sorted(range(len(score)), key=lambda i: score[i])
             for i in order[:k]:
                 prune[i // (j2 - j), j + i % (j2 - j)] = True
-        if n_m is None and j % blocksize == 0 and selection == "row":
-            j2 = min(j + blocksize, cols)
+        if n_m is None and j % block_size == 0 and selection == "row":
+            j2 = min(j + block_size, cols)
             k = round(sparsity * j2) - round(sparsity * j)
             score = W[:, j:j2] ** 2 / d[j:j2]
             for r in range(rows):
@@ -101,8 +101,8 @@ def test_sparsegpt_equals_slow_obs_reference(n_m, selection):
     H = 2 * X.double().t() @ X.double() / X.shape[0]
     W = torch.randn(rows, cols, dtype=torch.float64)
     s = 0.6 if n_m is None else 0.5
-    ref_W, ref_keep = obs_reference(W, H, s, n_m, blocksize=32, selection=selection)
-    got_W, got_keep = sparsegpt_prune(W, H, s, n_m, blocksize=32, selection=selection)
+    ref_W, ref_keep = obs_reference(W, H, s, n_m, block_size=32, selection=selection)
+    got_W, got_keep = sparsegpt_prune(W, H, s, n_m, block_size=32, selection=selection)
     assert torch.equal(got_keep, ref_keep)
     torch.testing.assert_close(got_W, ref_W, rtol=1e-9, atol=1e-9)
     assert not got_keep[:, 5].all()  # the dead column's weights score 0: pruned first
@@ -168,7 +168,7 @@ def test_nm_exact_pattern(method, n_m):
     model = linear_model(d_in=66, d_out=16)  # 66 % 4 = 2, 66 % 8 = 2: a short last group
     one_shot(model, calib(66), method=method, n_m=n_m)
     mask = model[0].mask
-    assert check_nm(mask, *n_m)
+    assert check_nm(mask, n_m)
     assert check_masks(model) == []
 
 
@@ -197,7 +197,7 @@ def test_conv2d_unfold_path():
     by = {r["name"]: r for r in rep}
     assert isinstance(model[0], SparseConv2d) and isinstance(model[2], SparseConv2d)
     assert "groups=2" in by["4"]["skipped"] and not isinstance(model[4], SparseConv2d)
-    assert check_nm(model[0].mask, 2, 4) and check_nm(model[2].mask, 2, 4)
+    assert check_nm(model[0].mask, (2, 4)) and check_nm(model[2].mask, (2, 4))
     assert by["0"]["shape"] == [8, 27]
     assert check_masks(model) == []
     # the first layer's report equals the error measured with F.conv2d on the calibration set
@@ -240,7 +240,7 @@ def test_hf_gpt2_conv1d(method):
         128,
         32,
     ]  # [out, in]: the weight is [in, out]
-    assert check_nm(conv.mask.t(), 2, 4)  # groups along the input dimension
+    assert check_nm(conv.mask.t(), (2, 4))  # groups along the input dimension
     assert check_masks(model) == []
     assert torch.isfinite(model(input_ids=ids).logits).all()
 
@@ -344,7 +344,7 @@ def test_two_four_masks_feed_export_semi_structured():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 32))
     one_shot(model, [torch.randn(64, 128)], method="sparsegpt", n_m=(2, 4))
-    assert all(check_nm(m.mask, 2, 4) for m in (model[0], model[2]))
+    assert all(check_nm(m.mask, (2, 4)) for m in (model[0], model[2]))
     ok, reason = semi_structured_support()
     if not ok:
         with pytest.raises(SemiStructuredUnsupported, match="skipped"):
@@ -385,5 +385,5 @@ def test_torchvision_resnet_selected_layers():
     assert isinstance(model.layer2[0].conv1, nn.Conv2d) and not isinstance(
         model.layer2[0].conv1, SparseConv2d
     )
-    assert all(check_nm(model.get_submodule(n).mask, 2, 4) for n in names)
+    assert all(check_nm(model.get_submodule(n).mask, (2, 4)) for n in names)
     assert check_masks(model) == []
