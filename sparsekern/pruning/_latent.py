@@ -19,6 +19,7 @@ import math
 import torch
 
 from sparsekern.pruning._common import topk_mask
+from sparsekern.pruning.importance import floor_count
 
 __all__ = [
     "full_weight",
@@ -94,8 +95,10 @@ def global_topk_masks(
     scores: dict[str, torch.Tensor], density: float, min_density: float = 0.0
 ) -> dict[str, torch.Tensor]:
     """Keep exactly ``round(density * N)`` of the ``N`` entries of ``scores`` (``{layer: score}``,
-    each a weight's shape): each layer first keeps its ``ceil(min_density * numel)`` best, the rest
-    of the budget goes to the best remaining scores over all layers together.
+    each a weight's shape), pruned entries competing like kept ones (these pruners revive): each
+    layer first keeps its :func:`~sparsekern.pruning.importance.floor_count` best (at least one
+    with ``min_density > 0``), the rest of the budget goes to the best remaining scores over all
+    layers together.
 
     Raises:
         ValueError: the floors alone exceed the budget.
@@ -107,8 +110,8 @@ def global_topk_masks(
     floors = 0
     for n in names:
         s = scores[n].detach().double().cpu()
-        if min_density > 0:
-            floor = min(math.ceil(min_density * s.numel()), s.numel())
+        floor = floor_count(min_density, s.numel())
+        if floor:
             floors += floor
             s = s.masked_fill(topk_mask(s, floor), math.inf)
         flat.append(s.flatten())

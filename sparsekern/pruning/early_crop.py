@@ -32,8 +32,9 @@ from torch import nn
 from sparsekern.pruning._common import auto_min_density, check_fraction
 from sparsekern.pruning._latent import global_topk_masks
 from sparsekern.pruning.base import BasePruner, Closure
+from sparsekern.pruning.importance import Importance, check_finite, score_masks
 
-__all__ = ["EarlyCROPPruner", "crop_scores", "hessian_gradient"]
+__all__ = ["CroPImportance", "EarlyCROPPruner", "crop_scores", "hessian_gradient"]
 
 STRUCTURES = ("unstructured", "channel")
 
@@ -75,6 +76,24 @@ def crop_scores(layers: dict[str, nn.Module], closure: Closure) -> dict[str, tor
     return {n: (layers[n].weight.detach() * h).abs() for n, h in hg.items()}
 
 
+class CroPImportance(Importance):
+    """CroP's ``|theta * H g|`` as a pluggable :class:`~sparsekern.pruning.importance.Importance`
+    (any ``ImportancePruner`` can prune by it)."""
+
+    needs_closure = True
+
+    def __call__(self, layers, closure=None):
+        if closure is None:
+            raise ValueError(
+                "CroPImportance: expected a closure returning the loss on a batch (the score "
+                "needs H g by double backward), got None"
+            )
+        scores = crop_scores(layers, closure)
+        for n, sc in scores.items():
+            check_finite(sc, n, "CroPImportance", "score")
+        return scores
+
+
 class EarlyCROPPruner(BasePruner):
     """Early-CROP: train dense until the relative weight change stabilises, then prune by
     ``|theta * H g|`` (global top) in a few re-scored rounds, and train on.
@@ -99,10 +118,14 @@ class EarlyCROPPruner(BasePruner):
         min_density: each layer's floor on its kept fraction (None: ``min(0.01, (1 - s) / 2)``).
 
     Attributes:
+        importance: the :class:`CroPImportance` scoring each round.
         pruned_at_epoch: the epoch whose end pruned (None before). changes: the ``r_e`` measured.
         threshold: the trigger threshold (None until the first ``r`` is measured).
         scores: the last round's scores.
     """
+
+    #: pruned weights never return (prune(s) below the sparsity reached is refused)
+    monotone = True
 
     def __init__(
         self,
@@ -138,6 +161,7 @@ class EarlyCROPPruner(BasePruner):
         self.threshold: float | None = None
         self.pruned_at_epoch: int | None = None
         self.scores: dict[str, torch.Tensor] | None = None
+        self.importance = CroPImportance()
 
     # ------------------------------------------------------------------ when
     def _flat_params(self) -> torch.Tensor:
@@ -200,8 +224,8 @@ class EarlyCROPPruner(BasePruner):
     def _masks_from_scores(self, scores: dict, sparsity: float) -> dict:
         floor = auto_min_density(sparsity) if self.min_density is None else self.min_density
         if self.structure == "unstructured":
-            s = {n: x.double().masked_fill(~self.layers[n].mask, -1.0) for n, x in scores.items()}
-            return global_topk_masks(s, 1.0 - sparsity, floor)
+            return score_masks(self.layers, scores, sparsity, "global", self.min_density,
+                               type(self).__name__)  # fmt: skip
         chan = {}
         for n, x in scores.items():
             rows = 1 if getattr(self.layers[n], "weight_layout", "out_in") == "in_out" else 0
@@ -227,7 +251,7 @@ class EarlyCROPPruner(BasePruner):
                 "EarlyCROPPruner: expected a closure returning the loss on a batch (the score "
                 "needs H g by double backward), got None"
             )
-        self.scores = crop_scores(self.layers, closure)
+        self.scores = self.importance(self.layers, closure)
         return self._masks_from_scores(self.scores, sparsity)
 
     def prune(self, sparsity=None, closure: Closure | None = None) -> dict:

@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsekern.pruning._vocab import n_m_pair
 from sparsekern.pruning.base import BasePruner, Closure
-from sparsekern.pruning.srste import _n_m, layer_nm_mask
+from sparsekern.pruning.srste import layer_nm_mask
 
 __all__ = ["NMDecayPruner", "RECIPES", "structure_sequence"]
 
@@ -89,7 +90,7 @@ class NMDecayPruner(BasePruner):
         decay_steps: int = 10,
         **base,
     ) -> None:
-        n, m = _n_m(n_m, "NMDecayPruner")
+        n, m = n_m_pair(n_m, "NMDecayPruner")
         if recipe not in RECIPES:
             raise ValueError(f"NMDecayPruner: expected recipe in {RECIPES}, got {recipe!r}")
         if end_step is None:

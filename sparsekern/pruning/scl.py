@@ -1,4 +1,4 @@
-"""SCL, sparse connectivity learning (Tang et al. 2021, "Automatic Sparse Connectivity Learning
+"""SCL, sparse connectivity learning (Tang et al. 2022, "Automatic Sparse Connectivity Learning
 for Neural Networks"): each weight is re-parameterised as ``w * m`` with a binary mask
 ``m = step(s)`` (unit step of a trainable mask variable ``s``); the step has no gradient, so ``s``
 gets a straight-through estimator's (STE) surrogate:
@@ -121,7 +121,6 @@ class SCLPruner(BasePruner):
         min_density: float | None = None,
         **base,
     ) -> None:
-        super().__init__(model, optimizer, sparsity=sparsity, **base)
         if ste not in STES:
             raise ValueError(f"SCLPruner: expected ste in {STES}, got {ste!r}")
         if scope not in SCOPES:
@@ -143,6 +142,7 @@ class SCLPruner(BasePruner):
             raise ValueError(
                 f"SCLPruner: expected 0 <= begin_step < end_step, got {begin_step}, {end_step}"
             )
+        super().__init__(model, optimizer, sparsity=sparsity, **base)
         self.penalty, self.mask_lr = float(penalty), float(mask_lr)
         self.ste, self.normalize, self.scope = ste, bool(normalize), scope
         self.begin_step = int(begin_step)

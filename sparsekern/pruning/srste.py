@@ -23,6 +23,7 @@ from torch import nn
 
 from sparsekern.pruning._common import dense_weight_grads
 from sparsekern.pruning._latent import full_weight, install_keeping_latent, new_latent, param_lr
+from sparsekern.pruning._vocab import n_m_pair
 from sparsekern.pruning.base import BasePruner, Closure
 from sparsekern.pruning.nm import nm_mask
 
@@ -34,8 +35,8 @@ def layer_nm_mask(module: nn.Module, weight: torch.Tensor, n: int, m: int) -> to
     groups along the input (reduction) dimension; HF ``Conv1D`` stores ``[in, out]``, so its
     transpose is grouped."""
     if getattr(module, "weight_layout", "out_in") == "in_out":
-        return nm_mask(weight.t(), n, m).t().contiguous()
-    return nm_mask(weight, n, m)
+        return nm_mask(weight.t(), (n, m)).t().contiguous()
+    return nm_mask(weight, (n, m))
 
 
 class SRSTEPruner(BasePruner):
@@ -85,7 +86,7 @@ class SRSTEPruner(BasePruner):
         lr: float | None = None,
         **base,
     ) -> None:
-        n, m = _n_m(n_m, "SRSTEPruner")
+        n, m = n_m_pair(n_m, "SRSTEPruner")
         super().__init__(model, optimizer, sparsity=1.0 - n / m, **base)
         if not (decay >= 0 and decay < float("inf")):
             raise ValueError(f"SRSTEPruner: expected decay >= 0, got {decay}")
@@ -162,15 +163,3 @@ class SRSTEPruner(BasePruner):
         for n, t in state["latent"].items():
             self.latent[n].copy_(t)
         self.flips = int(state["flips"])
-
-
-def _n_m(n_m, who: str) -> tuple[int, int]:
-    ok = (
-        isinstance(n_m, (tuple, list))
-        and len(n_m) == 2
-        and all(isinstance(v, int) and not isinstance(v, bool) for v in n_m)
-        and 1 <= n_m[0] <= n_m[1]
-    )
-    if not ok:
-        raise ValueError(f"{who}: expected n_m = (n, m) with integers 1 <= n <= m, got {n_m!r}")
-    return int(n_m[0]), int(n_m[1])

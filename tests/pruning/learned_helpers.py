@@ -54,6 +54,8 @@ def hf_block():
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
     )  # fmt: skip
     torch.manual_seed(0)
+    # eager attention: torch's CPU flash attention has no double backward (Early-CROP's H g)
+    cfg._attn_implementation = "eager"
     block = transformers.GPT2LMHeadModel(cfg).transformer.h[0]
     model = sparsify(_Block(block, 32))
     g = torch.Generator().manual_seed(1)

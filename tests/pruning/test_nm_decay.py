@@ -43,7 +43,7 @@ def test_mask_decay_factor_follows_schedule_then_exact_nm():
                 f = pruner.factor[n]
                 # factor 1 on exactly the N:M mask of the latent weights, beta elsewhere
                 inside = f == 1
-                assert check_nm(inside, 2, 4)
+                assert check_nm(inside, (2, 4))
                 assert bool(((f == 1) | (f == beta)).all())
                 old = f_before.get(n, torch.ones_like(f))
                 assert torch.allclose(m.weight.detach(), w_before[n] * f / old)
@@ -52,11 +52,11 @@ def test_mask_decay_factor_follows_schedule_then_exact_nm():
                 assert torch.equal(m.weight.detach(), w_before[n])
     assert pruner.beta == 0.0 and pruner.factor == {}
     for m in pruner.layers.values():
-        assert check_nm(m.mask, 2, 4)
+        assert check_nm(m.mask, (2, 4))
     assert check_masks(model) == []
     assert pruner.current_sparsity() == pytest.approx(0.5)
     train(model, pruner, opt, closure, 2)  # fixed afterwards
-    assert all(check_nm(m.mask, 2, 4) for m in pruner.layers.values())
+    assert all(check_nm(m.mask, (2, 4)) for m in pruner.layers.values())
 
 
 def test_structure_decay_steps_through_patterns():
@@ -69,7 +69,7 @@ def test_structure_decay_steps_through_patterns():
     def record():
         seen[pruner.steps] = pruner.stage_n
         for m in pruner.layers.values():
-            assert check_nm(m.mask, pruner.stage_n, 8)
+            assert check_nm(m.mask, (pruner.stage_n, 8))
 
     train(model, pruner, opt, closure, 8, after=record)
     assert seen == {1: 8, 2: 8, 3: 8, 4: 4, 5: 4, 6: 2, 7: 2, 8: 2}
@@ -81,7 +81,7 @@ def test_prune_skips_to_final_and_bad_args():
     pruner = NMDecayPruner(model, n_m=(1, 4), total_steps=100)
     assert pruner.end_step == 75
     pruner.prune()
-    assert all(check_nm(m.mask, 1, 4) for m in pruner.layers.values())
+    assert all(check_nm(m.mask, (1, 4)) for m in pruner.layers.values())
     with pytest.raises(ValueError, match="recipe"):
         NMDecayPruner(model, recipe="fast", total_steps=10)
     with pytest.raises(ValueError, match="total_steps"):
@@ -103,4 +103,4 @@ def test_runs_on_model_families(family):
     train(model, pruner, opt, closure, 2)
     for n, m in pruner.layers.items():
         w = m.mask.t() if getattr(m, "weight_layout", "out_in") == "in_out" else m.mask
-        assert check_nm(w, 2, 4), n
+        assert check_nm(w, (2, 4)), n

@@ -49,7 +49,7 @@ def test_pruned_weights_move_by_gradient_plus_lambda_w():
         full = torch.where(mask, w, expect)
         mod = pruner.layers[n]
         # the new mask is the N:M mask of the updated dense weights; values follow it
-        assert check_nm(mod.mask, 2, 4)
+        assert check_nm(mod.mask, (2, 4))
         assert torch.allclose(torch.where(mod.mask, mod.weight.detach(), pruner.latent[n]), full)
         keep = full.abs().reshape(full.shape[0], -1, 4).topk(2, dim=-1).indices
         ref_mask = torch.zeros_like(full.reshape(full.shape[0], -1, 4), dtype=torch.bool)
@@ -82,7 +82,7 @@ def test_exact_nm_every_step_and_requirements():
     with pytest.raises(ValueError, match="closure"):
         pruner.step(None)
     train(model, pruner, opt, closure, 3, after=lambda: [
-        _assert(check_nm(m.mask, 2, 4)) for m in pruner.layers.values()
+        _assert(check_nm(m.mask, (2, 4))) for m in pruner.layers.values()
     ])  # fmt: skip
     assert pruner.current_sparsity() == pytest.approx(0.5)
     with pytest.raises(ValueError, match="n_m"):
@@ -107,4 +107,4 @@ def test_runs_on_model_families(family):
     train(model, pruner, opt, closure, 1)
     for n, m in pruner.layers.items():
         w = m.mask.t() if getattr(m, "weight_layout", "out_in") == "in_out" else m.mask
-        assert check_nm(w, 2, 4), n
+        assert check_nm(w, (2, 4)), n
