@@ -20,6 +20,7 @@ from torch import nn
 
 from sparsekern.pruning._common import topk_mask
 from sparsekern.pruning.base import BasePruner, Closure
+from sparsekern.pruning.importance import check_finite
 
 __all__ = ["GaPPruner", "partition_layers"]
 
@@ -121,6 +122,7 @@ class GaPPruner(BasePruner):
             if n in dense_names:
                 masks[n] = torch.ones_like(m.mask)
                 continue
+            check_finite(m.weight, n, "GaPPruner")
             keep = round((1.0 - self.sparsity) * m.weight.numel())
             # pruned entries (exactly 0) rank below every kept one: no needless swap on ties
             score = m.weight.detach().abs().double().masked_fill(~m.mask, -1.0)

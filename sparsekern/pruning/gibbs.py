@@ -35,6 +35,7 @@ from torch import nn
 from sparsekern.pruning._common import check_fraction, topk_mask
 from sparsekern.pruning._latent import full_weight, install_keeping_latent, new_latent
 from sparsekern.pruning.base import BasePruner, Closure
+from sparsekern.pruning.importance import check_finite
 
 __all__ = ["GibbsPruner", "STRUCTURES", "chemical_potential", "keep_probabilities"]
 
@@ -154,7 +155,9 @@ class GibbsPruner(BasePruner):
         """``a``: each unit's squared magnitude over the layer's mean (float64; a weight's shape,
         or ``[out]`` for channels), from the full weights (dropped ones at their latent value)."""
         mod = self.layers[name]
-        w2 = full_weight(mod, self.latent[name]).double() ** 2
+        w = full_weight(mod, self.latent[name])
+        check_finite(w, name, type(self).__name__)
+        w2 = w.double() ** 2
         if self.structure == "channel":
             rows = 1 if getattr(mod, "weight_layout", "out_in") == "in_out" else 0
             w2 = w2.sum(dim=[d for d in range(w2.dim()) if d != rows])

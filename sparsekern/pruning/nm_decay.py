@@ -24,6 +24,7 @@ from torch import nn
 
 from sparsekern.pruning._vocab import n_m_pair
 from sparsekern.pruning.base import BasePruner, Closure
+from sparsekern.pruning.importance import check_finite
 from sparsekern.pruning.srste import layer_nm_mask
 
 __all__ = ["NMDecayPruner", "RECIPES", "structure_sequence"]
@@ -141,6 +142,7 @@ class NMDecayPruner(BasePruner):
     def _nm(self, name: str, n: int) -> torch.Tensor:
         mod = self.layers[name]
         w = mod.weight.detach()
+        check_finite(w, name, "NMDecayPruner")
         f = self.factor.get(name)
         if f is not None:
             w = w / f

@@ -44,6 +44,7 @@ from sparsekern.pruning._latent import (
     new_latent,
 )
 from sparsekern.pruning.base import BasePruner, Closure
+from sparsekern.pruning.importance import check_finite
 
 __all__ = ["SCLPruner", "STES", "ste_grad"]
 
@@ -199,7 +200,9 @@ class SCLPruner(BasePruner):
         out = {}
         with torch.no_grad():
             for n, g in grads.items():
+                check_finite(g, n, "SCLPruner", "gradient")
                 w = full_weight(self.layers[n], self.latent[n])
+                check_finite(w, n, "SCLPruner")
                 s = self.scores[n].to(g.device)
                 out[n] = (g * w).float() * ste_grad(s, self.ste)
         return out

@@ -25,6 +25,7 @@ from sparsekern.pruning._common import dense_weight_grads
 from sparsekern.pruning._latent import full_weight, install_keeping_latent, new_latent, param_lr
 from sparsekern.pruning._vocab import n_m_pair
 from sparsekern.pruning.base import BasePruner, Closure
+from sparsekern.pruning.importance import check_finite
 from sparsekern.pruning.nm import nm_mask
 
 __all__ = ["SRSTEPruner", "layer_nm_mask"]
@@ -105,10 +106,12 @@ class SRSTEPruner(BasePruner):
                 f"SRSTEPruner.prune: expected the sparsity of {self.n}:{self.m}, "
                 f"{self.sparsity:.4g}, got {sparsity}"
             )
-        return {
-            name: layer_nm_mask(mod, full_weight(mod, self.latent[name]), self.n, self.m)
-            for name, mod in self.layers.items()
-        }
+        masks = {}
+        for name, mod in self.layers.items():
+            w = full_weight(mod, self.latent[name])
+            check_finite(w, name, "SRSTEPruner")
+            masks[name] = layer_nm_mask(mod, w, self.n, self.m)
+        return masks
 
     def prune(self, sparsity=None, closure: Closure | None = None) -> dict:
         """Install the N:M mask of the dense weights (the latent values kept)."""

@@ -98,3 +98,14 @@ def test_runs_on_model_families(family):
     train(model, pruner, opt, closure, 2)
     for m in pruner.layers.values():
         assert int(m.mask.sum()) == round(0.2 * m.mask.numel())
+
+
+def test_non_finite_weight_is_an_error_naming_the_layer():
+    model, _ = lenet("300")
+    pruner = GaPPruner(model, sparsity=0.9, interval=2, end_step=4)
+    with torch.no_grad():
+        model.fc2.weight[0, 0] = float("nan")
+    masks = [m.mask.clone() for m in pruner.layers.values()]
+    with pytest.raises(ValueError, match="fc2"):
+        pruner.prune()
+    assert all(torch.equal(a, m.mask) for a, m in zip(masks, pruner.layers.values()))

@@ -118,3 +118,12 @@ def test_runs_on_model_families(family):
     train(model, pruner, opt, closure, 2)
     for m in pruner.layers.values():
         assert int(m.mask.sum()) == round(0.2 * m.mask.numel())
+
+
+def test_non_finite_weight_is_an_error_naming_the_layer():
+    model, _ = lenet("300")
+    pruner = GibbsPruner(model, sparsity=0.9, end_step=4, generator=torch.Generator())
+    with torch.no_grad():
+        model.fc1.weight[0, 0] = float("inf")
+    with pytest.raises(ValueError, match="fc1"):
+        pruner.step()

@@ -104,3 +104,12 @@ def test_runs_on_model_families(family):
     for n, m in pruner.layers.items():
         w = m.mask.t() if getattr(m, "weight_layout", "out_in") == "in_out" else m.mask
         assert check_nm(w, (2, 4)), n
+
+
+def test_non_finite_weight_is_an_error_naming_the_layer():
+    model, _ = lenet("300")
+    pruner = NMDecayPruner(model, end_step=2, decay_steps=1)
+    with torch.no_grad():
+        model.fc3.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="fc3"):
+        pruner.prune()
