@@ -146,8 +146,9 @@ class NMDecayPruner(BasePruner):
         f = self.factor.get(name)
         if f is not None:
             w = w / f
-        # a weight pruned at an earlier stage is exactly 0 and stays below every kept one
-        score = w.abs().double().masked_fill(~mod.mask, -1.0)
+        # nm_mask ranks |score|: a weight pruned at an earlier stage scores 0, every kept one
+        # 1 + |w| (float64: |w| >= 1e-12 stays distinct), so a stage keeps within the last mask
+        score = torch.where(mod.mask, w.abs().double() + 1.0, 0.0)
         return layer_nm_mask(mod, score, n, self.m)
 
     def step(self, closure: Closure | None = None) -> bool:

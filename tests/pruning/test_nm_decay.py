@@ -65,11 +65,14 @@ def test_structure_decay_steps_through_patterns():
     pruner = NMDecayPruner(model, opt, n_m=(2, 8), recipe="structure", begin_step=2, end_step=6)
     assert pruner.event_steps() == [4, 6]  # 8:8 until step 4, 4:8 until 6, then 2:8
     seen = {}
+    last = {n: m.mask.clone() for n, m in pruner.layers.items()}
 
     def record():
         seen[pruner.steps] = pruner.stage_n
-        for m in pruner.layers.values():
+        for n, m in pruner.layers.items():
             assert check_nm(m.mask, (pruner.stage_n, 8))
+            assert not bool((m.mask & ~last[n]).any())  # a stage keeps within the last one
+            last[n] = m.mask.clone()
 
     train(model, pruner, opt, closure, 8, after=record)
     assert seen == {1: 8, 2: 8, 3: 8, 4: 4, 5: 4, 6: 2, 7: 2, 8: 2}
