@@ -47,6 +47,9 @@ from sparsekern.pruning.dropout import (
     apply_dropout_adjustment,
     find_dropout_feeds,
 )
+from sparsekern.pruning.early_crop import EarlyCROPPruner
+from sparsekern.pruning.gap import GaPPruner
+from sparsekern.pruning.gibbs import GibbsPruner
 from sparsekern.pruning.global_magnitude import (
     AUTO_MIN_DENSITY,
     GlobalMagnitudePruner,
@@ -78,17 +81,20 @@ from sparsekern.pruning.nm import (
     nm_mask,
     semi_structured_support,
 )
+from sparsekern.pruning.nm_decay import NMDecayPruner
 from sparsekern.pruning.one_shot import OneShotPruner, format_one_shot_report, one_shot
 from sparsekern.pruning.regularization import regularization_loss
 from sparsekern.pruning.report import format_report, layer_report
 from sparsekern.pruning.rigl import RigLPruner, erk_densities, layer_densities
 from sparsekern.pruning.schedules import CosineDecay, Cubic, Geometric, OneShot, Schedule
+from sparsekern.pruning.scl import SCLPruner
 from sparsekern.pruning.sensitivity import (
     SensitivityResult,
     choose_qualities,
     sensitivity_analysis,
 )
 from sparsekern.pruning.snip import SNIPPruner, snip_masks, snip_scores
+from sparsekern.pruning.srste import SRSTEPruner
 from sparsekern.pruning.structured import StructuredPruner, prune_channels
 from sparsekern.pruning.targets import (
     SensitivityTargets,
@@ -163,4 +169,10 @@ __all__ = [
     "StructuredPruner",
     "TaylorImportance",
     "prune_channels",
+    "EarlyCROPPruner",
+    "GaPPruner",
+    "GibbsPruner",
+    "NMDecayPruner",
+    "SCLPruner",
+    "SRSTEPruner",
 ]
