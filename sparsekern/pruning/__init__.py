@@ -27,6 +27,9 @@ rounds), :class:`Cubic` (Zhu and Gupta), :class:`CosineDecay` (RigL's update fra
 Targets: :func:`sensitivity_targets` (Han Fig. 6), :func:`proportional_targets`.
 Structured (physical channel removal, a smaller dense model): :func:`prune_channels`,
 :class:`StructuredPruner` (``sparsekern.pruning.structured``, ``docs/structured.md``).
+Many tasks, sizes, clients (``docs/methods_many_tasks.md``): :class:`PackNet` (Mallya and
+Lazebnik), :class:`MultiTaskPruner` (element- or rank-wise, one budget), :class:`OmniSparsity`
+(Yang et al.), :class:`FederatedPruning` (FedAvg + server pruning; :func:`split_clients`).
 Tools: :func:`sensitivity_analysis`, :func:`layer_report` / :func:`format_report` (Han's Table 2
 columns), :func:`remove_dead_neurons`, :func:`adjusted_dropout`, :func:`export_semi_structured`.
 """
@@ -47,6 +50,7 @@ from sparsekern.pruning.dropout import (
     apply_dropout_adjustment,
     find_dropout_feeds,
 )
+from sparsekern.pruning.federated import FederatedPruning, split_clients
 from sparsekern.pruning.global_magnitude import (
     AUTO_MIN_DENSITY,
     GlobalMagnitudePruner,
@@ -70,6 +74,7 @@ from sparsekern.pruning.magnitude import (
     prune_model_,
     quality_for_density,
 )
+from sparsekern.pruning.multitask import LowRankLinear, MultiTaskImportance, MultiTaskPruner
 from sparsekern.pruning.nm import (
     NMPruner,
     SemiStructuredUnsupported,
@@ -78,7 +83,9 @@ from sparsekern.pruning.nm import (
     nm_mask,
     semi_structured_support,
 )
+from sparsekern.pruning.omni import OmniSparsity, nested_magnitude_masks
 from sparsekern.pruning.one_shot import OneShotPruner, format_one_shot_report, one_shot
+from sparsekern.pruning.packnet import PackNet
 from sparsekern.pruning.regularization import regularization_loss
 from sparsekern.pruning.report import format_report, layer_report
 from sparsekern.pruning.rigl import RigLPruner, erk_densities, layer_densities
@@ -163,4 +170,12 @@ __all__ = [
     "StructuredPruner",
     "TaylorImportance",
     "prune_channels",
+    "FederatedPruning",
+    "split_clients",
+    "LowRankLinear",
+    "MultiTaskImportance",
+    "MultiTaskPruner",
+    "OmniSparsity",
+    "nested_magnitude_masks",
+    "PackNet",
 ]
