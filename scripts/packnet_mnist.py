@@ -3,7 +3,7 @@
 heads), against fine-tuning the trunk in sequence (forgetting) and one network per task with the
 same total trunk size (hidden sizes scaled so the 4 trunks together hold the one trunk's weights).
 
-    python scripts/packnet_mnist.py                  # preset "full": ~3 min on 2 shared cores
+    python scripts/packnet_mnist.py                  # preset "full": ~1 CPU-minute
     python scripts/packnet_mnist.py --preset ci      # seconds
 
 Writes results/packnet/summary.json and results/packnet/README.md.
@@ -30,8 +30,8 @@ from sparsekern.training.data import load_mnist  # noqa: E402
 from sparsekern.training.report import command_line, run_info, write_json  # noqa: E402
 
 PRESETS = {
-    "full": {"tasks": 4, "train": 10000, "epochs": 2, "retrain": 1, "batch": 64, "lr": 0.05},
-    "ci": {"tasks": 4, "train": 1000, "epochs": 1, "retrain": 1, "batch": 64, "lr": 0.05},
+    "full": {"tasks": 4, "train": 4000, "epochs": 2, "retrain": 1, "batch": 64, "lr": 0.05},
+    "ci": {"tasks": 4, "train": 500, "epochs": 1, "retrain": 1, "batch": 64, "lr": 0.05},
 }
 # Mallya and Lazebnik 2018, Table 1 (VGG-16; ImageNet -> CUBS -> Stanford Cars -> Flowers):
 # top-1 error, %
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "results" / "packnet"))
     args = ap.parse_args(argv)
     cfg = PRESETS[args.preset]
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     t0 = time.time()
     tasks = make_tasks(load_mnist(args.data), cfg["tasks"], cfg["train"])
     results = {}
