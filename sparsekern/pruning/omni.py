@@ -212,7 +212,13 @@ class OmniSparsity(BasePruner):
             "masks": {str(s): {n: m.clone() for n, m in d.items()} for s, d in self.masks.items()},
         }
 
-    def _load_extra_state(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """As :meth:`BasePruner.load_state_dict`, with every level's masks; nothing changes when
+        it refuses."""
+        self._check_extra(state)
+        super().load_state_dict(state, strict)
+
+    def _check_extra(self, state: dict) -> None:
         masks = state.get("masks")
         want = {str(s) for s in self.levels}
         if not isinstance(masks, dict) or set(masks) != want:
@@ -225,6 +231,9 @@ class OmniSparsity(BasePruner):
                         f"OmniSparsity.load_state_dict: expected a mask of shape "
                         f"{list(m.weight.shape)} for {n}"
                     )
+
+    def _load_extra_state(self, state: dict) -> None:
+        masks = state["masks"]
         self.masks = {s: {n: masks[str(s)][n].to(torch.bool).clone() for n in self.layers}
                       for s in self.levels}  # fmt: skip
         self.counts = {s: int(state.get("counts", {}).get(str(s), 0)) for s in self.levels}

@@ -299,8 +299,13 @@ class PackNet(BasePruner):
     def _extra_state(self) -> dict:
         return {"task": self.current_task, "owner": {n: o.clone() for n, o in self.owner.items()}}
 
-    def _load_extra_state(self, state: dict) -> None:
-        """Load the model's state dict first: the frozen weights' values are taken from it."""
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """As :meth:`BasePruner.load_state_dict`, with the owners; load the model's state dict
+        first: the frozen weights' values are taken from it. Nothing changes when it refuses."""
+        self._check_extra(state)
+        super().load_state_dict(state, strict)
+
+    def _check_extra(self, state: dict) -> None:
         owner, task = state.get("owner"), state.get("task")
         if not isinstance(task, int) or task < -1:
             raise ValueError(f"PackNet.load_state_dict: expected 'task' an int >= -1, got {task!r}")
@@ -321,6 +326,9 @@ class PackNet(BasePruner):
                     f"PackNet.load_state_dict: expected owners in [-1, {task}] in {n}, got "
                     f"[{int(o.min())}, {int(o.max())}]"
                 )
+
+    def _load_extra_state(self, state: dict) -> None:
+        owner, task = state["owner"], state["task"]
         self.current_task = task
         self.owner = {n: o.to(torch.int16).to(self.layers[n].weight.device).clone()
                       for n, o in owner.items()}  # fmt: skip

@@ -155,6 +155,7 @@ def test_state_dict_round_trip_and_model_for_task():
         with pn.task(0):
             assert torch.equal(net0(x), trunk(x))
     assert int(net0.fc.weight[pn.owner["fc"] != 0].count_nonzero()) == 0
-    bad = dict(state, owner={"fc": state["owner"]["fc"]})
+    bad = dict(state, owner={"fc": state["owner"]["fc"]}, steps=0)
     with pytest.raises(ValueError, match="owner"):
         pn2.load_state_dict(bad)
+    assert pn2.steps == pn.steps  # a refused load changes nothing
