@@ -79,7 +79,9 @@ class MultiTaskImportance(Importance):
 
 class LowRankLinear(nn.Module):
     """``y = x B^T A^T + bias``: a linear layer as rank-``r`` factors ``A [out, r]``,
-    ``B [r, in]`` (``r (in + out)`` weights instead of ``in * out``). Input ``[..., in]``."""
+    ``B [r, in]`` (``r (in + out)`` weights instead of ``in * out``). Input ``[..., in]``.
+    :class:`MultiTaskPruner` builds them balanced: ``A = U_r sqrt(S_r)``,
+    ``B = sqrt(S_r) V_r^T``."""
 
     def __init__(self, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -248,8 +250,11 @@ class MultiTaskPruner(ImportancePruner):
             u, s, vh = svd[n]
             m = self.layers[n]
             dt = m.weight.dtype
-            a = (u[:, idx] * s[idx]).to(dt)
-            b = vh[idx].to(dt)
+            # balanced factors (sqrt(s) on each side): with s on one side only, the two factors'
+            # gradients differ in scale by s_i and SGD fine-tuning diverged on LeNet-300-100
+            root = s[idx].sqrt()
+            a = (u[:, idx] * root).to(dt)
+            b = (root[:, None] * vh[idx]).to(dt)
             low = LowRankLinear(a, b, m.bias).to(m.weight.device)
             parent, _, leaf = n.rpartition(".")
             setattr(self.model.get_submodule(parent) if parent else self.model, leaf, low)
