@@ -27,6 +27,9 @@ rounds), :class:`Cubic` (Zhu and Gupta), :class:`CosineDecay` (RigL's update fra
 Targets: :func:`sensitivity_targets` (Han Fig. 6), :func:`proportional_targets`.
 Structured (physical channel removal, a smaller dense model): :func:`prune_channels`,
 :class:`StructuredPruner` (``sparsekern.pruning.structured``, ``docs/structured.md``).
+Many tasks, sizes, clients (``docs/methods_many_tasks.md``): :class:`PackNet` (Mallya and
+Lazebnik), :class:`MultiTaskPruner` (element- or rank-wise, one budget), :class:`OmniSparsity`
+(Yang et al.), :class:`FederatedPruning` (FedAvg + server pruning; :func:`split_clients`).
 Tools: :func:`sensitivity_analysis`, :func:`layer_report` / :func:`format_report` (Han's Table 2
 columns), :func:`remove_dead_neurons`, :func:`adjusted_dropout`, :func:`export_semi_structured`.
 """
@@ -48,6 +51,7 @@ from sparsekern.pruning.dropout import (
     find_dropout_feeds,
 )
 from sparsekern.pruning.early_crop import EarlyCROPPruner
+from sparsekern.pruning.federated import FederatedPruning, split_clients
 from sparsekern.pruning.gap import GaPPruner
 from sparsekern.pruning.gibbs import GibbsPruner
 from sparsekern.pruning.global_magnitude import (
@@ -73,6 +77,7 @@ from sparsekern.pruning.magnitude import (
     prune_model_,
     quality_for_density,
 )
+from sparsekern.pruning.multitask import LowRankLinear, MultiTaskImportance, MultiTaskPruner
 from sparsekern.pruning.nm import (
     NMPruner,
     SemiStructuredUnsupported,
@@ -82,7 +87,9 @@ from sparsekern.pruning.nm import (
     semi_structured_support,
 )
 from sparsekern.pruning.nm_decay import NMDecayPruner
+from sparsekern.pruning.omni import OmniSparsity, nested_magnitude_masks
 from sparsekern.pruning.one_shot import OneShotPruner, format_one_shot_report, one_shot
+from sparsekern.pruning.packnet import PackNet
 from sparsekern.pruning.regularization import regularization_loss
 from sparsekern.pruning.report import format_report, layer_report
 from sparsekern.pruning.rigl import RigLPruner, erk_densities, layer_densities
@@ -175,4 +182,12 @@ __all__ = [
     "NMDecayPruner",
     "SCLPruner",
     "SRSTEPruner",
+    "FederatedPruning",
+    "split_clients",
+    "LowRankLinear",
+    "MultiTaskImportance",
+    "MultiTaskPruner",
+    "OmniSparsity",
+    "nested_magnitude_masks",
+    "PackNet",
 ]
