@@ -13,6 +13,12 @@ Protocol (one budget for all, recorded in the JSON):
   the classifier and keeps its 10 outputs), --ft-epochs of fine-tuning after each round at
   --ft-lr, masked; then export() removes the channels for real and the small net is evaluated;
 - Taylor (first order, Molchanov et al.) scores over --taylor-batches training batches;
+- RLS (Yu et al. 2022; --methods rls): each consumer's P = R^{-1} by recursive least squares over
+  the same --taylor-batches batches at each round, scores = the layer's least-squares refit
+  error; the rounds are the fixed ones above (not the paper's "wait until recovered" gate);
+- Hessian radius (--methods hessian): top Hessian eigenvector by power iteration over
+  --hessian-batches batches, the neurons carrying most of it removed first; pruned from the same
+  dense net as the others (the paper prunes while training from scratch);
 - from scratch: the Taylor-pruned architecture, re-initialised, trained for dense + fine-tuning
   epochs with the dense schedule.
 """
@@ -43,7 +49,15 @@ from sparsekern.pruning.structured import (  # noqa: E402
 )
 from sparsekern.training.data import load_mnist, tensor_loader  # noqa: E402
 
-METHODS = {"l1": "l1", "taylor": "taylor", "slimming": "bn_scale", "random": "random"}
+METHODS = {
+    "l1": "l1",
+    "taylor": "taylor",
+    "slimming": "bn_scale",
+    "random": "random",
+    "rls": "rls",
+    "hessian": "hessian_radius",
+}
+DEFAULT_METHODS = "l1,taylor,slimming,random,scratch"
 
 
 class LeNet5BN(nn.Module):
@@ -67,14 +81,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--amounts", default="0.5,0.7", help="channel fractions removed")
-    a("--methods", default=",".join(METHODS) + ",scratch")
+    a("--methods", default=DEFAULT_METHODS, help=f"any of {','.join(METHODS)},scratch")
     a("--dense-epochs", type=int, default=3)
     a("--ft-epochs", type=int, default=1, help="fine-tuning epochs after each round")
     a("--rounds", type=int, default=2)
     a("--lr", type=float, default=0.05)
     a("--ft-lr", type=float, default=0.01)
     a("--bn-l1", type=float, default=1e-4)
-    a("--taylor-batches", type=int, default=20)
+    a("--taylor-batches", type=int, default=20, help="calibration batches (Taylor, RLS)")
+    a("--hessian-batches", type=int, default=4, help="batches of each Hessian-vector product")
     a("--batch-size", type=int, default=128)
     a("--subset", type=int, default=0, help="train on the first N images (0: all)")
     a("--seed", type=int, default=0)
@@ -185,9 +200,10 @@ def main(argv=None):
         for amount in amounts:
             model = sparsify(copy.deepcopy(dense_slim if method == "slimming" else dense))
             calib = None
-            if method == "taylor":
+            if method in ("taylor", "rls", "hessian"):
+                n = args.hessian_batches if method == "hessian" else args.taylor_batches
                 loader = tensor_loader(data["x_train"], data["y_train"], args.batch_size, True, gen)
-                calib = [b for b, _ in zip(loader, range(args.taylor_batches))]
+                calib = [b for b, _ in zip(loader, range(n))]
             pruner = StructuredPruner(
                 model, example_inputs=x1, importance=METHODS[method], data=calib,
                 loss_fn=F.cross_entropy, seed=args.seed,
