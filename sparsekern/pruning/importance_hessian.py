@@ -29,6 +29,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sparsekern.pruning._dependency import ChannelGraph, plain_copy
 
@@ -39,7 +40,8 @@ def _hvp_fn(model: nn.Module, params: list[torch.Tensor], data: list, loss_fn: C
     def hvp(v: list[torch.Tensor]) -> list[torch.Tensor]:
         out = [torch.zeros_like(p) for p in params]
         for x, y in data:
-            with torch.enable_grad():
+            # the fused attention kernels have no double backward: the math one has
+            with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
                 loss = loss_fn(model(*(x if isinstance(x, tuple) else (x,))), y)
                 g = torch.autograd.grad(loss, params, create_graph=True)
                 gv = sum((gi * vi).sum() for gi, vi in zip(g, v))

@@ -175,8 +175,11 @@ def _taylor_scores(
             for n, g in zip(names, grads):
                 if g is None:
                     continue
-                ga = (g * acts[n]).detach().double()  # [B, C(, H, W)]
-                s = ga.flatten(2).sum(2) if ga.dim() > 2 else ga  # [B, C]
+                ga = (g * acts[n]).detach().double()  # [B, C(, H, W)] or [B, ..., C]
+                if n in cg.last_dim:  # channels last (a Linear on [B, ..., C])
+                    s = ga.reshape(ga.shape[0], -1, ga.shape[-1]).sum(1)  # [B, C]
+                else:
+                    s = ga.flatten(2).sum(2) if ga.dim() > 2 else ga  # [B, C]
                 v = s.sum(0).abs() if order == 1 else 0.5 * (s**2).sum(0)
                 per_col[n] = per_col[n] + v if n in per_col else v
     finally:
