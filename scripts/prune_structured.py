@@ -97,7 +97,77 @@ def parse_args(argv=None):
     a("--data", default=str(ROOT / "data" / "mnist"))
     a("--out", default=None)
     a("--quick", action="store_true")
+    a("--torchvision", default="", help="instead: params / MACs of these torchvision nets "
+      "(random init, L1) at --amounts, e.g. convnext_tiny,vit_b_16")  # fmt: skip
+    a("--image-size", type=int, default=224)
     return p.parse_args(argv)
+
+
+def torchvision_rows(args, out: Path) -> None:
+    """Parameters and MACs of torchvision nets (no weights) pruned by L1 at each amount: what the
+    channel graph can remove (ConvNeXt, ViT: the MLP hidden units only)."""
+    import torchvision
+
+    from sparsekern.pruning.structured import channel_groups, prune_channels
+
+    commit, t0, rows = git_commit(), time.time(), []
+    x = torch.randn(1, 3, args.image_size, args.image_size)
+    for name in args.torchvision.split(","):
+        torch.manual_seed(args.seed)
+        net = getattr(torchvision.models, name)().eval()
+        groups = channel_groups(net, x)
+        base = {"params": count_params(net), "macs": count_macs(net, x)}
+        rows.append(
+            {
+                "net": name,
+                "amount": 0.0,
+                **base,
+                "groups": len(groups),
+                "prunable": sum(g["channels"] for g in groups),
+            }
+        )
+        for amount in [float(a) for a in args.amounts.split(",")]:
+            small = prune_channels(net, x, amount=amount, importance="l1")
+            with torch.no_grad():
+                assert small(x).shape == net(x).shape
+            r = {
+                "net": name,
+                "amount": amount,
+                "params": count_params(small),
+                "macs": count_macs(small, x),
+            }
+            r["params_x"], r["macs_x"] = r["params"] / base["params"], r["macs"] / base["macs"]
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    summary = {
+        "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
+        "git_commit": commit,
+        "torch": torch.__version__,
+        "image_size": args.image_size,
+        "seconds": round(time.time() - t0, 1),
+        "results": rows,
+    }
+    stem = "torchvision_" + args.torchvision.replace(",", "_")
+    (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
+    lines = [
+        f"# Structured pruning (L1, random init) of {args.torchvision}\n\n`{summary['command']}`"
+        f" at `{commit}`, input 3x{args.image_size}x{args.image_size}, {summary['seconds']:.0f}"
+        " s. Removed: the fraction of each prunable group (MLP hidden units).\n",
+        "| net | removed | params | params x | MACs | MACs x |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["amount"] == 0:
+            lines.append(
+                f"| {r['net']} | dense ({r['groups']} groups, {r['prunable']:,} "
+                f"prunable units) | {r['params']:,} | 1.000 | {r['macs']:,} | 1.000 |"
+            )
+        else:
+            lines.append(
+                f"| {r['net']} | {r['amount']:.0%} | {r['params']:,} | "
+                f"{r['params_x']:.3f} | {r['macs']:,} | {r['macs_x']:.3f} |"
+            )
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def run_epochs(model, data, epochs, lr, gen, batch_size, extra_loss=None, masks_of=None):
@@ -158,6 +228,9 @@ def main(argv=None):
     )
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)  # 2 shared cores: 1 thread each
+    if args.torchvision:
+        torchvision_rows(args, out)
+        return
     torch.manual_seed(args.seed)
     data = load_mnist(args.data)
     if args.subset:
