@@ -420,9 +420,10 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def count_macs(model: nn.Module, example_inputs) -> int:
-    """Multiply-accumulates of the conv and linear layers for one forward of ``example_inputs``
-    (the FLOP convention of the pruning papers: 1 MAC = 1 "FLOP"; BN, activations, pooling and
-    adds are not counted)."""
+    """Multiply-accumulates of the conv and linear layers (and ``nn.MultiheadAttention``: its
+    projections and the two attention products) for one forward of ``example_inputs`` (the FLOP
+    convention of the pruning papers: 1 MAC = 1 "FLOP"; BN, LayerNorm, activations, softmax,
+    pooling and adds are not counted)."""
     total = 0
 
     def hook(m, _inp, out):
@@ -430,7 +431,22 @@ def count_macs(model: nn.Module, example_inputs) -> int:
         per_out = m.weight[0].numel()  # in/groups * kh * kw for a conv, in for a linear
         total += out.numel() * per_out
 
+    def mha_hook(m, inp, _out):
+        # nn.MultiheadAttention runs its projections functionally (no Linear hook fires):
+        # q/k/v in-projections, Q K^T, A V and the out-projection
+        nonlocal total
+        q, k = inp[0], inp[1]
+        lq, lk = (q.shape[-2], k.shape[-2]) if m.batch_first else (q.shape[0], k.shape[0])
+        b = q.numel() // (lq * m.embed_dim)
+        e, kd, vd = m.embed_dim, m.kdim, m.vdim
+        total += b * (lq * e * e + lk * e * kd + lk * e * vd + 2 * lq * lk * e + lq * e * e)
+
     handles = [m.register_forward_hook(hook) for m in model.modules() if is_conv(m) or is_linear(m)]
+    handles += [
+        m.register_forward_hook(mha_hook)
+        for m in model.modules()
+        if isinstance(m, nn.MultiheadAttention)
+    ]
     was_training = model.training
     model.eval()
     try:

@@ -120,3 +120,22 @@ def test_no_prunable_group_refuses_instead_of_a_silent_no_op():
     torch.testing.assert_close(same(x), model(x), rtol=0, atol=0)
     with pytest.raises(ValueError, match="prunable channels"):
         StructuredPruner(sparsify(model), example_inputs=x)
+
+
+def test_count_macs_includes_multihead_attention():
+    from sparsekern.pruning.structured import count_macs
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(3, 5, 8)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    # 3 batches x (5 tokens x 4 projections of 8x8 + QK^T and AV: 2 x 5 x 5 x 8)
+    assert count_macs(Net(), x) == 3 * (5 * 4 * 64 + 2 * 25 * 8)
