@@ -62,13 +62,14 @@ def hessian_spectral_radius(
     *,
     iters: int = 50,
     tol: float = 1e-4,
-    seed: int = 0,
+    generator: torch.Generator | None = None,
     masks: list[torch.Tensor | None] | None = None,
 ) -> tuple[float, list[torch.Tensor]]:
     """``(rho, v)``: the largest-magnitude eigenvalue of the Hessian of the mean of
     ``loss_fn(model(x), y)`` over ``data`` with respect to ``params``, and its unit eigenvector
     (one tensor per parameter), by power iteration (stops when rho changes by less than
-    ``tol * |rho|``). ``masks``: per parameter, the kept entries (``M H M``). The returned
+    ``tol * |rho|``) from a random start drawn from ``generator`` (None: the global RNG).
+    ``masks``: per parameter, the kept entries (``M H M``). The returned
     ``rho`` is signed: ``|rho|`` is the spectral radius."""
     data = list(data)
     if not data:
@@ -76,8 +77,7 @@ def hessian_spectral_radius(
     if iters < 1:
         raise ValueError(f"hessian_spectral_radius: expected iters >= 1, got {iters}")
     masks = masks or [None] * len(params)
-    gen = torch.Generator().manual_seed(seed)
-    v = [torch.randn(p.shape, generator=gen, dtype=p.dtype).to(p.device) for p in params]
+    v = [torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device) for p in params]
 
     def project(vs):
         vs = [vi * m if m is not None else vi for vi, m in zip(vs, masks)]
@@ -126,7 +126,7 @@ def hessian_channel_scores(
     *,
     iters: int = 50,
     tol: float = 1e-4,
-    seed: int = 0,
+    generator: torch.Generator | None = None,
 ) -> tuple[dict[int, float], float]:
     """``({class: 1 - m_c}, rho)`` (see the module docstring), in eval mode (BatchNorm
     statistics fixed); ``model`` is not changed."""
@@ -142,7 +142,7 @@ def hessian_channel_scores(
                 keys.append((n, attr))
                 params.append(p)
     rho, v = hessian_spectral_radius(
-        plain, params, data, loss_fn, iters=iters, tol=tol, seed=seed,
+        plain, params, data, loss_fn, iters=iters, tol=tol, generator=generator,
         masks=[masks.get(f"{n}.{a}") for n, a in keys],
     )  # fmt: skip
     vec = {k: t.double() ** 2 for k, t in zip(keys, v)}

@@ -232,7 +232,8 @@ def channel_importance(
             f"loss_fn={type(loss_fn).__name__}"
         )
     if importance == "hessian_radius":
-        sc, _rho = hessian_channel_scores(model, cg, data, loss_fn, seed=seed)
+        gen = torch.Generator().manual_seed(seed)  # the power iteration's start
+        sc, _rho = hessian_channel_scores(model, cg, data, loss_fn, generator=gen)
     else:
         sc = _taylor_scores(model, cg, data, loss_fn, 1 if importance == "taylor" else 2)
     return [
