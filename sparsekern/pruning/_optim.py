@@ -16,6 +16,7 @@ every recorded optimizer that holds its weights, not only the one it was given.
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 
 import torch
@@ -82,8 +83,11 @@ def optimizers_holding(params: list[torch.Tensor], scan: bool = False) -> list:
     found = [o for o in list(_tracked) if _holds_state(o, params)]
     if found or not scan:
         return found
-    for o in gc.get_objects():
-        if isinstance(o, torch.optim.Optimizer) and _holds_state(o, params):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # isinstance on lazy modules warns (torch.distributed)
+        live = [o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer)]
+    for o in live:
+        if _holds_state(o, params):
             _tracked.add(o)
             found.append(o)
     return found

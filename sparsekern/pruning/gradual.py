@@ -48,7 +48,9 @@ class GradualPruner(ImportancePruner):
         scope: ``"layer"`` (every layer pruned to ``s_t``, as in the paper) or ``"global"`` (all
             layers ranked together to ``s_t``, Gupta et al.'s recommendation).
         min_density: the floor on each layer's kept fraction; None (default):
-            ``min(1%, (1 - s_t) / 2)`` and at least one weight (see ``docs/pruning.md``).
+            ``min(1%, (1 - s_t) / 2)`` and at least one weight (see ``docs/pruning.md``). Not in
+            the paper (a guard against emptying a layer; it binds only where ``round((1 - s_t)
+            numel)`` is below it); 0 removes it.
         importance: the score (default ``MagnitudeImportance()``, the paper's).
     """
 
