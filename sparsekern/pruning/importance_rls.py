@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsekern.pruning._dependency import ChannelGraph, dense_weight, is_conv
+from sparsekern.pruning._dependency import ChannelGraph, dense_weight, is_conv, is_linear
 
 __all__ = [
     "InputAutocorrelation",
@@ -98,13 +98,14 @@ class InputAutocorrelation:
 
     ``with InputAutocorrelation(model, names) as rls: ...`` updates ``rls.p[name]`` at every
     forward pass (training included: the paper keeps ``P`` through training); or call
-    :meth:`observe` on calibration batches. Layers with ``d > max_dim`` inputs are refused
+    :meth:`observe` on calibration batches. ``names=None``: every ungrouped conv and Linear.
+    Layers with ``d > max_dim`` inputs are refused
     (``P`` is ``d x d`` float64: 4096 inputs take 128 MB)."""
 
     def __init__(
         self,
         model: nn.Module,
-        names: Iterable[str],
+        names: Iterable[str] | None = None,
         *,
         forgetting: float = 1.0,
         delta: float = 1e-3,
@@ -117,6 +118,8 @@ class InputAutocorrelation:
         if not (delta > 0 and math.isfinite(delta)):
             raise ValueError(f"InputAutocorrelation: expected delta > 0, got {delta}")
         mods = dict(model.named_modules())
+        if names is None:  # every layer that can consume channels: ungrouped convs, Linears
+            names = [n for n, m in mods.items() if (is_conv(m) and m.groups == 1) or is_linear(m)]
         self.model, self.lam, self.delta = model, float(forgetting), float(delta)
         self.modules = {n: mods[n] for n in names}
         self.p: dict[str, torch.Tensor] = {}

@@ -117,7 +117,8 @@ def test_pruner_with_rls_state_kept_during_training_and_refusals():
     with pytest.raises(ValueError, match="rls_state"):
         StructuredPruner(model, example_inputs=x[:1], importance="rls")
     cg = build_channel_graph(model, (x[:1],))
-    rls = InputAutocorrelation(model, cg.consumers)
+    rls = InputAutocorrelation(model)  # every conv and Linear: here the consumers
+    assert sorted(rls.p) == sorted(cg.consumers) == ["conv", "fc"]
     with rls:  # P kept through "training" forwards
         for _ in range(3):
             model(torch.randn(4, 2, 4, 4)).sum().backward()
