@@ -12,7 +12,11 @@ id. The trace is walked once, carrying for every tensor value the ids of its dim
 * ``torch.cat(dim=1)`` concatenates the id lists (each input keeps its own offset range);
 * a flatten ``[B, C, H, W] -> [B, C*H*W]`` repeats each id ``H*W`` times (flatten is
   channel-major), so a Linear consumer loses the ``H*W`` columns of each removed channel;
-* a consumer (ungrouped conv, Linear) records the ids its input columns read.
+* a consumer (ungrouped conv, Linear) records the ids its input columns read;
+* a Linear on ``[..., C]`` (ConvNeXt's channels-last MLP, a transformer's MLP) makes its ids
+  describe the *last* dim; such values pass element-wise ops on equal shapes only (GELU,
+  dropout, adds of two channels-last values), everything else blocks them, so an MLP's hidden
+  units are prunable while permutes, LayerNorm, attention and the residual stream stay.
 
 Union-find over the ids gives the *coupled channels* (equivalence classes). A class is *blocked*
 (never removed) when it reaches the model output (the classifier keeps all its outputs), a model
