@@ -13,6 +13,12 @@ Protocol (one budget for all, recorded in the JSON):
   the classifier and keeps its 10 outputs), --ft-epochs of fine-tuning after each round at
   --ft-lr, masked; then export() removes the channels for real and the small net is evaluated;
 - Taylor (first order, Molchanov et al.) scores over --taylor-batches training batches;
+- RLS (Yu et al. 2022; --methods rls): each consumer's P = R^{-1} by recursive least squares over
+  the same --taylor-batches batches at each round, scores = the layer's least-squares refit
+  error; the rounds are the fixed ones above (not the paper's "wait until recovered" gate);
+- Hessian radius (--methods hessian): top Hessian eigenvector by power iteration over
+  --hessian-batches batches, the neurons carrying most of it removed first; pruned from the same
+  dense net as the others (the paper prunes while training from scratch);
 - from scratch: the Taylor-pruned architecture, re-initialised, trained for dense + fine-tuning
   epochs with the dense schedule.
 """
@@ -43,7 +49,15 @@ from sparsekern.pruning.structured import (  # noqa: E402
 )
 from sparsekern.training.data import load_mnist, tensor_loader  # noqa: E402
 
-METHODS = {"l1": "l1", "taylor": "taylor", "slimming": "bn_scale", "random": "random"}
+METHODS = {
+    "l1": "l1",
+    "taylor": "taylor",
+    "slimming": "bn_scale",
+    "random": "random",
+    "rls": "rls",
+    "hessian": "hessian_radius",
+}
+DEFAULT_METHODS = "l1,taylor,slimming,random,scratch"
 
 
 class LeNet5BN(nn.Module):
@@ -67,14 +81,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
     a("--amounts", default="0.5,0.7", help="channel fractions removed")
-    a("--methods", default=",".join(METHODS) + ",scratch")
+    a("--methods", default=DEFAULT_METHODS, help=f"any of {','.join(METHODS)},scratch")
     a("--dense-epochs", type=int, default=3)
     a("--ft-epochs", type=int, default=1, help="fine-tuning epochs after each round")
     a("--rounds", type=int, default=2)
     a("--lr", type=float, default=0.05)
     a("--ft-lr", type=float, default=0.01)
     a("--bn-l1", type=float, default=1e-4)
-    a("--taylor-batches", type=int, default=20)
+    a("--taylor-batches", type=int, default=20, help="calibration batches (Taylor, RLS)")
+    a("--hessian-batches", type=int, default=4, help="batches of each Hessian-vector product")
     a("--batch-size", type=int, default=128)
     a("--subset", type=int, default=0, help="train on the first N images (0: all)")
     a("--seed", type=int, default=0)
@@ -82,7 +97,77 @@ def parse_args(argv=None):
     a("--data", default=str(ROOT / "data" / "mnist"))
     a("--out", default=None)
     a("--quick", action="store_true")
+    a("--torchvision", default="", help="instead: params / MACs of these torchvision nets "
+      "(random init, L1) at --amounts, e.g. convnext_tiny,vit_b_16")  # fmt: skip
+    a("--image-size", type=int, default=224)
     return p.parse_args(argv)
+
+
+def torchvision_rows(args, out: Path) -> None:
+    """Parameters and MACs of torchvision nets (no weights) pruned by L1 at each amount: what the
+    channel graph can remove (ConvNeXt, ViT: the MLP hidden units only)."""
+    import torchvision
+
+    from sparsekern.pruning.structured import channel_groups, prune_channels
+
+    commit, t0, rows = git_commit(), time.time(), []
+    x = torch.randn(1, 3, args.image_size, args.image_size)
+    for name in args.torchvision.split(","):
+        torch.manual_seed(args.seed)
+        net = getattr(torchvision.models, name)().eval()
+        groups = channel_groups(net, x)
+        base = {"params": count_params(net), "macs": count_macs(net, x)}
+        rows.append(
+            {
+                "net": name,
+                "amount": 0.0,
+                **base,
+                "groups": len(groups),
+                "prunable": sum(g["channels"] for g in groups),
+            }
+        )
+        for amount in [float(a) for a in args.amounts.split(",")]:
+            small = prune_channels(net, x, amount=amount, importance="l1")
+            with torch.no_grad():
+                assert small(x).shape == net(x).shape
+            r = {
+                "net": name,
+                "amount": amount,
+                "params": count_params(small),
+                "macs": count_macs(small, x),
+            }
+            r["params_x"], r["macs_x"] = r["params"] / base["params"], r["macs"] / base["macs"]
+            rows.append(r)
+            print(json.dumps(r), flush=True)
+    summary = {
+        "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
+        "git_commit": commit,
+        "torch": torch.__version__,
+        "image_size": args.image_size,
+        "seconds": round(time.time() - t0, 1),
+        "results": rows,
+    }
+    stem = "torchvision_" + args.torchvision.replace(",", "_")
+    (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
+    lines = [
+        f"# Structured pruning (L1, random init) of {args.torchvision}\n\n`{summary['command']}`"
+        f" at `{commit}`, input 3x{args.image_size}x{args.image_size}, {summary['seconds']:.0f}"
+        " s. Removed: the fraction of each prunable group (MLP hidden units).\n",
+        "| net | removed | params | params x | MACs | MACs x |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["amount"] == 0:
+            lines.append(
+                f"| {r['net']} | dense ({r['groups']} groups, {r['prunable']:,} "
+                f"prunable units) | {r['params']:,} | 1.000 | {r['macs']:,} | 1.000 |"
+            )
+        else:
+            lines.append(
+                f"| {r['net']} | {r['amount']:.0%} | {r['params']:,} | "
+                f"{r['params_x']:.3f} | {r['macs']:,} | {r['macs_x']:.3f} |"
+            )
+    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
 
 
 def run_epochs(model, data, epochs, lr, gen, batch_size, extra_loss=None, masks_of=None):
@@ -143,6 +228,9 @@ def main(argv=None):
     )
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)  # 2 shared cores: 1 thread each
+    if args.torchvision:
+        torchvision_rows(args, out)
+        return
     torch.manual_seed(args.seed)
     data = load_mnist(args.data)
     if args.subset:
@@ -185,9 +273,10 @@ def main(argv=None):
         for amount in amounts:
             model = sparsify(copy.deepcopy(dense_slim if method == "slimming" else dense))
             calib = None
-            if method == "taylor":
+            if method in ("taylor", "rls", "hessian"):
+                n = args.hessian_batches if method == "hessian" else args.taylor_batches
                 loader = tensor_loader(data["x_train"], data["y_train"], args.batch_size, True, gen)
-                calib = [b for b, _ in zip(loader, range(args.taylor_batches))]
+                calib = [b for b, _ in zip(loader, range(n))]
             pruner = StructuredPruner(
                 model, example_inputs=x1, importance=METHODS[method], data=calib,
                 loss_fn=F.cross_entropy, seed=args.seed,

@@ -12,7 +12,11 @@ id. The trace is walked once, carrying for every tensor value the ids of its dim
 * ``torch.cat(dim=1)`` concatenates the id lists (each input keeps its own offset range);
 * a flatten ``[B, C, H, W] -> [B, C*H*W]`` repeats each id ``H*W`` times (flatten is
   channel-major), so a Linear consumer loses the ``H*W`` columns of each removed channel;
-* a consumer (ungrouped conv, Linear) records the ids its input columns read.
+* a consumer (ungrouped conv, Linear) records the ids its input columns read;
+* a Linear on ``[..., C]`` (ConvNeXt's channels-last MLP, a transformer's MLP) makes its ids
+  describe the *last* dim; such values pass element-wise ops on equal shapes only (GELU,
+  dropout, adds of two channels-last values), everything else blocks them, so an MLP's hidden
+  units are prunable while permutes, LayerNorm, attention and the residual stream stay.
 
 Union-find over the ids gives the *coupled channels* (equivalence classes). A class is *blocked*
 (never removed) when it reaches the model output (the classifier keeps all its outputs), a model
@@ -141,6 +145,8 @@ class ChannelGraph:
     bns: list[str]
     consumers: list[str]
     groups: list[Group]
+    #: consumers (Linear on ``[..., C]``) whose input channels are the last dim, not dim 1
+    last_dim: set[str] = field(default_factory=set)
 
     _table: torch.Tensor | None = None
 
@@ -204,6 +210,14 @@ def build_channel_graph(model: nn.Module, example_inputs: tuple) -> ChannelGraph
     depthwise: list[str] = []
     bns: list[str] = []
     consumers: list[str] = []
+    last_dim: set[str] = set()
+    # the dim of each value that ``ids`` describes: 1 (NCHW channels, features), or the last dim
+    # after a Linear on ``[..., C]`` (ConvNeXt's channels-last MLP, a transformer's MLP)
+    cdim: dict[fx.Node, int] = {}
+
+    def is_last(node) -> bool:
+        s = _shape(node)
+        return node in cdim and s is not None and len(s) > 2 and cdim[node] == len(s) - 1
 
     def fresh_blocked(node: fx.Node) -> None:
         s = _shape(node)
@@ -245,8 +259,26 @@ def build_channel_graph(model: nn.Module, example_inputs: tuple) -> ChannelGraph
             m = modules[node.target]
             name = node.target
             single = x is not None and len(targs) == 1 and targs[0] is x and x in ids
-            if (is_conv(m) and m.groups == 1) or (is_linear(m) and xs and len(xs) == 2):
-                if single:
+            if is_linear(m) and xs and len(xs) > 2 and len(targs) == 1 and targs[0] is x:
+                # Linear on [..., C]: its input and output channels are the last dim
+                if x in ids and is_last(x):
+                    t_in = ids[x]
+                else:  # what x's ids describe (dim 1) is read across: not followed
+                    if x in ids:
+                        uf.block(ids[x])
+                    t_in = uf.new(xs[-1], blocked=True)
+                record_input(name, t_in)
+                if name not in consumers:
+                    consumers.append(name)
+                last_dim.add(name)
+                if name not in out_ids:
+                    out_ids[name] = uf.new(m.weight.shape[0])
+                    producers.append(name)
+                ids[node] = out_ids[name]
+                cdim[node] = len(ys) - 1
+                handled = True
+            elif (is_conv(m) and m.groups == 1) or (is_linear(m) and xs and len(xs) == 2):
+                if single and not is_last(x):
                     record_input(name, ids[x])
                     if name not in consumers:
                         consumers.append(name)
@@ -256,18 +288,37 @@ def build_channel_graph(model: nn.Module, example_inputs: tuple) -> ChannelGraph
                     ids[node] = out_ids[name]
                     handled = True
             elif is_depthwise(m) or isinstance(m, nn.BatchNorm2d):
-                if single and ys is not None and ys[1] == xs[1]:
+                if single and not is_last(x) and ys is not None and ys[1] == xs[1]:
                     record_input(name, ids[x])
                     lst = depthwise if is_depthwise(m) else bns
                     if name not in lst:
                         lst.append(name)
                     ids[node] = ids[x]
                     handled = True
-            elif isinstance(m, _PASS_MODULES) and single and ys and len(ys) >= 2 and ys[1] == xs[1]:
+            elif (
+                isinstance(m, _PASS_MODULES)
+                and single
+                and ys
+                and len(ys) >= 2
+                and (ys == xs if is_last(x) else ys[1] == xs[1])
+            ):
                 ids[node] = ids[x]
+                if is_last(x):
+                    cdim[node] = cdim[x]
                 handled = True
-            elif isinstance(m, nn.Flatten) and single:
+            elif isinstance(m, nn.Flatten) and single and not is_last(x):
                 handled = _flatten(node, x, xs, ys, ids)
+        elif node.op in ("call_function", "call_method") and any(is_last(a) for a in targs):
+            # channel-last values: only element-wise ops on equal shapes are followed
+            t = node.target
+            same = ys is not None and all(_shape(a) == ys for a in targs)
+            if same and t in _BINARY and all(is_last(a) for a in targs):
+                handled = _binary(node, targs, ys, ids, uf)
+                cdim[node] = len(ys) - 1
+            elif same and (t in _PASS_FUNCTIONS or t in _PASS_METHODS) and len(targs) == 1:
+                ids[node] = ids[x]
+                cdim[node] = len(ys) - 1
+                handled = True
         elif node.op in ("call_function", "call_method"):
             t = node.target
             if t in _BINARY and ys is not None and len(ys) >= 2:
@@ -303,7 +354,7 @@ def build_channel_graph(model: nn.Module, example_inputs: tuple) -> ChannelGraph
             fresh_blocked(node)
 
     groups = _groups(uf, out_ids, producers, in_ids, bns)
-    return ChannelGraph(uf, out_ids, in_ids, producers, depthwise, bns, consumers, groups)
+    return ChannelGraph(uf, out_ids, in_ids, producers, depthwise, bns, consumers, groups, last_dim)
 
 
 def _flatten(node, x, xs, ys, ids) -> bool:

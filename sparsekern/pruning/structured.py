@@ -23,6 +23,14 @@ Importances (one score per coupled channel, higher = keep; see :data:`IMPORTANCE
   channel; groups with no BatchNorm fall back to ``"l1"`` (then ``amount`` still applies to them).
   Train with :class:`StructuredPruner`'s ``bn_l1`` to push the gammas to zero first.
 * ``"random"``: uniform, from ``seed`` (the control).
+* ``"rls"``: Yu et al. 2022: each consumer's inverse input autocorrelation ``P = R^{-1}``, kept
+  by recursive least squares over ``data`` (or over training, ``rls_state``), with its weights:
+  the least-squares error added by removing the channel's input columns and re-fitting the
+  rest, ``tr(W_S (P_SS)^{-1} W_S^T)``, summed over consumers (``importance_rls``).
+* ``"hessian_radius"``: after Ebrahimi and Klabjan 2021: the top Hessian eigenvector ``v`` by
+  power iteration (double backward over ``data`` with ``loss_fn``); ``1 - m_c`` where ``m_c`` is
+  ``v``'s mass on the channel's weights, so the neurons carrying the sharpest direction go first
+  and the spectral radius falls (``importance_hessian``).
 
 ``amount`` is the fraction of each group's prunable channels removed (``floor(amount * n)``, at
 least one kept), a dict ``{producer layer name: amount}`` (``"*"``: the default for the others),
@@ -49,6 +57,8 @@ from sparsekern.pruning._dependency import (
     rebuild_pruned,
 )
 from sparsekern.pruning.base import BasePruner
+from sparsekern.pruning.importance_hessian import hessian_channel_scores
+from sparsekern.pruning.importance_rls import InputAutocorrelation, rls_scores_from_data
 
 __all__ = [
     "IMPORTANCES",
@@ -62,8 +72,8 @@ __all__ = [
     "removal_plan",
 ]
 
-IMPORTANCES = ("l1", "l2", "taylor", "taylor2", "bn_scale", "random")
-_GRADIENT = ("taylor", "taylor2")
+IMPORTANCES = ("l1", "l2", "taylor", "taylor2", "bn_scale", "random", "rls", "hessian_radius")
+_GRADIENT = ("taylor", "taylor2", "hessian_radius")
 _CLOSURE = object()  # a batch whose loss_fn runs the model itself (StructuredPruner's closure)
 
 
@@ -165,8 +175,11 @@ def _taylor_scores(
             for n, g in zip(names, grads):
                 if g is None:
                     continue
-                ga = (g * acts[n]).detach().double()  # [B, C(, H, W)]
-                s = ga.flatten(2).sum(2) if ga.dim() > 2 else ga  # [B, C]
+                ga = (g * acts[n]).detach().double()  # [B, C(, H, W)] or [B, ..., C]
+                if n in cg.last_dim:  # channels last (a Linear on [B, ..., C])
+                    s = ga.reshape(ga.shape[0], -1, ga.shape[-1]).sum(1)  # [B, C]
+                else:
+                    s = ga.flatten(2).sum(2) if ga.dim() > 2 else ga  # [B, C]
                 v = s.sum(0).abs() if order == 1 else 0.5 * (s**2).sum(0)
                 per_col[n] = per_col[n] + v if n in per_col else v
     finally:
@@ -190,9 +203,16 @@ def channel_importance(
     loss_fn: Callable | None = None,
     seed: int = 0,
     include_consumers: bool = False,
+    rls_state: InputAutocorrelation | None = None,
 ) -> list[torch.Tensor]:
     """One ``[n_channels]`` float64 score tensor per group of ``cg`` (higher = more important)."""
     _check_importance(importance)
+    if importance == "rls":
+        sc = rls_scores_from_data(model, cg, data, rls=rls_state)
+        return [
+            torch.tensor([sc.get(r, 0.0) for r in g.classes], dtype=torch.float64)
+            for g in cg.groups
+        ]
     if importance in ("l1", "l2", "bn_scale"):
         l1 = _norm_scores(model, cg, 1 if importance != "l2" else 2, include_consumers)
         bn = _bn_scores(model, cg) if importance == "bn_scale" else {}
@@ -211,7 +231,11 @@ def channel_importance(
             f"targets)) and loss_fn(output, targets), got data={type(data).__name__}, "
             f"loss_fn={type(loss_fn).__name__}"
         )
-    sc = _taylor_scores(model, cg, data, loss_fn, 1 if importance == "taylor" else 2)
+    if importance == "hessian_radius":
+        gen = torch.Generator().manual_seed(seed)  # the power iteration's start
+        sc, _rho = hessian_channel_scores(model, cg, data, loss_fn, generator=gen)
+    else:
+        sc = _taylor_scores(model, cg, data, loss_fn, 1 if importance == "taylor" else 2)
     return [
         torch.tensor([sc.get(r, 0.0) for r in g.classes], dtype=torch.float64) for g in cg.groups
     ]
@@ -288,6 +312,14 @@ def removal_plan(
 
 def _plan(model, inputs, amount, importance, global_pruning, **kw):
     cg = build_channel_graph(model, inputs)
+    asked = any(v > 0 for v in amount.values()) if isinstance(amount, dict) else amount > 0
+    if not cg.groups and asked:
+        # never a silent no-op: say what was found, so that the user knows nothing can be removed
+        raise ValueError(
+            f"prune_channels: expected a model with prunable channel groups, got 0 in a "
+            f"{type(model).__name__} ({len(cg.producers)} conv/linear layers, all reaching the "
+            "output or an op the channel graph does not follow: see channel_groups())"
+        )
     if not global_pruning:
         _group_amounts(cg, amount)  # validate before the (maybe costly) importance pass
     scores = channel_importance(model, cg, importance, **kw)
@@ -330,6 +362,7 @@ def prune_channels(
     loss_fn: Callable | None = None,
     seed: int = 0,
     include_consumers: bool = False,
+    rls_state: InputAutocorrelation | None = None,
 ) -> nn.Module:
     """A new, physically smaller copy of ``model`` with channels removed; ``model`` is untouched.
 
@@ -342,8 +375,11 @@ def prune_channels(
         amount: pruned fraction in [0, 1) per group, or ``{layer: amount, "*": default}``, or
             with ``global_pruning`` the fraction of all prunable channels (see module docstring).
         importance: one of :data:`IMPORTANCES`.
-        data, loss_fn: for ``"taylor"`` / ``"taylor2"``: an iterable of ``(inputs, targets)``
-            batches and ``loss_fn(model_output, targets) -> 0-d loss``.
+        data, loss_fn: for ``"taylor"`` / ``"taylor2"`` / ``"hessian_radius"``: an iterable of
+            ``(inputs, targets)`` batches and ``loss_fn(model_output, targets) -> 0-d loss``;
+            ``"rls"`` needs ``data`` only (or ``rls_state``).
+        rls_state: for ``"rls"``: an :class:`InputAutocorrelation` kept during training (it
+            names the layers of ``model``; read, not changed).
         seed: for ``"random"``.
         include_consumers: L1/L2 also sum the consumers' weights that read each channel.
 
@@ -352,7 +388,8 @@ def prune_channels(
         exact copy (equal outputs).
 
     Raises:
-        ValueError: amount outside [0, 1), unknown importance, untraceable model, missing data.
+        ValueError: amount outside [0, 1), unknown importance, untraceable model, missing data,
+            a nonzero amount on a model with no prunable channel group (never a silent no-op).
         KeyError: a per-layer dict naming a layer the model does not have.
     """
     _check_importance(importance)
@@ -370,6 +407,7 @@ def prune_channels(
         loss_fn=loss_fn,
         seed=seed,
         include_consumers=include_consumers,
+        rls_state=rls_state,
     )
     rebuild_pruned(new, cg, removed)
     return new
@@ -383,9 +421,10 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def count_macs(model: nn.Module, example_inputs) -> int:
-    """Multiply-accumulates of the conv and linear layers for one forward of ``example_inputs``
-    (the FLOP convention of the pruning papers: 1 MAC = 1 "FLOP"; BN, activations, pooling and
-    adds are not counted)."""
+    """Multiply-accumulates of the conv and linear layers (and ``nn.MultiheadAttention``: its
+    projections and the two attention products) for one forward of ``example_inputs`` (the FLOP
+    convention of the pruning papers: 1 MAC = 1 "FLOP"; BN, LayerNorm, activations, softmax,
+    pooling and adds are not counted)."""
     total = 0
 
     def hook(m, _inp, out):
@@ -393,7 +432,22 @@ def count_macs(model: nn.Module, example_inputs) -> int:
         per_out = m.weight[0].numel()  # in/groups * kh * kw for a conv, in for a linear
         total += out.numel() * per_out
 
+    def mha_hook(m, inp, _out):
+        # nn.MultiheadAttention runs its projections functionally (no Linear hook fires):
+        # q/k/v in-projections, Q K^T, A V and the out-projection
+        nonlocal total
+        q, k = inp[0], inp[1]
+        lq, lk = (q.shape[-2], k.shape[-2]) if m.batch_first else (q.shape[0], k.shape[0])
+        b = q.numel() // (lq * m.embed_dim)
+        e, kd, vd = m.embed_dim, m.kdim, m.vdim
+        total += b * (lq * e * e + lk * e * kd + lk * e * vd + 2 * lq * lk * e + lq * e * e)
+
     handles = [m.register_forward_hook(hook) for m in model.modules() if is_conv(m) or is_linear(m)]
+    handles += [
+        m.register_forward_hook(mha_hook)
+        for m in model.modules()
+        if isinstance(m, nn.MultiheadAttention)
+    ]
     was_training = model.training
     model.eval()
     try:
@@ -426,7 +480,11 @@ class StructuredPruner(BasePruner):
         global_pruning: rank across groups (see :func:`prune_channels`).
         data, loss_fn: Taylor importances: batches and loss; without them the ``closure`` given
             to ``prune`` / ``step`` is used (one batch, its backward through autograd.grad).
+            ``"hessian_radius"`` needs both (power iteration re-runs the model); ``"rls"``
+            needs ``data`` or ``rls_state``.
         bn_l1: slimming's L1 coefficient on the BN scales.
+        rls_state: for ``"rls"``: an :class:`InputAutocorrelation` on ``model`` kept during
+            training (the paper's ``P``); pair with :class:`RecoveryGate` for its schedule.
     """
 
     def __init__(
@@ -443,8 +501,19 @@ class StructuredPruner(BasePruner):
         loss_fn: Callable | None = None,
         bn_l1: float = 0.0,
         seed: int = 0,
+        rls_state: InputAutocorrelation | None = None,
     ) -> None:
         _check_importance(importance)
+        if importance == "hessian_radius" and (data is None or loss_fn is None):
+            raise ValueError(
+                "StructuredPruner: importance 'hessian_radius' expected data and loss_fn (power "
+                f"iteration re-runs the model), got data={type(data).__name__}, "
+                f"loss_fn={type(loss_fn).__name__}"
+            )
+        if importance == "rls" and data is None and rls_state is None:
+            raise ValueError(
+                "StructuredPruner: importance 'rls' expected data or rls_state, got neither"
+            )
         if not (bn_l1 >= 0 and math.isfinite(bn_l1)):
             raise ValueError(f"StructuredPruner: expected bn_l1 >= 0, got {bn_l1}")
         self.example_inputs = _as_tuple(example_inputs)
@@ -465,6 +534,7 @@ class StructuredPruner(BasePruner):
         self.data, self.loss_fn = data, loss_fn
         self.bn_l1 = float(bn_l1)
         self.seed = seed
+        self.rls_state = rls_state
         self.removed: set[int] = set()
         self._gammas = [mods[b].weight for g in self.cg.groups for b in g.bns if mods[b].affine]
 
@@ -515,8 +585,9 @@ class StructuredPruner(BasePruner):
             # the closure runs the model itself on the current batch: one batch of scores
             data, loss_fn = [(_CLOSURE, None)], lambda _out, _y: closure()
         scores = channel_importance(
-            self.model, self.cg, self.importance, data=data, loss_fn=loss_fn, seed=self.seed
-        )
+            self.model, self.cg, self.importance, data=data, loss_fn=loss_fn, seed=self.seed,
+            rls_state=self.rls_state,
+        )  # fmt: skip
         # a removed channel stays removed: rank it below every kept one
         for g, s in zip(self.cg.groups, scores):
             for k, r in enumerate(g.classes):
