@@ -54,6 +54,16 @@ def _check_where(where, param: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: expected the weight's device {param.device}, got {where.device}")
 
 
+def _check_optimizer(optimizer, what: str) -> None:
+    """Raise unless ``optimizer`` is None or a ``torch.optim.Optimizer`` (anything with a
+    ``state`` mapping, as ZeroRedundancyOptimizer): checked before a mask is installed."""
+    if optimizer is not None and not isinstance(getattr(optimizer, "state", None), Mapping):
+        raise TypeError(
+            f"{what}: expected optimizer as None or a torch.optim.Optimizer, got "
+            f"{type(optimizer).__name__}"
+        )
+
+
 def _check_sparse_module(module, what: str) -> None:
     """Raise unless ``module`` carries a ``weight`` and a ``mask`` buffer (duck-typed, so any module
     built on the sparse-module mixin qualifies)."""
@@ -95,6 +105,7 @@ def zero_optimizer_state(
         The names of the state entries that were zeroed (sorted).
     """
     _check_where(where, param, "zero_optimizer_state: where")
+    _check_optimizer(optimizer, "zero_optimizer_state")
     state = optimizer.state.get(param)  # .get: don't let the defaultdict create an entry
     if not state:
         return []
@@ -190,6 +201,7 @@ def set_mask(
     """
     _check_sparse_module(module, "set_mask")
     _check_where(mask, module.weight, "set_mask: mask")
+    _check_optimizer(optimizer, "set_mask")
     _apply_checked(module, mask, optimizer)
 
 
@@ -213,6 +225,7 @@ def apply_masks(
         KeyError: a name is not a submodule of ``model``.
         TypeError / ValueError: as in :func:`set_mask`, with the module's name.
     """
+    _check_optimizer(optimizer, "apply_masks")
     checked = []
     for name, mask in masks.items():
         try:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sparsekern.formats.block_sparse import block_size_pair
+from sparsekern.nn._checks import check_model
 from sparsekern.nn._sparse_module import is_sparse_module
 from sparsekern.nn.masks import mask_every_gradient
 from sparsekern.nn.sparse_attention import SparseConv1D, SparseMultiheadAttention, is_hf_conv1d
@@ -108,6 +109,7 @@ def sparsify(model: nn.Module, layers=DEFAULT_LAYERS, block_size=None) -> nn.Mod
     Raises:
         TypeError: an entry of ``layers`` is not supported (the message lists what is).
     """
+    check_model(model, "sparsify")
     targets, conv1d = _targets(layers)
     if block_size is not None:
         block_size_pair(block_size)  # fail before anything is swapped

@@ -211,7 +211,7 @@ def test_to_inference_converts_convs_with_equal_outputs(device):
 
 
 # --- the per-layer choice ------------------------------------------------------------------------
-inf_mod = importlib.import_module("sparsekern.nn.inference")
+inf_mod = importlib.import_module("sparsekern.nn.inference.chooser")
 
 
 def _unstructured(density, device, sizes=((60, 50), (50, 10))):

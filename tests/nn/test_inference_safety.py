@@ -1,0 +1,77 @@
+"""No silent wrong result and no lost file in the inference export (issue 24, item 7): each bug
+the adversarial pass found, pinned."""
+
+import pytest
+import torch
+from torch import nn
+
+import sparsekern as sk
+from sparsekern.nn import to_inference
+
+
+def _pruned_mlp(seed=0):
+    torch.manual_seed(seed)
+    model = sk.sparsify(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8)))
+    for m in model.modules():
+        if isinstance(m, sk.SparseLinear):
+            sk.set_mask(m, torch.rand(m.weight.shape) < 0.3)
+    return model.eval()
+
+
+def test_to_inference_refuses_nonzero_pruned_weights_naming_layers():
+    model = _pruned_mlp()
+    model[2].weight.data[~model[2].mask] = 0.5  # a .data write past the mask invariant
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for fmt in ("csr", "auto", "bsr", "dense"):
+        with pytest.raises(ValueError, match=r"non-zero pruned weights in 1 layer\(s\): '2' \("):
+            to_inference(model, format=fmt, calibrate=False)
+    with pytest.raises(ValueError, match=r"'2'"):
+        to_inference(model, format="csr", inplace=True)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    # a layer left as it is keeps its weights: nothing dropped, nothing refused
+    to_inference(model, format={"0": "csr"})
+    sk.nn.mask_problems(model, fix=True)
+    exported = to_inference(model, format="csr")
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(exported(x), model(x))
+
+
+def test_to_inference_refuses_unknown_format_keys():
+    model = _pruned_mlp()
+    with pytest.raises(ValueError, match=r"not convertible layers of the model: \['typo'\]"):
+        to_inference(model, format={"typo": "csr"})
+    with pytest.raises(ValueError, match=r"\['1'\]; expected names among \['0', '2'\]"):
+        to_inference(model, format={"0": "csr", "1": "csr"})
+
+
+def test_set_mask_checks_optimizer_before_installing():
+    layer = sk.SparseLinear(8, 8)
+    w = layer.weight.detach().clone()
+    with pytest.raises(TypeError, match=r"expected optimizer as None or a torch.optim.Optimizer, "
+                       r"got str"):  # fmt: skip
+        sk.set_mask(layer, torch.rand(8, 8) > 0.5, optimizer="sgd")
+    assert bool(layer.mask.all()) and torch.equal(layer.weight.detach(), w)
+    with pytest.raises(TypeError, match=r"apply_masks: expected optimizer"):
+        sk.apply_masks(nn.Sequential(layer), {"0": torch.rand(8, 8) > 0.5}, optimizer=3)
+    assert bool(layer.mask.all())
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1, momentum=0.9)
+    sk.set_mask(layer, torch.rand(8, 8) > 0.5, optimizer=opt)  # a real one still works
+
+
+def test_sparsify_none_and_lazy_are_clear():
+    with pytest.raises(TypeError, match=r"sparsify: expected an nn.Module, got NoneType"):
+        sk.sparsify(None)
+    lazy = nn.Sequential(nn.LazyLinear(4))
+    with pytest.raises(ValueError, match=r"uninitialised \(lazy\) modules \['0'\]"):
+        sk.sparsify(lazy)
+    with pytest.raises(TypeError, match=r"to_inference: expected an nn.Module, got int"):
+        to_inference(3)
+
+
+def test_float_mask_buffer_is_a_clear_error():
+    layer = sk.SparseLinear(8, 4)
+    layer.mask = layer.mask.float()
+    with pytest.raises(TypeError, match=r"the mask buffer as torch.bool, got torch.float32"):
+        layer(torch.randn(2, 8))
+    with pytest.raises(TypeError, match=r"its mask buffer as torch.bool, got torch.float32"):
+        to_inference(layer, format="csr")
