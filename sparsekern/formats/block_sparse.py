@@ -28,13 +28,11 @@ operand size on NVIDIA GPUs; past 128 a block no longer fits a tile.
 
 from __future__ import annotations
 
-import io
 import os
-from pathlib import Path
 
 import torch
 
-from sparsekern.formats._files import atomic_write, checked_payload, with_checksum
+from sparsekern.formats._files import load_torch_checked, save_torch_checked
 
 __all__ = [
     "BLOCK_SIZES",
@@ -365,17 +363,14 @@ class BlockSparseMatrix:
         """Write atomically (temporary file in the same directory, then ``os.replace``; one left
         by a killed save is removed by the next), with a SHA-256 checksum that :meth:`load`
         verifies before parsing."""
-        buf = io.BytesIO()
-        torch.save({"format": _FORMAT, **self.state_dict()}, buf)
-        atomic_write(Path(path), with_checksum(_MAGIC, buf.getvalue()))
+        save_torch_checked({"format": _FORMAT, **self.state_dict()}, path, _MAGIC)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location=None) -> BlockSparseMatrix:
         """Read a file written by :meth:`save`: checksum verified (a flipped bit anywhere is
         refused), parsed with ``torch.load(weights_only=True)``, validated."""
         try:
-            body = checked_payload(Path(path).read_bytes(), _MAGIC, str(path))
-            state = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+            state = load_torch_checked(path, _MAGIC, "BlockSparseMatrix", map_location)
         except Exception as e:
             raise BlockSparseFormatError(
                 f"{path}: expected a BlockSparseMatrix file, could not read it ({e})"

@@ -12,6 +12,7 @@ from sparsekern.nn.inference import (
     inference_plan,
     inference_report,
     load_inference,
+    save_inference,
     to_inference,
 )
 from sparsekern.nn.masks import (
@@ -49,6 +50,7 @@ __all__ = [
     "inference_plan",
     "inference_report",
     "load_inference",
+    "save_inference",
     "mask_problems",
     "set_mask",
     "sparse_modules",

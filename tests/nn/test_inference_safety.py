@@ -75,3 +75,71 @@ def test_float_mask_buffer_is_a_clear_error():
         layer(torch.randn(2, 8))
     with pytest.raises(TypeError, match=r"its mask buffer as torch.bool, got torch.float32"):
         to_inference(layer, format="csr")
+
+
+def _exported():
+    model = _pruned_mlp()
+    return model, to_inference(model, format={"0": "csr", "2": "bsr"})
+
+
+def test_save_load_inference_round_trip(tmp_path):
+    model, exported = _exported()
+    path = tmp_path / "m.skinf"
+    info = sk.save_inference(exported, path)
+    assert info["file_bytes"] == path.stat().st_size and info["layers"] == {"0": "csr", "2": "bsr"}
+    sd = sk.load_inference(path)
+    assert sd.keys() == exported.state_dict().keys()
+    back = sk.load_inference(path, _pruned_mlp(seed=1))
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(back(x), model(x))
+    assert type(back[0]).__name__ == "CSRLinear" and type(back[2]).__name__ == "BlockSparseLinear"
+
+
+def test_load_inference_refuses_every_byte_flip_and_truncation(tmp_path):
+    _, exported = _exported()
+    path = tmp_path / "m.skinf"
+    sk.save_inference(exported, path)
+    data = path.read_bytes()
+    bad = tmp_path / "bad.skinf"
+    gen = torch.Generator().manual_seed(0)
+    spots = torch.randint(0, len(data), (40,), generator=gen).tolist() + [0, len(data) - 1]
+    for i in spots:
+        flipped = bytearray(data)
+        flipped[i] ^= 1 << int(torch.randint(0, 8, (1,), generator=gen))
+        bad.write_bytes(bytes(flipped))
+        with pytest.raises(sk.nn.inference.InferenceFileError, match=str(bad)):
+            sk.load_inference(bad, _pruned_mlp())
+    for n in (0, 10, len(data) // 2, len(data) - 1):
+        bad.write_bytes(data[:n])
+        with pytest.raises(ValueError, match=r"bad.skinf.*(truncated|checksum)"):
+            sk.load_inference(bad)
+    with pytest.raises(ValueError, match=r"missing.skinf: expected a save_inference file, could "):
+        sk.load_inference(tmp_path / "missing.skinf")
+    torch.save(exported.state_dict(), bad)  # a plain torch.save file is not ours
+    with pytest.raises(ValueError, match=r"expected a file starting with"):
+        sk.load_inference(bad)
+
+
+def test_save_inference_killed_mid_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    _, exported = _exported()
+    path = tmp_path / "m.skinf"
+    sk.save_inference(exported, path)
+    before = path.read_bytes()
+    import sparsekern.formats._files as files
+
+    def killed(fd):
+        raise KeyboardInterrupt  # the process dies between the write and the rename
+
+    monkeypatch.setattr(files.os, "fsync", killed)
+    with pytest.raises(KeyboardInterrupt):
+        sk.save_inference(to_inference(_pruned_mlp(seed=3), format="csr"), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.skinf"]  # no temporary left
+
+
+def test_load_inference_missing_values_entry_is_named():
+    _, exported = _exported()
+    sd = exported.state_dict()
+    del sd["0.values"]
+    with pytest.raises(ValueError, match=r"layer '0': expected 0.values beside 0.row_ptr"):
+        sk.load_inference(_pruned_mlp(), sd)

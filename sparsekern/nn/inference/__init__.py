@@ -46,11 +46,13 @@ from sparsekern.nn.inference.chooser import (
     static_limit,
 )
 from sparsekern.nn.inference.export import (
+    InferenceFileError,
     format_report,
     inference_choices,
     inference_plan,
     inference_report,
     load_inference,
+    save_inference,
     to_inference,
 )
 
@@ -62,6 +64,7 @@ __all__ = [
     "DEFAULT_BLOCK",
     "DEFAULT_MARGIN",
     "FORMATS",
+    "InferenceFileError",
     "STATIC_RULE",
     "LayerChoice",
     "format_choices",
@@ -72,5 +75,6 @@ __all__ = [
     "inference_report",
     "interleaved_times",
     "load_inference",
+    "save_inference",
     "to_inference",
 ]

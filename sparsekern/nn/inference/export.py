@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from sparsekern._timing import interleaved_times
+from sparsekern.formats._files import load_torch_checked, save_torch_checked
 from sparsekern.formats.block_sparse import block_size_pair
 from sparsekern.nn._checks import check_model, pruned_nonzero
 from sparsekern.nn.inference import chooser
@@ -25,11 +26,13 @@ from sparsekern.nn.sparse_conv2d import SparseConv2d
 from sparsekern.nn.sparse_linear import SparseLinear
 
 __all__ = [
+    "InferenceFileError",
     "format_report",
     "inference_choices",
     "inference_plan",
     "inference_report",
     "load_inference",
+    "save_inference",
     "to_inference",
 ]
 
@@ -242,31 +245,97 @@ def inference_choices(model: nn.Module) -> dict[str, LayerChoice]:
 def inference_plan(state_dict: dict) -> dict[str, str]:
     """``{layer name: format}`` of an exported model's state dict: ``"csr"`` / ``"bsr"`` (from
     the extra state; a BSR state dict from before the per-layer choice has no format entry),
-    ``"dense"`` (a weight and no mask) or ``"keep"`` (a sparse layer with its mask)."""
+    ``"dense"`` (a weight and no mask) or ``"keep"`` (a sparse layer with its mask). A layer with
+    ``row_ptr`` / ``col_idx`` but no ``values`` is refused (``ValueError`` naming the keys)."""
     if not isinstance(state_dict, dict):
         raise TypeError(f"inference_plan: expected a state dict, got {type(state_dict).__name__}")
     plan: dict[str, str] = {}
     for key, value in state_dict.items():
         prefix, _, leaf = key.rpartition(".")
+        dot = f"{prefix}." if prefix else ""
         if leaf == "values":
-            extra = state_dict.get(f"{prefix}._extra_state" if prefix else "_extra_state")
+            extra = state_dict.get(f"{dot}_extra_state")
             fmt = extra.get("format") if isinstance(extra, dict) else None
             if fmt is None:
                 fmt = "bsr" if isinstance(value, torch.Tensor) and value.dim() == 3 else "csr"
             plan[prefix] = fmt
+        elif leaf == "row_ptr" and f"{dot}values" not in state_dict:
+            got = sorted(k for k in state_dict if k.startswith(dot) and "." not in k[len(dot) :])
+            raise ValueError(
+                f"inference_plan: layer {prefix!r}: expected {dot}values beside {dot}row_ptr and "
+                f"{dot}col_idx (a CSR / BSR layer), got keys {got}"
+            )
         elif leaf == "weight" and prefix not in plan:
-            has_mask = (f"{prefix}.mask" if prefix else "mask") in state_dict
-            plan[prefix] = "keep" if has_mask else "dense"
+            plan[prefix] = "keep" if f"{dot}mask" in state_dict else "dense"
     return plan
 
 
-def load_inference(model: nn.Module, state_dict: dict, strict: bool = True) -> nn.Module:
-    """An exported model rebuilt from ``model`` (the architecture: e.g. a freshly built,
-    sparsified model) and ``state_dict`` (an exported model's, e.g. read with
-    ``torch.load(path, weights_only=True)``): every layer takes the format the state dict holds
-    (:func:`inference_plan`), then the state dict is loaded. ``model`` itself is not touched, so
-    a refused load (``RuntimeError`` naming expected vs got) leaves it as it was."""
-    plan = inference_plan(state_dict)
+_FILE_FORMAT = "sparsekern.inference/1"
+# File layout: this magic, torch.save bytes of {"format", "state_dict"}, SHA-256 of both.
+_MAGIC = b"SKINF\x01\n"
+
+
+def save_inference(model: nn.Module, path: str | os.PathLike) -> dict:
+    """Write an exported model (``to_inference``'s output; any model works) to ``path``:
+    its state dict (tensors and plain extra state), atomically (a temporary file in the same
+    folder, then a rename: a killed save leaves the previous file whole) with a SHA-256 checksum
+    that :func:`load_inference` verifies before parsing.
+
+    Returns ``{"path", "file_bytes", "layers": inference_plan(state dict)}``."""
+    check_model(model, "save_inference")
+    state = model.state_dict()
+    plan = inference_plan(state)
+    size = save_torch_checked({"format": _FILE_FORMAT, "state_dict": state}, path, _MAGIC)
+    return {"path": str(path), "file_bytes": size, "layers": plan}
+
+
+def _read_inference(path) -> dict:
+    try:
+        state = load_torch_checked(path, _MAGIC, "save_inference")
+    except ValueError as e:
+        raise InferenceFileError(str(e)) from e
+    if not isinstance(state, dict) or state.get("format") != _FILE_FORMAT:
+        got = state.get("format") if isinstance(state, dict) else type(state).__name__
+        raise InferenceFileError(f"{path}: expected format {_FILE_FORMAT!r}, got {got!r}")
+    sd = state.get("state_dict")
+    if not isinstance(sd, dict):
+        raise InferenceFileError(
+            f"{path}: expected a state dict in the file, got {type(sd).__name__}"
+        )
+    return sd
+
+
+class InferenceFileError(ValueError):
+    """A file given to :func:`load_inference` is missing, truncated, corrupted or foreign; the
+    message names the file and what was expected vs got."""
+
+
+def load_inference(path, model: nn.Module | None = None, strict: bool = True):
+    """Read an exported model back.
+
+    * ``load_inference(path)``: the state dict a :func:`save_inference` file holds (checksum
+      verified before anything is parsed, then ``torch.load(weights_only=True)``); a truncated
+      or corrupted file raises :class:`InferenceFileError` naming the file.
+    * ``load_inference(path, model)``: the exported model rebuilt from ``model`` (the
+      architecture, e.g. a freshly built sparsified model): every layer takes the format the
+      file holds (:func:`inference_plan`), then the state dict is loaded.
+    * ``load_inference(model, state_dict)``: the same from a state dict in memory.
+
+    ``model`` itself is never touched, so a refused load (``RuntimeError`` naming expected vs
+    got) leaves it as it was."""
+    if isinstance(path, nn.Module):  # load_inference(model, state_dict)
+        model, state_dict, where = path, model, "load_inference"
+    else:
+        state_dict, where = _read_inference(path), str(path)
+        if model is None:
+            return state_dict
+    check_model(model, "load_inference")
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"load_inference: expected a state dict, got {type(state_dict).__name__}")
+    try:
+        plan = inference_plan(state_dict)
+    except ValueError as e:
+        raise InferenceFileError(f"{where}: {e}") from None
     blocks = {}
     for name, fmt in plan.items():
         extra = state_dict.get(f"{name}._extra_state" if name else "_extra_state")
