@@ -205,7 +205,8 @@ class BlockSparseMatrix:
     @classmethod
     def from_dense(cls, dense: torch.Tensor, block_size=(32, 32), mask: torch.Tensor | None = None):
         """Keep the blocks of ``dense [rows, cols]`` that hold any nonzero, or, with ``mask`` (bool,
-        ``dense``'s shape), any True; stored blocks hold ``dense * mask``."""
+        ``dense``'s shape), any True; stored blocks hold ``where(mask, dense, 0)``: a pruned entry
+        is zero whatever ``dense`` holds there (inf and NaN included)."""
         bm, bk = block_size_pair(block_size)
         if not isinstance(dense, torch.Tensor) or dense.dim() != 2:
             got = list(dense.shape) if isinstance(dense, torch.Tensor) else type(dense).__name__
@@ -213,6 +214,10 @@ class BlockSparseMatrix:
         if not dense.is_floating_point():
             raise BlockSparseFormatError(
                 f"dense: expected a floating-point dtype, got {dense.dtype}"
+            )
+        if dense.device.type == "meta":  # which blocks hold a nonzero is data, which meta lacks
+            raise BlockSparseFormatError(
+                "dense: expected a tensor with data (cpu, cuda), got one on the meta device"
             )
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
@@ -223,7 +228,11 @@ class BlockSparseMatrix:
                     f"mask: expected shape {list(dense.shape)} on {dense.device}, got "
                     f"{list(mask.shape)} on {mask.device}"
                 )
-            dense = dense * mask
+            # where, not a product: a pruned entry holding inf or NaN is stored as 0 (inf * 0 is
+            # NaN); the one semantics of non-finite values (where-semantics)
+            dense = torch.where(
+                mask, dense, torch.zeros((), dtype=dense.dtype, device=dense.device)
+            )
             occ = block_occupancy(mask, (bm, bk))
         else:
             occ = block_occupancy(dense != 0, (bm, bk))

@@ -143,3 +143,59 @@ def test_load_inference_missing_values_entry_is_named():
     del sd["0.values"]
     with pytest.raises(ValueError, match=r"layer '0': expected 0.values beside 0.row_ptr"):
         sk.load_inference(_pruned_mlp(), sd)
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_input_same_outputs_nonfinite_on_every_path(fmt, bad):
+    """One semantics: the exported layer's non-finite outputs are the dense product's."""
+    model = _pruned_mlp()
+    layer = model[2]
+    x = torch.randn(3, 32)
+    x[1, 5] = bad
+    x[2, 7] = -bad
+    with torch.no_grad():
+        dense = to_inference(layer, format="dense")(x)
+        sparse = to_inference(layer, format=fmt)(x)
+        trained = layer(x)
+    assert torch.equal(torch.isfinite(sparse), torch.isfinite(dense))
+    assert torch.equal(torch.isfinite(trained), torch.isfinite(dense))
+    assert bool(torch.isfinite(sparse[0]).all()) and not bool(torch.isfinite(sparse[1:]).any())
+    torch.testing.assert_close(sparse[0], dense[0])
+    xg = x.clone().requires_grad_()  # the autograd path agrees
+    assert torch.equal(torch.isfinite(to_inference(layer, format=fmt)(xg)), torch.isfinite(dense))
+
+
+@pytest.mark.parametrize("fmt", ["csr", "bsr"])
+def test_nonfinite_input_conv_matches_dense_pattern(fmt):
+    torch.manual_seed(0)
+    conv = sk.sparsify(nn.Sequential(nn.Conv2d(16, 16, 3, padding=1)))[0].eval()
+    sk.set_mask(conv, torch.rand(conv.weight.shape) < 0.1)
+    x = torch.randn(2, 16, 6, 6)
+    x[0, 3, 2, 4] = float("nan")
+    with torch.no_grad():
+        dense = to_inference(conv, format="dense")(x)
+        sparse = to_inference(conv, format=fmt)(x)
+    assert torch.equal(torch.isfinite(sparse), torch.isfinite(dense))
+    assert int((~torch.isfinite(dense)).sum()) == 16 * 9  # every channel, 3x3 positions
+    torch.testing.assert_close(sparse[1], dense[1])
+
+
+def test_inf_at_pruned_entries_is_stored_as_zero():
+    w = torch.randn(32, 32)
+    mask = torch.rand(32, 32) < 0.5
+    w[~mask] = float("inf")
+    m = sk.BlockSparseMatrix.from_dense(w, (16, 16), mask=mask)
+    assert bool(torch.isfinite(m.to_dense()).all())
+    torch.testing.assert_close(m.to_dense(), torch.where(mask, w, 0))
+    c = sk.CSRMatrix.from_dense(w, mask=mask)
+    torch.testing.assert_close(c.to_dense(), torch.where(mask, w, 0))
+
+
+def test_meta_tensor_in_from_dense_is_named():
+    from sparsekern.formats import BlockSparseFormatError
+
+    with pytest.raises(BlockSparseFormatError, match=r"got one on the meta device"):
+        sk.BlockSparseMatrix.from_dense(torch.randn(32, 32, device="meta"))
+    with pytest.raises(ValueError, match=r"got one on the meta device"):
+        sk.CSRMatrix.from_dense(torch.randn(32, 32, device="meta"))

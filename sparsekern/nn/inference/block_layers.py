@@ -14,6 +14,7 @@ from torch import nn
 from sparsekern.formats.block_sparse import BlockSparseMatrix, block_size_pair
 from sparsekern.nn.csr_layers import DenseFallback, check_dense_above, plain_cpu_call
 from sparsekern.nn.sparse_conv2d import symmetric_zero_padding
+from sparsekern.ops._checks import nonfinite_conv, nonfinite_rows
 from sparsekern.ops._dispatch import use_kernels
 from sparsekern.ops._launch import as_rows
 from sparsekern.ops.block_sparse_conv2d import (
@@ -243,19 +244,23 @@ class BlockSparseLinear(_BlockSparseLayer):
         """``[..., in_features] -> [..., out_features]``."""
         if self._above(input.numel() // max(self.in_features, 1)):
             return F.linear(input, self._dense_weight(), self.bias)
-        if input.shape[-1] == self.in_features:
-            if plain_cpu_call(input, self.values, self.bias):
-                return _bsr_cpu_forward(input, self, self.bias)
-            if (
-                input.dtype in _MKL_DTYPES
-                and input.dtype == self.values.dtype
-                and input.device.type == "cpu"
-                and not use_kernels(input)
-                and not torch.compiler.is_compiling()
-                and not torch.is_autocast_enabled("cpu")
-            ):
-                return _TorchBSRLinear.apply(input, self.values, self.bias, self)
-        return block_sparse_linear(input, self.weight, self.bias)
+        k = self.in_features
+        if input.shape[-1] != k or input.dim() == 0:
+            return block_sparse_linear(input, self.weight, self.bias)  # its errors name the shapes
+        if plain_cpu_call(input, self.values, self.bias):
+            y = _bsr_cpu_forward(input, self, self.bias)
+        elif (
+            input.dtype in _MKL_DTYPES
+            and input.dtype == self.values.dtype
+            and input.device.type == "cpu"
+            and not use_kernels(input)
+            and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled("cpu")
+        ):
+            y = _TorchBSRLinear.apply(input, self.values, self.bias, self)
+        else:
+            y = block_sparse_linear(input, self.weight, self.bias)
+        return nonfinite_rows(input.reshape(-1, k), y.reshape(-1, self.out_features)).view_as(y)
 
     def _torch_bsr(self) -> torch.Tensor:
         """torch's BSR tensor of the stored blocks (padded size, int32 indices, values aliased),
@@ -356,7 +361,9 @@ class BlockSparseConv2d(_BlockSparseLayer):
         mask = conv._buffers.get("mask")
         with torch.no_grad():
             w = conv.weight.detach()
-            g = conv_weight_to_gemm(w if mask is None else w * mask, bk)
+            if mask is not None:  # where-semantics: inf / NaN at a pruned entry is stored as 0
+                w = torch.where(mask, w, torch.zeros((), dtype=w.dtype, device=w.device))
+            g = conv_weight_to_gemm(w, bk)
             gm = None if mask is None else conv_weight_to_gemm(mask, bk)
             W = BlockSparseMatrix.from_dense(g, (bm, bk), mask=gm)
         new = cls(
@@ -395,6 +402,7 @@ class BlockSparseConv2d(_BlockSparseLayer):
                 x, self.weight, self.weight_shape, self.bias, self.stride, self.padding,
                 self.dilation,
             )  # fmt: skip
+            y = nonfinite_conv(x, y, self.kernel_size, self.stride, self.padding, self.dilation)
         return y.squeeze(0) if unbatched else y
 
     def to_dense(self) -> torch.Tensor:
