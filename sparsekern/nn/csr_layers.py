@@ -418,6 +418,11 @@ class CSRConv2d(_CSRLayer):
                 f"CSRConv2d: expected input [N, {self.in_channels}, H, W] or "
                 f"[{self.in_channels}, H, W], got {list(input.shape)}"
             )
+        if x.dtype != self.values.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"CSRConv2d: expected input of the weight's dtype {self.values.dtype}, got "
+                f"{x.dtype}"
+            )
         if self.input_pad is not None:
             x = F.pad(x, self.input_pad, mode=self.pad_mode)
         if self._above(x.shape[0]):

@@ -199,3 +199,11 @@ def test_meta_tensor_in_from_dense_is_named():
         sk.BlockSparseMatrix.from_dense(torch.randn(32, 32, device="meta"))
     with pytest.raises(ValueError, match=r"got one on the meta device"):
         sk.CSRMatrix.from_dense(torch.randn(32, 32, device="meta"))
+
+
+def test_int_input_to_csr_conv_export_is_named():
+    conv = sk.sparsify(nn.Sequential(nn.Conv2d(4, 4, 3)))[0]
+    exported = to_inference(conv, format="csr")
+    with pytest.raises(TypeError, match=r"CSRConv2d: expected input of the weight's dtype "
+                       r"torch.float32, got torch.int64"):  # fmt: skip
+        exported(torch.randint(0, 5, (1, 4, 6, 6)))
