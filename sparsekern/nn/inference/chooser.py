@@ -389,3 +389,65 @@ def format_choices(choices: dict[str, LayerChoice]) -> str:
         lines.append(f"{name or '<model>'}: {c.kind} {shape}, {c.density:.1%} kept -> {fmt}: "
                      f"{c.reason}")  # fmt: skip
     return "\n".join(lines)
+
+
+def linear_view(m: nn.Module) -> nn.Linear:
+    """HF ``Conv1D`` / ``SparseConv1D`` (``y = x @ W + b``, ``W [in, out]``) as the
+    ``nn.Linear`` computing the same (``W^T``, a copy) with its mask transposed alike: what the
+    format builders take."""
+    w = m.weight.detach()
+    lin = nn.Linear(w.shape[0], w.shape[1], bias=m.bias is not None, device="meta", dtype=w.dtype)
+    lin.weight = nn.Parameter(w.t().contiguous(), requires_grad=m.weight.requires_grad)
+    if m.bias is not None:
+        lin.bias = nn.Parameter(m.bias.detach().clone(), requires_grad=m.bias.requires_grad)
+    mask = m._buffers.get("mask")
+    if mask is not None:
+        lin.register_buffer("mask", mask.t().contiguous())
+    lin.train(m.training)
+    return lin
+
+
+_ATTENTION_WHY = (
+    "attention projections stay dense: nn.MultiheadAttention's forward (and its fused fast path) "
+    "reads in_proj_weight and out_proj.weight as tensors, which a CSR / BSR layer does not hold"
+)
+
+
+def attention(name: str, m: nn.Module, fmt: str):
+    """A ``SparseMultiheadAttention`` as a plain ``nn.MultiheadAttention`` holding its masked
+    projection weights (``where(mask, w, 0)``, copies) for any format but ``"keep"``; returns
+    ``(module, LayerChoice)``."""
+    masks = [c for c in m.children() if "mask" in c._buffers]
+    kept = sum(int(c.mask.count_nonzero()) for c in masks)
+    total = sum(c.mask.numel() for c in masks)
+    choice = LayerChoice(
+        name, "attention", (m.embed_dim, m.embed_dim), kept / max(total, 1), "dense", "forced", ""
+    )
+    if fmt == "keep":
+        choice.format, choice.reason = "keep", "kept as it is (format 'keep')"
+        return m, choice
+    new = nn.MultiheadAttention.__new__(nn.MultiheadAttention)
+    new.__dict__.update(m.__dict__)
+    for attr in ("_parameters", "_buffers", "_modules"):
+        new.__dict__[attr] = type(m.__dict__[attr])(m.__dict__[attr])
+    for c in masks:
+        new._modules.pop(next(k for k, v in m._modules.items() if v is c))
+    zero = torch.zeros((), dtype=m.out_proj.weight.dtype, device=m.out_proj.weight.device)
+    for c in masks:
+        if c is m.out_proj:
+            continue
+        w = m._parameters[c._param_name]
+        new._parameters[c._param_name] = nn.Parameter(
+            torch.where(c.mask, w.detach(), zero), requires_grad=w.requires_grad
+        )
+    op = m.out_proj
+    out = nn.modules.linear.NonDynamicallyQuantizableLinear(
+        op.in_features, op.out_features, bias=op.bias is not None, device="meta",
+        dtype=op.weight.dtype,
+    )  # fmt: skip
+    dense = _dense_copy(op)
+    out.weight, out.bias = dense.weight, dense.bias
+    out.train(op.training)
+    new._modules["out_proj"] = out
+    choice.reason = _ATTENTION_WHY
+    return new, choice

@@ -14,6 +14,7 @@ from sparsekern._timing import interleaved_times
 from sparsekern.formats._files import load_torch_checked, save_torch_checked
 from sparsekern.formats.block_sparse import block_size_pair
 from sparsekern.nn._checks import check_model, pruned_nonzero
+from sparsekern.nn._swap import find_slots, swap_slots
 from sparsekern.nn.inference import chooser
 from sparsekern.nn.inference.chooser import (
     DEFAULT_BATCH_SIZES,
@@ -22,6 +23,7 @@ from sparsekern.nn.inference.chooser import (
     LayerChoice,
     format_choices,
 )
+from sparsekern.nn.sparse_attention import SparseConv1D, SparseMultiheadAttention, is_hf_conv1d
 from sparsekern.nn.sparse_conv2d import SparseConv2d
 from sparsekern.nn.sparse_linear import SparseLinear
 
@@ -38,10 +40,38 @@ __all__ = [
 
 
 def _convertible(m: nn.Module, dense_too: bool, conv: bool) -> bool:
-    if isinstance(m, SparseLinear) or (dense_too and type(m) is nn.Linear):
+    if isinstance(m, (SparseLinear, SparseConv1D, SparseMultiheadAttention)):
+        return True
+    if dense_too and (type(m) is nn.Linear or is_hf_conv1d(m)):
         return True
     convish = isinstance(m, SparseConv2d) or (dense_too and type(m) is nn.Conv2d)
     return conv and convish
+
+
+def _masked_parts(m: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(relative name, module)`` of the masks ``m`` carries: itself, or an attention's
+    projection masks."""
+    if isinstance(m, SparseMultiheadAttention):
+        return [(n, c) for n, c in m.named_children() if "mask" in c._buffers]
+    return [("", m)]
+
+
+def _skip_fused(module, args):  # a forward pre-hook: see _no_fused_encoder_path
+    return None
+
+
+def _no_fused_encoder_path(model: nn.Module) -> None:
+    """``nn.TransformerEncoderLayer``'s eval fast path hands ``linear1.weight`` /
+    ``linear2.weight`` as tensors to one fused op; an exported (CSR / BSR) feed-forward layer has
+    none. torch takes its regular path when a submodule has a forward hook: register a no-op one
+    on each exported feed-forward layer (about 1 us a call)."""
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoderLayer):
+            for lin in (m.linear1, m.linear2):
+                if not isinstance(lin, nn.Linear) and _skip_fused not in (
+                    lin._forward_pre_hooks.values()
+                ):
+                    lin.register_forward_pre_hook(_skip_fused)
 
 
 def _check_batch_sizes(batch_sizes) -> tuple[int, ...]:
@@ -156,38 +186,34 @@ def _convert(
     chooser.warn_if_loaded(format, calibrate)
 
     target = model if inplace else copy.deepcopy(model)
-    # (parent, attribute, name, module) for every convertible layer, outermost first
-    found: list[tuple[nn.Module | None, str, str, nn.Module]] = []
-
-    def walk(parent: nn.Module, prefix: str) -> None:
-        for attr, child in parent._modules.items():
-            if child is None:
-                continue
-            name = f"{prefix}.{attr}" if prefix else attr
-            if _convertible(child, dense_too, conv):
-                found.append((parent, attr, name, child))
-            else:
-                walk(child, name)
-
-    if _convertible(target, dense_too, conv):
-        found.append((None, "", "", target))
-    else:
-        walk(target, "")
+    found = find_slots(target, lambda m: _convertible(m, dense_too, conv))
     first_name: dict[int, str] = {}
     for _, _, name, child in found:
         first_name.setdefault(id(child), name)
+    names = [n for _, _, n, _ in found]
+
+    def fmt_of(name: str, child: nn.Module) -> str:
+        if isinstance(format, str):
+            return format
+        if isinstance(child, SparseMultiheadAttention) and name not in format:
+            # an exported attention's state dict names its out_proj (a dense Linear)
+            return "dense" if f"{name}.out_proj" in format else "keep"
+        return format.get(name, "keep")
+
     if isinstance(format, dict) and known_names_only:
-        unknown = sorted(k for k in format if k not in {n for _, _, n, _ in found})
+        unknown = sorted(k for k in format if k not in set(names))
         if unknown:
             raise ValueError(
                 f"to_inference: format names layers that are not convertible layers of the "
-                f"model: {unknown}; expected names among {[n for _, _, n, _ in found]}"
+                f"model: {unknown}; expected names among {names}"
             )
     if not empty:  # the mask invariant: an export drops pruned weights, so they must be zero
         converted = [
-            (n, c) for _, _, n, c in found
-            if (format if isinstance(format, str) else format.get(n, "keep")) != "keep"
-        ]  # fmt: skip
+            (f"{n}.{sub}" if n and sub else n or sub, layer)
+            for _, _, n, c in found
+            if fmt_of(n, c) != "keep"
+            for sub, layer in _masked_parts(c)
+        ]
         bad = pruned_nonzero(converted)
         if bad:
             raise ValueError(
@@ -201,10 +227,14 @@ def _convert(
     needs_shapes = format == "auto" or (isinstance(format, dict) and "auto" in format.values())
     if example_input is not None and needs_shapes and calibrate:
         shapes = chooser.input_shapes(target, example_input, first_name)
-    done: dict[int, nn.Module] = {}
-    for parent, attr, name, child in found:
-        if id(child) not in done:
-            fmt = format if isinstance(format, str) else format.get(name, "keep")
+
+    def new_of(name: str, child: nn.Module) -> nn.Module:
+        fmt = fmt_of(name, child)
+        if isinstance(child, SparseMultiheadAttention):
+            new, choice = chooser.attention(name, child, fmt)
+        else:
+            if is_hf_conv1d(child) or isinstance(child, SparseConv1D):
+                child = chooser.linear_view(child)  # x @ W + b is F.linear(x, W^T, b)
             if fmt == "auto":
                 sizes = fixed_sizes or DEFAULT_BATCH_SIZES.get(
                     child.weight.device.type, DEFAULT_BATCH_SIZES["cpu"]
@@ -219,12 +249,11 @@ def _convert(
             else:
                 block = (blocks or {}).get(name, block_size)
                 new, choice = chooser.forced(name, child, fmt, block, empty)
-            new.inference_choice = choice
-            done[id(child)] = new
-        if parent is None:
-            target = done[id(child)]
-        else:
-            setattr(parent, attr, done[id(child)])
+        new.inference_choice = choice
+        return new
+
+    target = swap_slots(target, found, new_of)
+    _no_fused_encoder_path(target)
     if verbose:
         print(format_choices(inference_choices(target)))
     return target
