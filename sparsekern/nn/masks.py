@@ -249,13 +249,13 @@ def apply_masks(
         _apply_checked(module, mask, optimizer)
 
 
-def _masked_modules(model: nn.Module):
+def _masked_modules(model: nn.Module, any_shape: bool = False):
     seen = set()
     for name, module in model.named_modules():
         mask = module._buffers.get("mask")
         weight = getattr(module, "weight", None)
         sparse = isinstance(mask, torch.Tensor) and isinstance(weight, torch.Tensor)
-        if sparse and id(module) not in seen and mask.shape == weight.shape:
+        if sparse and id(module) not in seen and (any_shape or mask.shape == weight.shape):
             seen.add(id(module))
             yield name, module
 
@@ -276,8 +276,13 @@ def mask_problems(model: nn.Module, fix: bool = False) -> dict[str, list[str]]:
             optimizer (or ``zero_optimizer_state``) for momentum and Adam moments.
     """
     found: dict[str, list[str]] = {}
-    for name, module in _masked_modules(model):
+    for name, module in _masked_modules(model, any_shape=True):
         mask, weight = module._buffers["mask"], module.weight
+        if mask.shape != weight.shape:  # the weight was replaced (a resized embedding, tied)
+            found[name] = [
+                f"mask shape: expected the weight's {_shape(weight)}, got {_shape(mask)}"
+            ]
+            continue
         if mask.dtype != torch.bool:
             found[name] = [f"mask dtype: expected torch.bool, got {mask.dtype}"]
             continue

@@ -10,6 +10,7 @@ from torch import nn
 
 from sparsekern.formats.block_sparse import block_size_pair
 from sparsekern.nn._checks import check_model
+from sparsekern.nn._hf_resize import keep_masks_on_resize
 from sparsekern.nn._sparse_module import is_sparse_module
 from sparsekern.nn.masks import mask_every_gradient
 from sparsekern.nn.sparse_attention import SparseConv1D, SparseMultiheadAttention, is_hf_conv1d
@@ -156,6 +157,7 @@ def sparsify(model: nn.Module, layers=DEFAULT_LAYERS, block_size=None) -> nn.Mod
 
     walk(model)
     _share_masks_and_mask_tied(model)
+    keep_masks_on_resize(model)  # HF resize_token_embeddings would drop the LM head's mask
     report = coverage(model)
     if report.dense_weights:
         names = ", ".join(report.dense_weights[:6]) + (

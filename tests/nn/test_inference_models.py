@@ -95,3 +95,36 @@ def test_gpt2_conv1d_exports_like_linear(tmp_path):
         torch.testing.assert_close(back(ids).logits, ref, rtol=1e-4, atol=1e-5)
     dense = to_inference(model, format="dense")  # a Conv1D as dense: nn.Linear, W^T
     assert type(dense.transformer.h[0].mlp.c_fc) is nn.Linear
+
+
+def _llama(vocab=50):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("build", [_llama, _gpt2])
+def test_resize_token_embeddings_keeps_the_mask(build):
+    model = _prune(_sparse(build()))
+    old = model.get_output_embeddings().mask.clone()
+    model.resize_token_embeddings(60)
+    head = model.get_output_embeddings()
+    assert isinstance(head, sk.SparseLinear) and head.weight.shape[0] == 60
+    assert torch.equal(head.mask[:50], old) and bool(head.mask[50:].all())
+    assert sk.check_masks(model) == []
+    assert bool((head.weight[:50][~old] == 0).all())
+    ids = torch.randint(0, 60, (2, 5))
+    assert model(ids).logits.shape == (2, 5, 60)
+
+
+def test_check_masks_names_a_mask_of_another_shape():
+    model = _sparse(nn.Sequential(nn.Linear(4, 3)))
+    model[0]._buffers["mask"] = torch.ones(2, 4, dtype=torch.bool)
+    assert sk.nn.mask_problems(model) == {
+        "0": ["mask shape: expected the weight's [3, 4], got [2, 4]"]
+    }
