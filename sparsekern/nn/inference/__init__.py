@@ -37,6 +37,7 @@ from sparsekern._timing import interleaved_times
 from sparsekern.nn.inference.block_layers import DEFAULT_BLOCK, BlockSparseConv2d, BlockSparseLinear
 from sparsekern.nn.inference.chooser import (
     BSR_MAX_BLOCK_DENSITY,
+    CALIBRATION_BUDGET_S,
     DEFAULT_BATCH_SIZES,
     DEFAULT_MARGIN,
     FORMATS,
@@ -58,6 +59,7 @@ from sparsekern.nn.inference.export import (
 
 __all__ = [
     "BSR_MAX_BLOCK_DENSITY",
+    "CALIBRATION_BUDGET_S",
     "BlockSparseConv2d",
     "BlockSparseLinear",
     "DEFAULT_BATCH_SIZES",

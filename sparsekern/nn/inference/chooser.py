@@ -6,13 +6,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import time
 import warnings
 
 import torch
 from torch import nn
 
-from sparsekern._timing import interleaved_times
-from sparsekern.formats.block_sparse import block_size_pair
+from sparsekern._timing import interleaved_times, other_load
+from sparsekern.formats.block_sparse import block_occupancy, block_size_pair
 from sparsekern.nn.csr_layers import CSRConv2d, CSRLinear, check_dense_above
 from sparsekern.nn.inference.block_layers import (
     DEFAULT_BLOCK,
@@ -20,10 +21,12 @@ from sparsekern.nn.inference.block_layers import (
     BlockSparseLinear,
 )
 from sparsekern.nn.sparse_conv2d import symmetric_zero_padding
+from sparsekern.ops.block_sparse_conv2d import conv_weight_to_gemm
 from sparsekern.ops.csr_linear import KERNEL_MAX_ROWS
 
 __all__ = [
     "BSR_MAX_BLOCK_DENSITY",
+    "CALIBRATION_BUDGET_S",
     "DEFAULT_BATCH_SIZES",
     "DEFAULT_MARGIN",
     "FORMATS",
@@ -44,6 +47,10 @@ DEFAULT_MARGIN = 0.9
 # BSR is a candidate when at most this fraction of the blocks hold a kept weight (a block kept for
 # one weight costs bm*bk multiply-adds).
 BSR_MAX_BLOCK_DENSITY = 0.5
+# A whole model's calibration stops timing after this many seconds (the rest: the static rule);
+# with decisions reused across layers of one shape, torchvision resnet18 / vit_b_16 at batch 1
+# take a fraction of it (the issue measured 183 s and 238 s before).
+CALIBRATION_BUDGET_S = 12.0
 
 # The static rule (``calibrate=False``, and conv layers timed without an example input): per
 # (device type, layer kind, format), ``(min weights, largest kept fraction)`` rows, the first row
@@ -181,15 +188,19 @@ def _build(m: nn.Module, fmt: str, block_size=None, dense_above=None, empty: boo
     return new
 
 
-def _measure(modules: dict[str, nn.Module], make_input, batch_sizes, device) -> dict:
+def _measure(
+    modules: dict[str, nn.Module], make_input, batch_sizes, device, budget_s: float = 2.0
+) -> dict:
     """``{fmt: {batch: (median us, dense time / fmt time)}}`` for ``modules`` (``"dense"``
-    first), timed interleaved under ``torch.no_grad`` at each batch size."""
+    first), timed interleaved under ``torch.no_grad`` at each batch size (about ``budget_s``
+    seconds each)."""
     out: dict = {f: {} for f in modules}
     with torch.no_grad():
         for b in batch_sizes:
             x = make_input(b)
             fns = {f: (lambda m=m, x=x: m(x)) for f, m in modules.items()}
-            for f, (sec, ratio) in interleaved_times(fns, device=device).items():
+            res = interleaved_times(fns, budget_s=budget_s, device=device, min_repeats=3)
+            for f, (sec, ratio) in res.items():
                 out[f][b] = (sec * 1e6, ratio)
     return out
 
@@ -266,53 +277,98 @@ def _static(m: nn.Module, device_type: str, density: float, block_density, why: 
     )
 
 
-def auto(name, m, *, block_size, batch_sizes, sample_shape, calibrate, margin):
-    """Convert ``m`` to the format chosen for it; returns ``(module, LayerChoice)``."""
+def _block_density(m: nn.Module, block: tuple[int, int]) -> float:
+    """Stored fraction of ``block`` blocks that a BSR copy of ``m`` would have."""
+    kept = _kept(m)
+    if isinstance(m, nn.Conv2d):
+        kept = conv_weight_to_gemm(kept, block[1])
+    occ = block_occupancy(kept, block)
+    return int(occ.count_nonzero()) / max(occ.numel(), 1)
+
+
+def _decision_key(m, dtype, sample_shape, density, block_density, candidates) -> tuple:
+    """Layers with equal keys take one decision: same kind, weight shape, geometry, input,
+    dtype, device, candidates and kept fractions within 1% (the crossovers are far wider)."""
+    geometry = (
+        (m.stride, m.padding, m.dilation, m.groups, m.padding_mode)
+        if isinstance(m, nn.Conv2d)
+        else ()
+    )
+    bd = None if block_density is None else round(block_density, 2)
+    return (
+        _kind(m), tuple(m.weight.shape), geometry, tuple(sample_shape), dtype,
+        str(m.weight.device), round(density, 2), bd, tuple(candidates),
+    )  # fmt: skip
+
+
+def auto(name, m, *, block_size, batch_sizes, sample_shape, calibrate, margin, cal=None):
+    """Convert ``m`` to the format chosen for it; returns ``(module, LayerChoice)``. ``cal``:
+    the model's :class:`Calibration` (budget, reused decisions, load fallback)."""
+    cal = Calibration() if cal is None else cal
     kind, dev = _kind(m), m.weight.device
     density = _density(m)
     choice = LayerChoice(name, kind, tuple(m.weight.shape), density, "dense", "calibrated", "")
-    built: dict[str, nn.Module] = {"dense": _dense_copy(m)}
-    notes = []
+    # candidates are built only to be timed, or once chosen (a static choice builds one)
+    candidates, notes, block = ["dense"], [], None
     if density >= 1.0:
         notes.append("csr: nothing pruned")
     elif _cannot(m, "csr"):
         notes.append(_cannot(m, "csr"))
     else:
-        built["csr"] = _build(m, "csr")
+        candidates.append("csr")
     block_density = None
     if _cannot(m, "bsr"):
         notes.append(_cannot(m, "bsr"))
     else:
-        bsr = _build(m, "bsr", block_size)
-        block_density = float(bsr.density)
+        block = _bsr_block(m, block_size)
+        block_density = _block_density(m, block)  # from the mask: no values copied
         if block_density <= BSR_MAX_BLOCK_DENSITY:
-            built["bsr"] = bsr
-            choice.block_size = bsr.block_size
+            candidates.append("bsr")
         else:
             notes.append(
-                f"bsr: {block_density:.0%} of {bsr.block_size[0]}x{bsr.block_size[1]} blocks "
-                f"hold a kept weight (> {BSR_MAX_BLOCK_DENSITY:.0%})"
+                f"bsr: {block_density:.0%} of {block[0]}x{block[1]} blocks hold a kept weight "
+                f"(> {BSR_MAX_BLOCK_DENSITY:.0%})"
             )
     note = f" [{'; '.join(notes)}]" if notes else ""
-    if len(built) == 1:
+    if len(candidates) == 1:
         choice.reason = "dense: no sparse candidate" + note
         choice.source = "static"
-        return built["dense"], choice
-    if not calibrate or sample_shape is None:
-        why = "calibrate=False" if not calibrate else "no example_input to time a conv layer"
+        return _dense_copy(m), choice
+    why = None
+    if not calibrate:
+        why = "calibrate=False"
+    elif sample_shape is None:
+        why = "no example_input to time a conv layer"
+    elif cal.static_why:
+        why = cal.static_why
+    key = None if why else _decision_key(
+        m, m.weight.dtype, sample_shape, density, block_density, candidates
+    )  # fmt: skip
+    if why is None and key not in cal.decisions and cal.left() <= 0:
+        why = f"calibration budget of {cal.budget_s:.0f} s spent"
+    built: dict[str, nn.Module] = {}
+    if why is not None:
         fmt, dense_above, reason = _static(m, dev.type, density, block_density, why)
         choice.source = "static"
+    elif key in cal.decisions:
+        first, fmt, dense_above, reason, ratios, times = cal.decisions[key]
+        choice.ratios, choice.times_us = ratios, times
+        reason = f"as timed for {first!r} (same shape, input and kept fraction): {reason}"
     else:
+        built = {f: _build(m, f, block) for f in candidates}
         dtype = m.weight.dtype
         make = lambda b: torch.randn(b, *sample_shape, dtype=dtype, device=dev)  # noqa: E731
-        measured = _measure(built, make, batch_sizes, dev)
+        share = cal.left() / max(cal.undecided, 1)  # the budget shared by the shapes left
+        per_batch = max(0.05, min(2.0, share / (2 * len(batch_sizes))))
+        cal.undecided -= 1
+        measured = _measure(built, make, batch_sizes, dev, budget_s=per_batch)
         choice.times_us = {f: {b: v[0] for b, v in per.items()} for f, per in measured.items()}
         choice.ratios = {f: {b: v[1] for b, v in per.items()} for f, per in measured.items()}
         fmt, dense_above, reason = _choose(choice.ratios, batch_sizes, margin)
+        cal.decisions[key] = (name, fmt, dense_above, reason, choice.ratios, choice.times_us)
     choice.format, choice.dense_above, choice.reason = fmt, dense_above, reason + note
-    if fmt != "bsr":
-        choice.block_size = None
-    new = built[fmt]
+    new = built[fmt] if fmt in built else _build(m, fmt, block)
+    choice.block_size = new.block_size if fmt == "bsr" else None
     if fmt != "dense":
         new.dense_above = dense_above
     return new, choice
@@ -362,22 +418,62 @@ def input_shapes(model: nn.Module, example_input, names: dict[int, str]) -> dict
     return shapes
 
 
-def warn_if_loaded(format, calibrate: bool) -> None:
-    """Calibrating on a CPU whose other processes take the cores our threads need times noise:
-    on the 2-core machine at load 2-4, torch's 2-thread MKL calls stall for 8 ms and a
-    9216 x 4096 layer that is 3.8x faster as CSR measured 1.0x. Say so."""
+def machine_busy() -> str | None:
+    """Why a timing here would be noise (None: the machine is quiet enough): other processes keep
+    busy the cores our threads need. On the 2-core machine at load 2-4, torch's 2-thread MKL
+    calls stall for 8 ms and a 9216 x 4096 layer that is 3.8x faster as CSR measured 1.0x; a
+    calibration under load chose formats giving 1.05x at batch 1 where the quiet figure was 3.4x.
+    Other processes only (:func:`sparsekern._timing.other_load`): this process's own recent work
+    does not count."""
+    cores, threads = os.cpu_count() or 1, torch.get_num_threads()
+    busy = other_load()
+    if busy is None:
+        if not hasattr(os, "getloadavg"):
+            return None
+        busy, what = os.getloadavg()[0], "the 1-minute load average"
+    else:
+        what = "other processes"
+    idle = cores - busy
+    if idle < threads - 0.5:
+        return (
+            f"{what} keep {busy:.1f} of {cores} cores busy, leaving {max(idle, 0):.1f} for "
+            f"{threads} threads"
+        )
+    return None
+
+
+@dataclasses.dataclass
+class Calibration:
+    """The state of one ``to_inference`` calibration: a time budget for the whole model, the
+    decisions taken so far (reused for layers of the same shape, kept fraction and input), and
+    why every layer takes the static rule instead (a loaded machine)."""
+
+    budget_s: float = CALIBRATION_BUDGET_S
+    static_why: str | None = None
+    undecided: int = 1  # shapes still to time (the caller's estimate)
+    decisions: dict = dataclasses.field(default_factory=dict)
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+
+    def left(self) -> float:
+        return self.budget_s - (time.perf_counter() - self.start)
+
+
+def start_calibration(format, calibrate: bool, budget_s: float = None) -> Calibration:
+    """A :class:`Calibration`; when the machine is loaded (:func:`machine_busy`) it warns and
+    sends every layer to the static rule: a timing on a loaded machine never decides."""
+    cal = Calibration(CALIBRATION_BUDGET_S if budget_s is None else budget_s)
     auto = format == "auto" or (isinstance(format, dict) and "auto" in format.values())
-    if not (auto and calibrate and hasattr(os, "getloadavg")):
-        return
-    idle = (os.cpu_count() or 1) - os.getloadavg()[0]
-    if idle < torch.get_num_threads() - 0.5:
+    if not (auto and calibrate):
+        return cal
+    why = machine_busy()
+    if why:
+        cal.static_why = f"machine loaded: {why}"
         warnings.warn(
-            f"to_inference: calibrating with {torch.get_num_threads()} threads while the 1-minute "
-            f"load average leaves {max(idle, 0):.1f} of {os.cpu_count()} cores idle; the timings "
-            "(and so the choices) may be noise. Export on a quiet machine, or pass "
-            "calibrate=False for the static rule.",
+            f"to_inference: {why}; timings would be noise, so every layer takes the static rule "
+            "(STATIC_RULE). Export on a quiet machine to calibrate.",
             stacklevel=4,
         )
+    return cal
 
 
 def format_choices(choices: dict[str, LayerChoice]) -> str:

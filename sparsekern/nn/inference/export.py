@@ -117,10 +117,16 @@ def to_inference(
             unlisted layers stay as they are). A layer that cannot take a forced format (BSR for
             a grouped conv) stays as it is.
         batch_sizes: calibration batch sizes (rows of x for Linear layers, images for conv
-            layers); default :data:`DEFAULT_BATCH_SIZES` for the layer's device.
+            layers); default: the batch size of ``example_input`` when it is given (time at the
+            batch the model will see), else :data:`DEFAULT_BATCH_SIZES` for the layer's device.
         example_input: a batch (or a tuple of arguments) the model runs on, so that conv layers
             can be timed at their real input size (one forward pass, eval mode).
-        calibrate: time the candidates (default); False: :data:`STATIC_RULE`.
+        calibrate: time the candidates (default); False: :data:`STATIC_RULE`. Timing is
+            refused on a loaded machine (other processes keep busy the cores torch's threads
+            need; this process's own load does not count): a warning, then the static rule for
+            every layer. Layers of one shape, input and kept fraction share one timed decision,
+            and the whole model's timing stops after :data:`CALIBRATION_BUDGET_S` seconds (the
+            remaining layers: the static rule, said in their reason).
         margin: a sparse format must take at most this fraction of the dense time to win a
             batch size (default 0.9).
         block_size: the BSR block ``(bm, bk)``; default each layer's own block size in block
@@ -183,7 +189,11 @@ def _convert(
     if not (isinstance(margin, (int, float)) and 0 < margin <= 1):
         raise ValueError(f"margin: expected a number in (0, 1], got {margin!r}")
     fixed_sizes = None if batch_sizes is None else _check_batch_sizes(batch_sizes)
-    chooser.warn_if_loaded(format, calibrate)
+    if example_input is not None and batch_sizes is None:  # time at the batch the user passes
+        first = example_input[0] if isinstance(example_input, tuple) else example_input
+        if isinstance(first, torch.Tensor) and first.dim() >= 1:
+            fixed_sizes = (max(1, int(first.shape[0])),)
+    cal = chooser.start_calibration(format, calibrate)
 
     target = model if inplace else copy.deepcopy(model)
     found = find_slots(target, lambda m: _convertible(m, dense_too, conv))
@@ -227,6 +237,10 @@ def _convert(
     needs_shapes = format == "auto" or (isinstance(format, dict) and "auto" in format.values())
     if example_input is not None and needs_shapes and calibrate:
         shapes = chooser.input_shapes(target, example_input, first_name)
+    cal.undecided = len({
+        (type(c).__name__, tuple(c.weight.shape), shapes.get(n)) for _, _, n, c in found
+        if fmt_of(n, c) == "auto" and not isinstance(c, SparseMultiheadAttention)
+    })  # fmt: skip
 
     def new_of(name: str, child: nn.Module) -> nn.Module:
         fmt = fmt_of(name, child)
@@ -244,7 +258,7 @@ def _convert(
                     sample = (child.in_features,)
                 new, choice = chooser.auto(
                     name, child, block_size=block_size, batch_sizes=sizes, sample_shape=sample,
-                    calibrate=calibrate, margin=margin,
+                    calibrate=calibrate, margin=margin, cal=cal,
                 )  # fmt: skip
             else:
                 block = (blocks or {}).get(name, block_size)
