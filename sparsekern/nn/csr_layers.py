@@ -23,7 +23,7 @@ from torch import nn
 
 from sparsekern.formats.csr import CSRFormatError, CSRMatrix
 from sparsekern.nn.sparse_conv2d import symmetric_zero_padding
-from sparsekern.ops._checks import nonfinite_conv, nonfinite_rows
+from sparsekern.ops._checks import check_bias, nonfinite_conv, nonfinite_rows
 from sparsekern.ops._dispatch import use_kernels
 from sparsekern.ops.csr_linear import csr_linear, torch_csr_product
 
@@ -75,11 +75,7 @@ class DenseFallback:
         self.register_buffer("row_ptr", weight.row_ptr.clone())
         self.register_buffer("col_idx", weight.col_idx.clone())
         if bias is not None:
-            if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out,):
-                got = list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-                raise ValueError(
-                    f"{type(self).__name__}: expected bias of shape [{out}], got {got}"
-                )
+            check_bias(type(self).__name__, bias, out)
             self.bias = nn.Parameter(bias.detach().clone())
         else:
             self.register_parameter("bias", None)
