@@ -11,7 +11,13 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["atomic_write", "checked_payload", "with_checksum"]
+__all__ = [
+    "atomic_write",
+    "checked_payload",
+    "load_torch_checked",
+    "save_torch_checked",
+    "with_checksum",
+]
 
 # A temporary file of a killed write is this old at least before a later write removes it: a
 # younger one may belong to a write still in progress in another process.
@@ -86,3 +92,36 @@ def checked_payload(data: bytes, magic: bytes, what: str) -> bytes:
             f"got {actual.hex()[:16]}..."
         )
     return body[len(magic) :]
+
+
+def save_torch_checked(obj, path: str | os.PathLike, magic: bytes) -> int:
+    """``torch.save(obj)`` bytes written atomically with ``magic`` and a SHA-256 trailer
+    (:func:`with_checksum`); returns the file's size in bytes."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = with_checksum(magic, buf.getvalue())
+    atomic_write(path, data)
+    return len(data)
+
+
+def load_torch_checked(path: str | os.PathLike, magic: bytes, what: str, map_location=None):
+    """Inverse of :func:`save_torch_checked`: the checksum is verified before anything is parsed,
+    then ``torch.load(weights_only=True)``. Raises ``ValueError`` naming ``path`` and what was
+    expected vs got for a missing, truncated, corrupted or foreign file."""
+    import io
+
+    import torch
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{path}: expected a {what} file, could not read it ({e})") from e
+    body = checked_payload(data, magic, f"{path}: {what}")
+    try:
+        return torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+    except Exception as e:  # a checksummed file that torch cannot parse: written by another version
+        raise ValueError(f"{path}: expected a {what} file, could not parse it ({e})") from e

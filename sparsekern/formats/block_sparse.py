@@ -28,13 +28,11 @@ operand size on NVIDIA GPUs; past 128 a block no longer fits a tile.
 
 from __future__ import annotations
 
-import io
 import os
-from pathlib import Path
 
 import torch
 
-from sparsekern.formats._files import atomic_write, checked_payload, with_checksum
+from sparsekern.formats._files import load_torch_checked, save_torch_checked
 
 __all__ = [
     "BLOCK_SIZES",
@@ -207,7 +205,8 @@ class BlockSparseMatrix:
     @classmethod
     def from_dense(cls, dense: torch.Tensor, block_size=(32, 32), mask: torch.Tensor | None = None):
         """Keep the blocks of ``dense [rows, cols]`` that hold any nonzero, or, with ``mask`` (bool,
-        ``dense``'s shape), any True; stored blocks hold ``dense * mask``."""
+        ``dense``'s shape), any True; stored blocks hold ``where(mask, dense, 0)``: a pruned entry
+        is zero whatever ``dense`` holds there (inf and NaN included)."""
         bm, bk = block_size_pair(block_size)
         if not isinstance(dense, torch.Tensor) or dense.dim() != 2:
             got = list(dense.shape) if isinstance(dense, torch.Tensor) else type(dense).__name__
@@ -215,6 +214,10 @@ class BlockSparseMatrix:
         if not dense.is_floating_point():
             raise BlockSparseFormatError(
                 f"dense: expected a floating-point dtype, got {dense.dtype}"
+            )
+        if dense.device.type == "meta":  # which blocks hold a nonzero is data, which meta lacks
+            raise BlockSparseFormatError(
+                "dense: expected a tensor with data (cpu, cuda), got one on the meta device"
             )
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
@@ -225,7 +228,11 @@ class BlockSparseMatrix:
                     f"mask: expected shape {list(dense.shape)} on {dense.device}, got "
                     f"{list(mask.shape)} on {mask.device}"
                 )
-            dense = dense * mask
+            # where, not a product: a pruned entry holding inf or NaN is stored as 0 (inf * 0 is
+            # NaN); the one semantics of non-finite values (where-semantics)
+            dense = torch.where(
+                mask, dense, torch.zeros((), dtype=dense.dtype, device=dense.device)
+            )
             occ = block_occupancy(mask, (bm, bk))
         else:
             occ = block_occupancy(dense != 0, (bm, bk))
@@ -365,17 +372,14 @@ class BlockSparseMatrix:
         """Write atomically (temporary file in the same directory, then ``os.replace``; one left
         by a killed save is removed by the next), with a SHA-256 checksum that :meth:`load`
         verifies before parsing."""
-        buf = io.BytesIO()
-        torch.save({"format": _FORMAT, **self.state_dict()}, buf)
-        atomic_write(Path(path), with_checksum(_MAGIC, buf.getvalue()))
+        save_torch_checked({"format": _FORMAT, **self.state_dict()}, path, _MAGIC)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location=None) -> BlockSparseMatrix:
         """Read a file written by :meth:`save`: checksum verified (a flipped bit anywhere is
         refused), parsed with ``torch.load(weights_only=True)``, validated."""
         try:
-            body = checked_payload(Path(path).read_bytes(), _MAGIC, str(path))
-            state = torch.load(io.BytesIO(body), map_location=map_location, weights_only=True)
+            state = load_torch_checked(path, _MAGIC, "BlockSparseMatrix", map_location)
         except Exception as e:
             raise BlockSparseFormatError(
                 f"{path}: expected a BlockSparseMatrix file, could not read it ({e})"

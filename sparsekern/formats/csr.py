@@ -154,6 +154,10 @@ class CSRMatrix:
             raise CSRFormatError(f"dense: expected a 2-D tensor, got {got}")
         if not dense.is_floating_point():
             raise CSRFormatError(f"dense: expected a floating-point dtype, got {dense.dtype}")
+        if dense.device.type == "meta":  # which entries are kept is data, which meta lacks
+            raise CSRFormatError(
+                "dense: expected a tensor with data (cpu, cuda), got one on the meta device"
+            )
         if mask is not None:
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
                 got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__

@@ -14,6 +14,7 @@ from sparsekern.nn.inference import (
     inference_plan,
     inference_report,
     load_inference,
+    save_inference,
     to_inference,
 )
 from sparsekern.nn.masks import (
@@ -55,6 +56,7 @@ __all__ = [
     "inference_plan",
     "inference_report",
     "load_inference",
+    "save_inference",
     "mask_problems",
     "set_mask",
     "sparse_modules",

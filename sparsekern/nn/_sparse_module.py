@@ -71,6 +71,9 @@ class SparseModuleMixin:
             ensure_every_gradient_hook(self)
         synced = self.__dict__.get("_mask_synced")
         if synced is None or synced[0] is not mask or synced[1] != mask._version:
+            if mask.dtype != torch.bool:
+                raise TypeError(f"{type(self).__name__}: expected the mask buffer as torch.bool, "
+                                f"got {mask.dtype} (install masks with set_mask)")  # fmt: skip
             with torch.no_grad():
                 pruned = ~mask
                 self.weight.masked_fill_(pruned, 0)

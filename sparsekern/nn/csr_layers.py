@@ -23,6 +23,7 @@ from torch import nn
 
 from sparsekern.formats.csr import CSRFormatError, CSRMatrix
 from sparsekern.nn.sparse_conv2d import symmetric_zero_padding
+from sparsekern.ops._checks import check_bias, nonfinite_conv, nonfinite_rows
 from sparsekern.ops._dispatch import use_kernels
 from sparsekern.ops.csr_linear import csr_linear, torch_csr_product
 
@@ -74,11 +75,7 @@ class DenseFallback:
         self.register_buffer("row_ptr", weight.row_ptr.clone())
         self.register_buffer("col_idx", weight.col_idx.clone())
         if bias is not None:
-            if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out,):
-                got = list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-                raise ValueError(
-                    f"{type(self).__name__}: expected bias of shape [{out}], got {got}"
-                )
+            check_bias(type(self).__name__, bias, out)
             self.bias = nn.Parameter(bias.detach().clone())
         else:
             self.register_parameter("bias", None)
@@ -290,10 +287,14 @@ class CSRLinear(_CSRLayer):
             return F.linear(input, self._dense_weight(), bias)
         if input.shape[-1] == k and plain_cpu_call(input, params["values"], bias):
             if input.dim() == 2:
-                return torch_csr_product(self._torch_csr(), input, bias)
-            y = torch_csr_product(self._torch_csr(), input.reshape(-1, k), bias)
+                return nonfinite_rows(input, torch_csr_product(self._torch_csr(), input, bias))
+            x2 = input.reshape(-1, k)
+            y = nonfinite_rows(x2, torch_csr_product(self._torch_csr(), x2, bias))
             return y.reshape(*input.shape[:-1], self.out_features)
-        return csr_linear(input, self.weight, self.bias)
+        y = csr_linear(input, self.weight, self.bias)
+        if input.shape[-1] != k or input.dim() == 0:
+            return y
+        return nonfinite_rows(input.reshape(-1, k), y.reshape(-1, self.out_features)).view_as(y)
 
     def to_dense(self) -> torch.Tensor:
         """``[out_features, in_features]``: the dense weight (zeros where nothing is stored)."""
@@ -413,6 +414,11 @@ class CSRConv2d(_CSRLayer):
                 f"CSRConv2d: expected input [N, {self.in_channels}, H, W] or "
                 f"[{self.in_channels}, H, W], got {list(input.shape)}"
             )
+        if x.dtype != self.values.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(
+                f"CSRConv2d: expected input of the weight's dtype {self.values.dtype}, got "
+                f"{x.dtype}"
+            )
         if self.input_pad is not None:
             x = F.pad(x, self.input_pad, mode=self.pad_mode)
         if self._above(x.shape[0]):
@@ -446,6 +452,7 @@ class CSRConv2d(_CSRLayer):
             out = y.t().view(c, n, oh, ow).permute(1, 0, 2, 3)
         else:  # row-major: channels_last in memory
             out = y.reshape(n, oh, ow, c).permute(0, 3, 1, 2)
+        out = nonfinite_conv(x, out, self.kernel_size, self.stride, self.padding, self.dilation)
         return out.contiguous()
 
     def _extra(self) -> dict:

@@ -54,6 +54,16 @@ def _check_where(where, param: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: expected the weight's device {param.device}, got {where.device}")
 
 
+def _check_optimizer(optimizer, what: str) -> None:
+    """Raise unless ``optimizer`` is None or a ``torch.optim.Optimizer`` (anything with a
+    ``state`` mapping, as ZeroRedundancyOptimizer): checked before a mask is installed."""
+    if optimizer is not None and not isinstance(getattr(optimizer, "state", None), Mapping):
+        raise TypeError(
+            f"{what}: expected optimizer as None or a torch.optim.Optimizer, got "
+            f"{type(optimizer).__name__}"
+        )
+
+
 def _check_sparse_module(module, what: str) -> None:
     """Raise unless ``module`` carries a ``weight`` and a ``mask`` buffer (duck-typed, so any module
     built on the sparse-module mixin qualifies)."""
@@ -95,6 +105,7 @@ def zero_optimizer_state(
         The names of the state entries that were zeroed (sorted).
     """
     _check_where(where, param, "zero_optimizer_state: where")
+    _check_optimizer(optimizer, "zero_optimizer_state")
     state = optimizer.state.get(param)  # .get: don't let the defaultdict create an entry
     if not state:
         return []
@@ -190,6 +201,7 @@ def set_mask(
     """
     _check_sparse_module(module, "set_mask")
     _check_where(mask, module.weight, "set_mask: mask")
+    _check_optimizer(optimizer, "set_mask")
     if hasattr(module, "repack_mask"):  # compact storage: values and optimizer state re-packed
         module.repack_mask(mask, optimizer)
         return
@@ -216,6 +228,7 @@ def apply_masks(
         KeyError: a name is not a submodule of ``model``.
         TypeError / ValueError: as in :func:`set_mask`, with the module's name.
     """
+    _check_optimizer(optimizer, "apply_masks")
     checked = []
     for name, mask in masks.items():
         try:
@@ -239,13 +252,13 @@ def apply_masks(
         _apply_checked(module, mask, optimizer)
 
 
-def _masked_modules(model: nn.Module):
+def _masked_modules(model: nn.Module, any_shape: bool = False):
     seen = set()
     for name, module in model.named_modules():
         mask = module._buffers.get("mask")
         weight = getattr(module, "weight", None)
         sparse = isinstance(mask, torch.Tensor) and isinstance(weight, torch.Tensor)
-        if sparse and id(module) not in seen and mask.shape == weight.shape:
+        if sparse and id(module) not in seen and (any_shape or mask.shape == weight.shape):
             seen.add(id(module))
             yield name, module
 
@@ -266,8 +279,13 @@ def mask_problems(model: nn.Module, fix: bool = False) -> dict[str, list[str]]:
             optimizer (or ``zero_optimizer_state``) for momentum and Adam moments.
     """
     found: dict[str, list[str]] = {}
-    for name, module in _masked_modules(model):
+    for name, module in _masked_modules(model, any_shape=True):
         mask, weight = module._buffers["mask"], module.weight
+        if mask.shape != weight.shape:  # the weight was replaced (a resized embedding, tied)
+            found[name] = [
+                f"mask shape: expected the weight's {_shape(weight)}, got {_shape(mask)}"
+            ]
+            continue
         if mask.dtype != torch.bool:
             found[name] = [f"mask dtype: expected torch.bool, got {mask.dtype}"]
             continue

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from sparsekern.formats.block_sparse import block_size_pair
+from sparsekern.nn._checks import check_model
+from sparsekern.nn._hf_resize import keep_masks_on_resize
 from sparsekern.nn._sparse_module import is_sparse_module
 from sparsekern.nn.compact import CompactSparseLinear
 from sparsekern.nn.masks import mask_every_gradient
@@ -119,8 +121,7 @@ def sparsify(
         ValueError: ``storage`` is not ``"dense"``/``"compact"``, or ``"compact"`` with a
             ``block_size``.
     """
-    if model is None or not isinstance(model, nn.Module):
-        raise TypeError(f"sparsify: expected an nn.Module, got {type(model).__name__}")
+    check_model(model, "sparsify")
     if storage not in ("dense", "compact"):
         raise ValueError(f"sparsify: expected storage 'dense' or 'compact', got {storage!r}")
     if storage == "compact" and block_size is not None:
@@ -174,6 +175,7 @@ def sparsify(
 
     walk(model)
     _share_masks_and_mask_tied(model)
+    keep_masks_on_resize(model)  # HF resize_token_embeddings would drop the LM head's mask
     if storage == "compact":
         model = _compact(model)
     report = coverage(model)

@@ -54,6 +54,7 @@ from sparsekern.ops._block_kernels import (
     m_bucket,
     store_block,
 )
+from sparsekern.ops._checks import check_bias
 from sparsekern.ops._conv import conv_out_size, conv_pair
 from sparsekern.ops._dispatch import use_kernels
 from sparsekern.ops._launch import (
@@ -801,15 +802,7 @@ def _check_x(who, x, c_in, w, bias, c_out, geometry, kernel):
             f"{who}: expected x as {w.dtype} on {w.device} like the weight, got {x.dtype} on "
             f"{x.device}"
         )
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (c_out,):
-            got = list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise ValueError(f"{who}: expected bias of shape [{c_out}], got {got}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise TypeError(
-                f"{who}: expected bias as {x.dtype} on {x.device}, got {bias.dtype} on "
-                f"{bias.device}"
-            )
+    check_bias(who, bias, c_out, x)
     (sh, sw), (ph, pw), (dh, dw) = geometry
     oh = conv_out_size(x.shape[2], kernel[0], sh, ph, dh)
     ow = conv_out_size(x.shape[3], kernel[1], sw, pw, dw)

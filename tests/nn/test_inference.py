@@ -211,7 +211,14 @@ def test_to_inference_converts_convs_with_equal_outputs(device):
 
 
 # --- the per-layer choice ------------------------------------------------------------------------
-inf_mod = importlib.import_module("sparsekern.nn.inference")
+inf_mod = importlib.import_module("sparsekern.nn.inference.chooser")
+
+
+@pytest.fixture(autouse=True)
+def _quiet_machine(monkeypatch):
+    """These tests check what the chooser does with timings: on the shared test machine the load
+    check would send every layer to the static rule (tested in test_calibration.py)."""
+    monkeypatch.setattr(inf_mod, "machine_busy", lambda: None)
 
 
 def _unstructured(density, device, sizes=((60, 50), (50, 10))):
@@ -232,7 +239,7 @@ def sparse_modules_of(model):
 def _fake_measure(table):
     """A stand-in for the calibration timer: ratios (dense / format) from ``table[fmt][batch]``."""
 
-    def measure(modules, make_input, batch_sizes, device):
+    def measure(modules, make_input, batch_sizes, device, budget_s=2.0):
         x = make_input(batch_sizes[0])  # the input the real timer would feed
         with torch.no_grad():
             for m in modules.values():
@@ -362,7 +369,7 @@ def _lenet5_like(device):
 def test_conv_layers_are_timed_at_the_example_input_size(device, monkeypatch):
     seen = {}
 
-    def measure(modules, make_input, batch_sizes, device):
+    def measure(modules, make_input, batch_sizes, device, budget_s=2.0):
         seen[len(seen)] = tuple(make_input(1).shape)
         return _fake_measure({"csr": {1: 2.0, 2: 2.0}})(modules, make_input, batch_sizes, device)
 
