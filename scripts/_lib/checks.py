@@ -7,7 +7,16 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["fraction", "nm_pattern", "number", "per_layer", "unknown_layer_keys"]
+__all__ = [
+    "check_data_dir",
+    "check_out_dir",
+    "check_out_file",
+    "fraction",
+    "nm_pattern",
+    "number",
+    "per_layer",
+    "unknown_layer_keys",
+]
 
 
 def number(kind=int, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False):
@@ -89,3 +98,33 @@ def unknown_layer_keys(spec, layers, extra=("conv", "fc", "*")) -> list[str]:
         return []
     allowed = set(layers) | set(extra)
     return [k for k in spec if k not in allowed]
+
+
+def check_out_dir(parser, flag: str, path) -> None:
+    """``parser.error`` unless ``path`` is a folder or can become one: not a file, and not under
+    a file."""
+    from pathlib import Path
+
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists() and not q.is_dir():
+            parser.error(f"argument {flag}: expected a folder, got {path} ({q} is a file)")
+
+
+def check_out_file(parser, flag: str, path) -> None:
+    """``parser.error`` if ``path`` is a folder or lies under a file."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        parser.error(f"argument {flag}: expected a file name, got the folder {path}")
+    check_out_dir(parser, flag, p.parent)
+
+
+def check_data_dir(parser, flag: str, path, pattern: str = "*-ubyte.gz") -> None:
+    """``parser.error`` unless ``path`` is a folder holding files matching ``pattern``."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_dir() or not (any(p.glob(pattern)) or (p / "MNIST" / "raw").is_dir()):
+        parser.error(f"argument {flag}: expected a folder holding MNIST's {pattern}, got {path}")
