@@ -35,6 +35,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from scripts._lib import checks  # noqa: E402
 from sparsekern.nn import sparsify  # noqa: E402
 from sparsekern.pruning.structured import (  # noqa: E402
     StructuredPruner,
@@ -42,6 +43,7 @@ from sparsekern.pruning.structured import (  # noqa: E402
     count_params,
 )
 from sparsekern.training.data import load_mnist, tensor_loader  # noqa: E402
+from sparsekern.training.report import write_json  # noqa: E402
 
 METHODS = {"l1": "l1", "taylor": "taylor", "slimming": "bn_scale", "random": "random"}
 
@@ -63,26 +65,48 @@ class LeNet5BN(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
+QUICK = dict(dense_epochs=1, ft_epochs=1, rounds=1, subset=6000, amounts=[0.5], taylor_batches=2)
+DEFAULTS = dict(dense_epochs=3, ft_epochs=1, rounds=2, subset=0, amounts=[0.5, 0.7])
+DEFAULTS |= dict(taylor_batches=20)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
-    a("--amounts", default="0.5,0.7", help="channel fractions removed")
-    a("--methods", default=",".join(METHODS) + ",scratch")
-    a("--dense-epochs", type=int, default=3)
-    a("--ft-epochs", type=int, default=1, help="fine-tuning epochs after each round")
-    a("--rounds", type=int, default=2)
-    a("--lr", type=float, default=0.05)
-    a("--ft-lr", type=float, default=0.01)
-    a("--bn-l1", type=float, default=1e-4)
-    a("--taylor-batches", type=int, default=20)
-    a("--batch-size", type=int, default=128)
-    a("--subset", type=int, default=0, help="train on the first N images (0: all)")
-    a("--seed", type=int, default=0)
-    a("--threads", type=int, default=1)
+    pos_int, nonneg_int = checks.number(int, 1), checks.number(int, 0)
+    pos_float = checks.number(float, 0, lo_open=True)
+    a("--amounts", type=checks.number_list(checks.fraction(lo_open=True, hi_open=True)),
+      help="channel fractions removed, each in (0, 1) (default 0.5,0.7)")  # fmt: skip
+    a("--methods", type=checks.choices_list([*METHODS, "scratch"]),
+      default=[*METHODS, "scratch"])  # fmt: skip
+    a("--dense-epochs", type=pos_int, help="default 3")
+    a("--ft-epochs", type=nonneg_int, help="fine-tuning epochs after each round (default 1)")
+    a("--rounds", type=pos_int, help="default 2")
+    a("--lr", type=pos_float, default=0.05)
+    a("--ft-lr", type=pos_float, default=0.01)
+    a("--bn-l1", type=checks.number(float, 0), default=1e-4)
+    a("--taylor-batches", type=pos_int, help="default 20")
+    a("--batch-size", type=pos_int, default=128)
+    a("--subset", type=nonneg_int, help="train on the first N images (0: all)")
+    a("--seed", type=nonneg_int, default=0)
+    a("--threads", type=pos_int, default=1)
     a("--data", default=str(ROOT / "data" / "mnist"))
     a("--out", default=None)
-    a("--quick", action="store_true")
-    return p.parse_args(argv)
+    a("--quick", action="store_true", help="small values for what no flag sets (QUICK)")
+    args = p.parse_args(argv)
+    for k, v in (DEFAULTS | (QUICK if args.quick else {})).items():
+        if getattr(args, k) is None:  # --quick never overrides a value given on the line
+            setattr(args, k, v)
+    if "scratch" in args.methods and "taylor" not in args.methods:
+        p.error("argument --methods: scratch retrains the Taylor-pruned nets; expected taylor too")
+    if args.subset and args.subset < args.batch_size:
+        p.error(f"argument --subset: expected >= --batch-size {args.batch_size}, got {args.subset}")
+    checks.check_data_dir(p, "--data", args.data)
+    args.out = args.out or str(
+        ROOT / ("runs/structured-quick" if args.quick else "results/structured")
+    )
+    checks.check_out_dir(p, "--out", args.out)
+    return args
 
 
 def run_epochs(model, data, epochs, lr, gen, batch_size, extra_loss=None, masks_of=None):
@@ -133,14 +157,71 @@ def git_commit() -> str:
     return r.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def dense_nets(args, data, gen, log):
+    """The dense net, and slimming's (L1 on the BN gammas during training) when it runs."""
+    x1 = data["x_test"][:1]
+    dense = LeNet5BN()
+    init = copy.deepcopy(dense.state_dict())
+    run_epochs(dense, data, args.dense_epochs, args.lr, gen, args.batch_size)
+    base = describe(dense, x1)
+    log({"method": "dense", "amount": 0.0, "error": test_error(dense, data), **base})
+    dense_slim = None
+    if "slimming" in args.methods:
+        dense_slim = LeNet5BN()
+        dense_slim.load_state_dict(init)
+        gammas = [dense_slim.bn1.weight, dense_slim.bn2.weight]
+        run_epochs(
+            dense_slim, data, args.dense_epochs, args.lr, gen, args.batch_size,
+            extra_loss=lambda: args.bn_l1 * sum(g.abs().sum() for g in gammas),
+        )  # fmt: skip
+        log({"method": "dense_slimming", "amount": 0.0, "error": test_error(dense_slim, data),
+             **describe(dense_slim, x1)})  # fmt: skip
+    return dense, dense_slim, base
+
+
+def prune_one(args, data, gen, start, method, amount):
+    """``start`` pruned by ``method`` to ``amount`` in --rounds rounds, fine-tuned after each;
+    returns the masked model and the exported (physically smaller) one."""
+    x1 = data["x_test"][:1]
+    model = sparsify(copy.deepcopy(start))
+    calib = None
+    if method == "taylor":
+        loader = tensor_loader(data["x_train"], data["y_train"], args.batch_size, True, gen)
+        calib = [b for b, _ in zip(loader, range(args.taylor_batches))]
+    pruner = StructuredPruner(
+        model, example_inputs=x1, importance=METHODS[method], data=calib,
+        loss_fn=F.cross_entropy, seed=args.seed, bn_l1=args.bn_l1 if method == "slimming" else 0.0,
+    )  # fmt: skip
+    for r in range(1, args.rounds + 1):
+        pruner.prune(amount * r / args.rounds)
+        opt = run_epochs(
+            model, data, args.ft_epochs, args.ft_lr, gen, args.batch_size,
+            extra_loss=pruner.regularization_loss if method == "slimming" else None,
+        )  # fmt: skip
+        pruner.set_optimizer(opt)
+        with torch.no_grad():  # weight decay / momentum never revive a masked weight
+            for m in pruner.layers.values():
+                m.weight.mul_(m.mask)
+    return model, pruner.export()
+
+
+def from_scratch(args, data, gen, arch):
+    """The Taylor-pruned architecture re-initialised, trained for the same epochs in all."""
+    model = copy.deepcopy(arch)
+    torch.manual_seed(args.seed + 1)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+    epochs = args.dense_epochs + args.rounds * args.ft_epochs
+    run_epochs(model, data, epochs, args.lr, gen, args.batch_size)
+    return model
+
+
 def main(argv=None):
     args = parse_args(argv)
-    if args.quick:
-        args.dense_epochs, args.ft_epochs, args.rounds, args.subset = 1, 1, 1, 6000
-        args.amounts, args.taylor_batches = "0.5", 2
-    out = Path(
-        args.out or (ROOT / ("runs/structured-quick" if args.quick else "results/structured"))
-    )
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)  # 2 shared cores: 1 thread each
     torch.manual_seed(args.seed)
@@ -151,8 +232,6 @@ def main(argv=None):
             data["y_train"][: args.subset],
         )
     x1 = data["x_test"][:1]
-    amounts = [float(a) for a in args.amounts.split(",")]
-    methods = args.methods.split(",")
     gen = torch.Generator().manual_seed(args.seed)
     t0 = time.time()
     commit = git_commit()  # at the start: the code that ran, whatever changes meanwhile
@@ -162,77 +241,26 @@ def main(argv=None):
         records.append(rec)
         print(json.dumps({k: v for k, v in rec.items() if k != "widths"}), flush=True)
 
-    # dense nets: plain, and slimming's (L1 on the BN gammas during training)
-    dense = LeNet5BN()
-    init = copy.deepcopy(dense.state_dict())
-    run_epochs(dense, data, args.dense_epochs, args.lr, gen, args.batch_size)
-    base = describe(dense, x1)
-    log({"method": "dense", "amount": 0.0, "error": test_error(dense, data), **base})
-    dense_slim = None
-    if "slimming" in methods:
-        dense_slim = LeNet5BN()
-        dense_slim.load_state_dict(init)
-        gammas = [dense_slim.bn1.weight, dense_slim.bn2.weight]
-        run_epochs(
-            dense_slim, data, args.dense_epochs, args.lr, gen, args.batch_size,
-            extra_loss=lambda: args.bn_l1 * sum(g.abs().sum() for g in gammas),
-        )  # fmt: skip
-        log({"method": "dense_slimming", "amount": 0.0, "error": test_error(dense_slim, data),
-             **describe(dense_slim, x1)})  # fmt: skip
+    def record(method, amount, model):
+        rec = {"method": method, "amount": amount, "error": test_error(model, data)}
+        rec |= describe(model, x1)
+        rec["kept_macs"] = rec["macs"] / base["macs"]
+        rec["kept_params"] = rec["params"] / base["params"]
+        rec["seconds"] = round(time.time() - t0, 1)
+        return rec
 
+    dense, dense_slim, base = dense_nets(args, data, gen, log)
     taylor_archs = {}
-    for method in [m for m in methods if m in METHODS]:
-        for amount in amounts:
-            model = sparsify(copy.deepcopy(dense_slim if method == "slimming" else dense))
-            calib = None
-            if method == "taylor":
-                loader = tensor_loader(data["x_train"], data["y_train"], args.batch_size, True, gen)
-                calib = [b for b, _ in zip(loader, range(args.taylor_batches))]
-            pruner = StructuredPruner(
-                model, example_inputs=x1, importance=METHODS[method], data=calib,
-                loss_fn=F.cross_entropy, seed=args.seed,
-                bn_l1=args.bn_l1 if method == "slimming" else 0.0,
-            )  # fmt: skip
-            for r in range(1, args.rounds + 1):
-                pruner.prune(amount * r / args.rounds)
-                opt = run_epochs(
-                    model, data, args.ft_epochs, args.ft_lr, gen, args.batch_size,
-                    extra_loss=pruner.regularization_loss if method == "slimming" else None,
-                )  # fmt: skip
-                pruner.set_optimizer(opt)
-                # weight decay / momentum never revive a masked weight: re-apply the masks
-                with torch.no_grad():
-                    for m in pruner.layers.values():
-                        m.weight.mul_(m.mask)
-            small = pruner.export()
-            err = test_error(small, data)
-            masked_err = test_error(model, data)
-            rec = {"method": method, "amount": amount, "error": err, **describe(small, x1)}
-            rec["masked_error"] = masked_err
-            rec["kept_macs"] = rec["macs"] / base["macs"]
-            rec["kept_params"] = rec["params"] / base["params"]
-            rec["seconds"] = round(time.time() - t0, 1)
-            log(rec)
+    for method in [m for m in args.methods if m in METHODS]:
+        for amount in args.amounts:
+            start = dense_slim if method == "slimming" else dense
+            model, small = prune_one(args, data, gen, start, method, amount)
+            log(record(method, amount, small) | {"masked_error": test_error(model, data)})
             if method == "taylor":
                 taylor_archs[amount] = small
-
-    if "scratch" in methods:
+    if "scratch" in args.methods:
         for amount, arch in taylor_archs.items():
-            model = copy.deepcopy(arch)
-            torch.manual_seed(args.seed + 1)
-            for m in model.modules():
-                if hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
-                if isinstance(m, nn.BatchNorm2d):
-                    m.reset_running_stats()
-            epochs = args.dense_epochs + args.rounds * args.ft_epochs  # the same epochs in all
-            run_epochs(model, data, epochs, args.lr, gen, args.batch_size)
-            rec = {"method": "scratch", "amount": amount, "error": test_error(model, data),
-                   **describe(model, x1)}  # fmt: skip
-            rec["kept_macs"] = rec["macs"] / base["macs"]
-            rec["kept_params"] = rec["params"] / base["params"]
-            rec["seconds"] = round(time.time() - t0, 1)
-            log(rec)
+            log(record("scratch", amount, from_scratch(args, data, gen, arch)))
 
     summary = {
         "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
@@ -243,7 +271,7 @@ def main(argv=None):
         "model": "LeNet-5 (Caffe) + BatchNorm2d after conv1/conv2; MACs of conv+linear at 1x28x28",
         "results": records,
     }
-    (out / "lenet5_mnist.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "lenet5_mnist.json", summary)
     write_table(summary, out / "lenet5_mnist.md")
     plot(summary, out / "lenet5_error_vs_flops.png")
     print(f"wrote {out}", flush=True)

@@ -11,9 +11,11 @@ __all__ = [
     "check_data_dir",
     "check_out_dir",
     "check_out_file",
+    "choices_list",
     "fraction",
     "nm_pattern",
     "number",
+    "number_list",
     "per_layer",
     "unknown_layer_keys",
 ]
@@ -44,6 +46,38 @@ def number(kind=int, lo=None, hi=None, lo_open: bool = False, hi_open: bool = Fa
         return v
 
     parse.__name__ = want  # argparse names the type in some messages
+    return parse
+
+
+def choices_list(choices):
+    """An argparse ``type=``: comma-separated names, each among ``choices``, none twice."""
+    choices = tuple(choices)
+
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",")]
+        bad = [t for t in items if t not in choices]
+        if bad or not text.strip():
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated names among {', '.join(choices)}, got {text!r}"
+            )
+        if len(set(items)) != len(items):
+            raise argparse.ArgumentTypeError(f"expected each name once, got {text!r}")
+        return items
+
+    parse.__name__ = "list of names"
+    return parse
+
+
+def number_list(value_type):
+    """An argparse ``type=``: comma-separated values, each checked by ``value_type``."""
+
+    def parse(text: str) -> list:
+        try:
+            return [value_type(t.strip()) for t in text.split(",")]
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e} (in {text!r})") from None
+
+    parse.__name__ = "list of numbers"
     return parse
 
 
