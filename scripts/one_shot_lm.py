@@ -26,9 +26,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sparsekern import training
 from sparsekern.pruning import one_shot
 
 ROOT = Path(__file__).resolve().parents[1]
+DENSE_FORMAT = "sparsekern/one_shot_lm/dense/1"
 # label -> (method, options); "sparsegpt-block": one mask threshold per block of 128 columns, as
 # the reference code (the same as sparsegpt for N:M, where selection is per group anyway)
 VARIANTS = {
@@ -130,13 +132,19 @@ def main(argv=None):
     ckpt = Path(args.ckpt)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     info = {}
-    if ckpt.exists() and not args.retrain:
-        saved = torch.load(ckpt, weights_only=True)
+    keys = ("layers", "d", "heads", "ctx", "steps", "batch", "lr", "seed")
+    config = {k: getattr(args, k) for k in keys}  # what trains dense.pt
+    if ckpt.exists() and not args.retrain:  # checksummed; refused unless trained with this config
+        try:
+            saved = training.load_checkpoint(ckpt, DENSE_FORMAT, expect={"config": config})
+        except training.CheckpointError as e:
+            p.error(f"--ckpt: {e} (or pass --retrain)")
         model.load_state_dict(saved["model"])
         info = saved["info"]
     else:
         info = train(model, train_data, args)
-        torch.save({"model": model.state_dict(), "info": info}, ckpt)
+        state = {"model": model.state_dict(), "info": info, "config": config}
+        training.save_checkpoint(ckpt, state, DENSE_FORMAT)  # atomic
     g = torch.Generator().manual_seed(args.seed + 1)
     idx = torch.randint(0, len(train_data) - args.ctx, (args.calib,), generator=g)
     calib_x = windows(train_data, args.ctx, idx)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ from sparsekern.pruning._wanda import magnitude_layer_mask, row_keep  # noqa: E4
 from sparsekern.training.data import load_mnist, tensor_loader  # noqa: E402
 from sparsekern.training.report import write_json  # noqa: E402
 
+DENSE_FORMAT = "sparsekern/one_shot_mnist/dense/1"
 # label -> (method, options); "sparsegpt-block": one mask threshold per block of 128 columns, as
 # the reference code (the same as sparsegpt for N:M, where selection is per group anyway)
 VARIANTS = {
@@ -138,25 +138,30 @@ def parse_args(argv=None):
     checks.check_data_dir(p, "--data", args.data)
     checks.check_out_dir(p, "--out", args.out)
     checks.check_out_file(p, "--ckpt", args.ckpt)
+    args.config = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed}  # trains dense.pt
+    args.saved = None
+    if Path(args.ckpt).exists():  # checksummed; refused unless trained with this config
+        try:
+            args.saved = training.load_checkpoint(
+                args.ckpt, DENSE_FORMAT, expect={"config": args.config}
+            )
+        except training.CheckpointError as e:
+            p.error(f"--ckpt: {e}")
     return args
 
 
 def dense_model(data, args) -> tuple[LeNet300100, dict]:
-    """The dense net from --ckpt when it was trained with these --epochs / --lr / --seed, else
-    trained now and saved there atomically (temp file + rename)."""
-    ckpt, want = Path(args.ckpt), {"epochs": args.epochs, "lr": args.lr, "seed": args.seed}
-    if ckpt.exists():
-        saved = torch.load(ckpt, weights_only=True)
-        if saved.get("settings") == want:
-            model = LeNet300100()
-            model.load_state_dict(saved["model"])
-            return model, saved["info"]
-        print(f"{ckpt}: trained with {saved.get('settings')}, not {want}: training again")
+    """The dense net: --ckpt's (checked by parse_args), else trained now and saved there, a
+    checksummed checkpoint written atomically with its training settings."""
+    if args.saved is not None:
+        model = LeNet300100()
+        model.load_state_dict(args.saved["model"])
+        return model, args.saved["info"]
     model, info = train_dense(data, args)
+    ckpt = Path(args.ckpt)
     ckpt.parent.mkdir(parents=True, exist_ok=True)
-    tmp = ckpt.with_name(f".{ckpt.name}.tmp{os.getpid()}")
-    torch.save({"model": model.state_dict(), "info": info, "settings": want}, tmp)
-    os.replace(tmp, ckpt)
+    state = {"model": model.state_dict(), "info": info, "config": args.config}
+    training.save_checkpoint(ckpt, state, DENSE_FORMAT)
     return model, info
 
 
@@ -204,7 +209,8 @@ def main(argv=None):
     cli = sys.argv[1:] if argv is None else argv
     result = {
         "command": "python scripts/one_shot_mnist.py " + " ".join(cli),
-        "git_commit": commit, "torch": torch.__version__, "threads": 1, "config": vars(args),
+        "git_commit": commit, "torch": torch.__version__, "threads": 1,
+        "config": {k: v for k, v in vars(args).items() if k != "saved"},
         "dense_test_error": dense_err, **info, "runs": runs, "wanda_diagnostic": diag,
         "timing_sparsegpt_layer": timing,
     }  # fmt: skip

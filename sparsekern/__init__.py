@@ -16,12 +16,14 @@ only. Block-sparse layers skip pruned blocks in Triton kernels. Public names (se
   ``sparsify``, ``set_mask``, ``check_masks``, ``BlockSparseLinear`` and ``to_inference`` (per
   layer the fastest of dense, CSR and BSR on the layer's device)
 * ``sparsekern.pruning``: Han et al.'s magnitude pruning and its lifecycle
-* ``save_compressed`` / ``load_compressed``: Han's relative-index sparse storage
+* ``save_compressed`` / ``load_compressed``: Han's relative-index sparse storage, with Deep
+  Compression's quantisation and Huffman coding (``QuantizedWeights``, ``format_storage``)
 """
 
 from sparsekern.formats.block_sparse import BlockSparseMatrix
 from sparsekern.formats.csr import CSRMatrix
-from sparsekern.formats.relative_index import load_compressed, save_compressed
+from sparsekern.formats.quantize import QuantizedWeights
+from sparsekern.formats.relative_index import format_storage, load_compressed, save_compressed
 from sparsekern.nn import (
     BlockSparseLinear,
     SparseConv2d,
@@ -40,10 +42,12 @@ __all__ = [
     "BlockSparseLinear",
     "BlockSparseMatrix",
     "CSRMatrix",
+    "QuantizedWeights",
     "SparseConv2d",
     "SparseLinear",
     "apply_masks",
     "check_masks",
+    "format_storage",
     "load_compressed",
     "save_compressed",
     "set_mask",

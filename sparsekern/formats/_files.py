@@ -40,7 +40,12 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     _remove_stale_temporaries(path)
     directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=_tmp_prefix(path), suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=_tmp_prefix(path), suffix=".tmp")
+    except OSError as e:  # name the target, not the hidden temporary (missing / read-only folder)
+        if e.errno is None:
+            raise
+        raise type(e)(e.errno, e.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)

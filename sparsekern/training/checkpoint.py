@@ -1,27 +1,37 @@
-"""Checkpoints: atomic writes, a format tag, validation before anything is touched, exact resume.
+"""Checkpoints: atomic writes, a checksum, a format tag, validation before anything is touched,
+exact resume.
 
-* :func:`save_checkpoint` writes ``torch.save`` output to a temporary file in the same folder,
-  flushes it to disk and renames it over the old one (``os.replace`` is atomic on POSIX): a kill
-  at any moment leaves either the previous checkpoint or the new one, never half of one.
-* :func:`load_checkpoint` reads with ``weights_only=True`` (no code runs from the file) and
-  raises :class:`CheckpointError`, naming what was expected and what was found, for a file that
-  is truncated or corrupted, of another format, or of another run (model, width, ...).
+* :func:`save_checkpoint` writes ``MAGIC + torch.save output + SHA-256`` to a temporary file in
+  the same folder, flushes it to disk and renames it over the old one (``os.replace`` is atomic on
+  POSIX): a kill at any moment leaves either the previous checkpoint or the new one, never half of
+  one. It records ``torch.get_num_threads()`` as ``torch_threads``.
+* :func:`load_checkpoint` checks the magic and the SHA-256 before it parses anything (any flipped
+  bit is refused), then reads with ``weights_only=True`` (no code runs from the file); it raises
+  :class:`CheckpointError`, naming what was expected and what was found, for a file that is
+  truncated or corrupted, of another format, or of another run (model, width, ...). A plain
+  ``torch.save`` file (no checksum) is refused too.
 * :func:`resume_differences` lists the settings a resumed command changes; scripts refuse them,
   because a run resumed with other hyperparameters is reproduced by no single command.
+  :func:`load_run_checkpoint` also refuses a resume with another torch thread count: on the CPU,
+  reductions (matmul, convolution, sums) split their work by thread and round differently, so
+  the weights of a run resumed with other threads differ from the uninterrupted run's.
 * :func:`rng_state` / :func:`set_rng_state`: torch (CPU and CUDA) and Python ``random`` state of
   one process; the scripts gather every rank's (``sparsekern.training.distributed``).
 """
 
 from __future__ import annotations
 
-import os
+import io
 import random
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from sparsekern.formats._files import atomic_write, checked_payload, with_checksum
+
 __all__ = [
+    "CHECKPOINT_MAGIC",
     "CheckpointError",
     "load_checkpoint",
     "load_run_checkpoint",
@@ -33,28 +43,26 @@ __all__ = [
 ]
 
 
+CHECKPOINT_MAGIC = b"SKCKPT1\n"  # then torch.save output, then its SHA-256
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used: the message names expected vs got."""
 
 
 def save_checkpoint(path, state: dict, kind: str) -> Path:
-    """Write ``{"format": kind, **state}`` to ``path`` atomically; returns the path.
+    """Write ``{"format": kind, "torch_threads": torch.get_num_threads(), **state}`` to ``path``
+    atomically, with a SHA-256 trailer; returns the path.
 
     Args:
-        path: the checkpoint file (its folder must exist).
+        path: the checkpoint file (its folder must exist; an error names ``path``).
         state: tensors and plain Python values (what ``torch.load(weights_only=True)`` reads).
         kind: the format tag, e.g. ``"sparsekern/prune_mnist/2"``.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": kind, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed write leaves the previous checkpoint alone
+    buf = io.BytesIO()
+    torch.save({"format": kind, "torch_threads": torch.get_num_threads(), **state}, buf)
+    atomic_write(path, with_checksum(CHECKPOINT_MAGIC, buf.getvalue()))
     return path
 
 
@@ -70,10 +78,22 @@ def load_checkpoint(path, kind: str, expect: dict | None = None) -> dict:
         The checkpoint dict (tensors on the CPU).
 
     Raises:
-        CheckpointError: unreadable, another format, or an ``expect`` mismatch.
+        CheckpointError: unreadable, truncated or corrupted (checksum), without a checksum (a
+            plain ``torch.save`` file), another format, or an ``expect`` mismatch.
     """
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read it: {e}") from None
+    if data[:2] == b"PK":  # a zip archive: torch.save's own format, without our checksum
+        raise CheckpointError(
+            f"{path}: expected a checksummed sparsekern checkpoint (starting "
+            f"{CHECKPOINT_MAGIC!r}), got a plain torch.save file, which cannot be checked for "
+            "corruption: delete it (or move it away) and let the run write a new one"
+        )
+    try:
+        body = checked_payload(data, CHECKPOINT_MAGIC, "checkpoint")
+        ck = torch.load(io.BytesIO(body), map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(
             f"{path}: cannot read it (truncated or corrupted?): expected a complete checkpoint "
@@ -147,11 +167,19 @@ def load_run_checkpoint(
 ) -> dict:
     """:func:`load_checkpoint`, then check that its state dict fits ``model`` and, for a
     resume (``args`` given: this command's ``vars(args)``), that it was made with the same
-    settings except ``ignore``. Raises :class:`CheckpointError` naming every difference;
-    nothing is loaded or written."""
+    settings except ``ignore`` and with this process's ``torch.get_num_threads()`` (whatever
+    ``ignore`` says: the thread count changes CPU results). Raises :class:`CheckpointError`
+    naming every difference; nothing is loaded or written."""
     ck = load_checkpoint(path, kind, expect)
     if problems := state_dict_problems(model, ck["model"]):
         raise CheckpointError(f"{path}: its state dict does not fit the model: {problems[:5]}")
+    threads, now = ck.get("torch_threads"), torch.get_num_threads()
+    if args is not None and threads != now:
+        raise CheckpointError(
+            f"{path} was made with {threads} torch thread(s), this run has {now}. Expected the "
+            "same: on the CPU the thread count changes how reductions are split and rounded, so "
+            f"a resume with another count gives other weights. Resume with --threads {threads}"
+        )
     if args is not None and (diffs := resume_differences(ck["args"], args, ignore)):
         raise CheckpointError(
             f"{path} was made with other settings: {'; '.join(diffs)}. Expected the same (a "

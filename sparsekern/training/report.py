@@ -5,7 +5,6 @@ scripts (``scripts/_lib/tables.py``)."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -15,6 +14,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from sparsekern.training.jsonlog import write_json  # noqa: F401  (re-exported)
 
 __all__ = [
     "command_line",
@@ -82,15 +83,6 @@ def run_info(root=None, device: torch.device | None = None) -> dict:
     if device is not None and torch.device(device).type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
-
-
-def write_json(path, obj) -> Path:
-    """``obj`` as indented JSON at ``path``, written atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float) + "\n")
-    os.replace(tmp, path)
-    return path
 
 
 def command_line(script: str, argv: list[str] | None = None) -> str:

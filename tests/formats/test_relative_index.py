@@ -12,6 +12,7 @@ from sparsekern.formats.relative_index import (
     CompressedFormatError,
     decode_relative,
     encode_relative,
+    format_storage,
     load_compressed,
     save_compressed,
 )
@@ -242,3 +243,149 @@ def test_empty_and_fully_pruned_layers(tmp_path):
     fresh = sparsify(nn.Sequential(nn.Linear(40, 3), nn.Linear(3, 2)))
     load_compressed(tmp_path / "e.skr", fresh)
     _assert_same(model, fresh)
+
+
+# ------------------------------------------------------------------------------------------------
+# Version 2: Deep Compression (quantised codebooks, Huffman coding)
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("quantize, huffman", [(None, True), (True, False), (True, True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_v2_round_trip_equals_the_quantised_model(tmp_path, quantize, huffman, dtype):
+    from sparsekern.formats.quantize import QuantizedWeights
+
+    net = _pruned_net(dtype)
+    original = {k: v.clone() for k, v in net.state_dict().items()}
+    path = tmp_path / "dc.skr"
+    stats = save_compressed(net, path, quantize=quantize, huffman=huffman)
+    assert stats["version"] == 2 and stats["file_bytes"] == os.path.getsize(path)
+    parts = ("header_bytes", "value_bytes", "index_bytes", "codebook_bytes", "table_bytes",
+             "other_bytes")  # fmt: skip
+    assert stats["file_bytes"] == sum(stats[k] for k in parts)
+    for k, v in net.state_dict().items():  # saving never changes the model
+        assert torch.equal(v, original[k]), k
+    fresh = _pruned_net(dtype, seed=5, densities=(1.0, 1.0, 1.0))
+    load_compressed(path, fresh)
+    if not quantize:
+        _assert_same(net, fresh)
+        return
+    # the file holds the quantised model: the same masks, biases, buffers, and per layer at most
+    # 2^b - 1 shared values (conv 8 bits, FC 5 bits)
+    for name, k in (("conv", 255), ("fc1", 31), ("fc2", 31)):
+        a, b = getattr(net, name), getattr(fresh, name)
+        assert torch.equal(a.mask, b.mask)
+        assert torch.unique(b.weight.detach()[b.mask]).numel() <= k
+        assert (b.weight.detach()[~b.mask] == 0).all()
+    assert torch.equal(net.bn.running_var, fresh.bn.running_var)
+    # quantising the model itself (QuantizedWeights) and saving it: the file is that model exactly
+    qw = QuantizedWeights(net)
+    stats = save_compressed(net, path, quantize=qw, huffman=huffman)
+    again = _pruned_net(dtype, seed=6, densities=(1.0, 1.0, 1.0))
+    load_compressed(path, again)
+    _assert_same(net, again)
+    assert [s["quant_bits"] for s in stats["layers"]] == [8, 5, 5]
+    with pytest.raises(ValueError, match="not this model's"):
+        save_compressed(fresh, path, quantize=qw)
+    with torch.no_grad():
+        net.fc2.weight[net.fc2.mask] *= 1.5  # trained past the codebook
+    with pytest.raises(ValueError, match="layer 'fc2'.*codebook"):
+        save_compressed(net, path, quantize=qw)
+
+
+def test_huffman_and_quantisation_shrink_the_file(tmp_path):
+    net = _pruned_net()
+    sizes = {}
+    for label, kw in (("plain", {}), ("huffman", dict(huffman=True)),
+                      ("quantised", dict(quantize=True)),
+                      ("both", dict(quantize=True, huffman=True))):  # fmt: skip
+        sizes[label] = save_compressed(net, tmp_path / f"{label}.skr", **kw)
+    assert sizes["plain"]["version"] == 1
+    assert sizes["both"]["file_bytes"] < sizes["quantised"]["file_bytes"]
+    assert (
+        sizes["both"]["file_bytes"] < sizes["huffman"]["file_bytes"] < sizes["plain"]["file_bytes"]
+    )
+    # quantised FC values: 5-bit codebook indices, bit-packed without Huffman
+    fc1 = sizes["quantised"]["layers"][1]
+    assert fc1["value_bytes"] == math.ceil((fc1["kept"] + fc1["fillers"]) * 5 / 8)
+    assert fc1["codebook_bytes"] == 4 * 31 and fc1["table_bytes"] == 0
+    both_fc1 = sizes["both"]["layers"][1]
+    assert both_fc1["table_bytes"] == 16 + 16  # 32 code lengths of 4 bits, values and indices
+    text = format_storage(sizes["both"])
+    for word in ("fc1", "fc2", "conv", "codebook", "tables", f"{sizes['both']['file_bytes']} B"):
+        assert word in text
+    with pytest.raises(ValueError, match="quantize bits in 1 .. 15"):
+        save_compressed(net, tmp_path / "x.skr", quantize={"fc": 0})
+    with pytest.raises(TypeError, match="expected quantize None, True"):
+        save_compressed(net, tmp_path / "x.skr", quantize="yes")
+
+
+@pytest.mark.parametrize("kw", [{}, dict(quantize=True, huffman=True)])
+def test_byte_flips_are_refused(tmp_path, kw):
+    net = sparsify(nn.Sequential(nn.Linear(20, 6), nn.ReLU(), nn.Linear(6, 3)))
+    g = torch.Generator().manual_seed(0)
+    set_mask(net[0], torch.rand(6, 20, generator=g) < 0.3)
+    path = tmp_path / "m.skr"
+    save_compressed(net, path, **kw)
+    data = path.read_bytes()
+    target = sparsify(nn.Sequential(nn.Linear(20, 6), nn.ReLU(), nn.Linear(6, 3)))
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    # ~250 flips spread over the file: preamble, header, every payload segment, trailer
+    for i in sorted(set(range(0, len(data), max(1, len(data) // 200))) | set(range(40))):
+        corrupt = bytearray(data)
+        corrupt[i] ^= 1 << (i % 8)
+        path.write_bytes(bytes(corrupt))
+        with pytest.raises(CompressedFormatError):
+            load_compressed(path, target)
+    for k, v in target.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def _rewrite_header(data: bytes, edit) -> bytes:
+    """The file with its JSON header edited by ``edit`` and lengths and SHA-256 recomputed: a
+    forgery that the checksum alone cannot catch."""
+    import hashlib
+    import json
+    import struct
+
+    pre = struct.Struct("<8sHIQ")
+    magic, version, hlen, plen = pre.unpack_from(data, 0)
+    header = json.loads(data[pre.size : pre.size + hlen])
+    edit(header)
+    new = json.dumps(header, separators=(",", ":")).encode()
+    payload = data[pre.size + hlen : -32]
+    body = pre.pack(magic, version, len(new), plen) + new + payload
+    return body + hashlib.sha256(body).digest()
+
+
+@pytest.mark.parametrize("kw", [{}, dict(quantize=True, huffman=True)])
+def test_shifted_offsets_under_a_valid_checksum_are_refused(tmp_path, kw):
+    net = _pruned_net()
+    path = tmp_path / "net.skr"
+    save_compressed(net, path, **kw)
+    data = path.read_bytes()
+
+    def shift_values(h):
+        h["layers"][1]["values"][0] += 4
+
+    def swap_layers(h):  # consistent lengths, wrong order
+        a, b = h["layers"][0], h["layers"][1]
+        a["values"], b["values"] = b["values"], a["values"]
+
+    def grow_last(h):
+        h["layers"][2]["indices"][1] += 1
+
+    for edit, match in ((shift_values, "corrupted header: expected layer 'fc1' values at"),
+                        (swap_layers, "corrupted header: expected layer 'conv' values at"),
+                        (grow_last, "corrupted header")):  # fmt: skip
+        path.write_bytes(_rewrite_header(data, edit))
+        with pytest.raises(CompressedFormatError, match=match):
+            load_compressed(path)
+
+    def bad_type(h):
+        h["layers"][0]["entries"] = "many"
+
+    for edit in (lambda h: h.update(layers=3), lambda h: h.update(dense={"a": 1}), bad_type):
+        path.write_bytes(_rewrite_header(data, edit))
+        with pytest.raises(CompressedFormatError, match="corrupted header"):
+            load_compressed(path)
+    path.write_bytes(_rewrite_header(data, lambda h: None))  # the unedited rewrite still loads
+    load_compressed(path)

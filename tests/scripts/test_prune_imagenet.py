@@ -21,7 +21,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparsekern.training import load_checkpoint
 from tests.helpers import ROOT, SCRIPT_ENV, rejected, run_script
+
+CKPT = "sparsekern/prune_imagenet/2"  # the script's checkpoint format (checksummed files)
 
 SCRIPT = ROOT / "scripts" / "prune_imagenet.py"
 
@@ -59,7 +62,7 @@ def test_ddp_two_ranks_cpu(tmp_path, monkeypatch):
     for n in m0:
         assert torch.equal(m0[n], m1[n]), n
         assert 0 < int(m0[n].sum()) < m0[n].numel(), n  # really pruned, not empty
-    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    ck = load_checkpoint(out / "ckpt.pt", CKPT)
     for n in m0:  # and they are the checkpoint's
         assert torch.equal(ck["model"][f"{n}.mask"], m0[n])
     assert len(ck["rng"]) == 2  # every rank's RNG, for an exact resume
@@ -144,7 +147,7 @@ def test_kill9_mid_round_then_resume_equals_uninterrupted(tmp_path, uninterrupte
         proc.kill()
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    ck = load_checkpoint(out / "ckpt.pt", CKPT)
     st = ck["st"]
     assert (st["phase"], st["round"], st["pruned"], st["round_epoch"]) == ("prune", 0, True, 1)
     assert not (out / "summary.json").exists()
@@ -224,8 +227,8 @@ def test_start_from_checkpoint_prunes_further(tmp_path, uninterrupted):
         uninterrupted / "ckpt.pt", "--quality", "fc=1.5", "--rounds", "1",
         "--retrain-epochs", "1", "--sens-images", "0")  # fmt: skip
     s = json.loads((out / "summary.json").read_text())
-    start = torch.load(uninterrupted / "ckpt.pt", weights_only=True)["model"]
-    end = torch.load(out / "ckpt.pt", weights_only=True)["model"]
+    start = load_checkpoint(uninterrupted / "ckpt.pt", CKPT)["model"]
+    end = load_checkpoint(out / "ckpt.pt", CKPT)["model"]
     masks = [k for k in start if k.endswith(".mask")]
     for k in masks:
         assert not (end[k] & ~start[k]).any(), k  # nothing regrows
