@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--figures", action="store_true", help="han: also Fig 5 (extra prune / retrain runs)")
     a("--no-figures", action="store_true", help="no figures at all")
     a("--no-progress", action="store_true", help="no progress bar")
+    a("--dc-epochs", type=nonneg_int, default=1,
+      help="Deep Compression: centroid fine-tuning epochs (0: k-means only)")  # fmt: skip
+    a("--no-deep-compression", dest="dc_epochs", action="store_const", const=None)
     a("--inference-budget", type=nonneg_float, default=5.0,
       help="inference.json: seconds per batch size timing export vs dense (0: skip)")  # fmt: skip
     return p

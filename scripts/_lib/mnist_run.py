@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from models import DROPOUT_FEEDS, HAN_2015, build_model
 from scripts._lib import figures, recipes, tables
 from sparsekern import pruning, training
+from sparsekern.formats import QuantizedWeights, format_storage, load_compressed, save_compressed
 from sparsekern.nn import sparse_modules
 from sparsekern.nn.inference import format_report, inference_report
 from sparsekern.training import report
@@ -245,6 +246,29 @@ class MnistRun:
         self.checkpoint()
 
     # ------------------------------------------------------------------------ results
+    def deep_compression(self) -> dict:
+        """Deep Compression's storage of the pruned net (Han, Mao, Dally 2016): a copy quantised
+        (k-means, linear init: 5 bits FC, 8 conv), its centroids fine-tuned for ``dc_epochs``
+        epochs at the retraining LR by the summed gradients of their weights, then saved with
+        Huffman-coded indices, reloaded and evaluated (validation; test unless ``no_test``)."""
+        args, d = self.args, self.d
+        net = self.rebuild()
+        net.load_state_dict(self.model.state_dict())
+        qw = QuantizedWeights(net)
+        val_kmeans = self.val_error(net)
+        lr, net_train = args.lr * args.retrain_lr_factor, net.train()
+        for _ in range(args.dc_epochs):
+            for x, y in d["train"]:
+                net_train.zero_grad()
+                F.cross_entropy(net_train(x), y).backward()
+                qw.step(lr)
+        path = self.out / f"{args.model}_deep.skr"
+        stats = save_compressed(net, path, quantize=qw, huffman=True)
+        loaded = load_compressed(path, self.rebuild()).eval()
+        out = dict(path=path.name, epochs=args.dc_epochs, lr=lr, val_error_kmeans=val_kmeans)
+        out |= dict(val_error=self.val_error(loaded), error=self.test_error(loaded), **stats)
+        return out
+
     def fig5(self) -> tuple[dict, str]:
         """Han's Fig 5 (extra prune / retrain runs from the dense weights), on validation."""
         args, st = self.args, self.st
@@ -280,6 +304,7 @@ class MnistRun:
         fig = report.model_summary(model)
         rows = pruning.layer_report(model, self.d["x_te"][:1000])
         comp = save_compressed_checked(model, out / f"{args.model}_pruned.skr", self.rebuild)
+        deep = self.deep_compression() if args.dc_epochs is not None else None
         inference = None
         if args.inference_budget > 0:  # the exported model's CPU time vs dense
             x1 = self.d["x_te"][:1]
@@ -308,7 +333,7 @@ class MnistRun:
         s |= dict(paper=self.paper, wall_time_s=wall, epoch_seconds=st["epoch_seconds"])
         s |= dict(train_images=self.d["n_tr"], test_images=0 if args.no_test else self.d["n_te"])
         s |= dict(val_images=args.val_images, val_seed=VAL_SEED, val_error_pct=val_err)
-        s |= dict(val_error_dense_pct=dense_val)
+        s |= dict(val_error_dense_pct=dense_val, deep_compression=deep)
         report.write_json(out / "summary.json", s)
         ratio = fig["compression_weights"]
         print(f"\nvalidation error ({args.val_images:,} held-out training images): dense "
@@ -316,6 +341,14 @@ class MnistRun:
         if not args.no_test:
             what = f"{self.d['n_te']:,} test images"
             print(tables.format_results(table1, rows, self.paper["kept_pct"], comp, fig, what))
+        if deep:
+            kept_b = 8 * deep["file_bytes"] / fig["weights_kept"]
+            print(f"\nDeep Compression storage ({deep['path']}: pruned, quantised, Huffman-coded; "
+                  f"centroids fine-tuned {deep['epochs']} epoch(s)):\n{format_storage(deep)}\n"
+                  f"storage: {deep['file_bytes'] / 1e3:.1f} KB vs {deep['dense_bytes'] / 1e6:.2f} "
+                  f"MB dense = {deep['compression_ratio']:.1f}x ({kept_b:.2f} bits / kept weight), "
+                  f"test error {fmt(deep['error'])}, validation {fmt(deep['val_error'])} "
+                  f"(paper: LeNet-300-100 40x at 1.58%, LeNet-5 39x at 0.74%)")  # fmt: skip
         if inference:
             print(f"inference export ({inference['threads']} thread(s)):\n"
                   f"{format_report(inference)}")  # fmt: skip
