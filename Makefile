@@ -7,7 +7,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 RESULTS ?= benchmarks/results
 
-.PHONY: venv demo mnist methods imagenet-smoke test lint format bench compile-check gpu-check gpu-bench-full clean
+.PHONY: venv demo mnist methods methods-quick imagenet-smoke test lint format bench compile-check gpu-check gpu-bench-full clean
 
 venv: $(STAMP)
 
@@ -18,34 +18,30 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The main job: Han et al.'s LeNet-300-100 row (Table 1) on real MNIST, the full configuration:
-# the same command as results/lenet300 (without Fig 5), into runs/ (~2 min on 2 cores).
+# results/lenet300's command (preset scripts/config/lenet300.py), into runs/; then Deep
+# Compression's storage table of the pruned net. 40 epochs of ~2 s on an idle 2-core machine.
 demo: venv
-	$(VPY) scripts/prune_mnist.py --model lenet300 --out runs/demo-lenet300 --overwrite
+	$(VPY) scripts/prune_mnist.py --preset lenet300 --out runs/demo-lenet300 --overwrite --no-progress
 
-# The results committed in results/, one command each (LeNet-5 takes ~25 min on 2 cores), and
-# the small summary CI reproduces exactly (tests/scripts/test_prune_mnist.py).
+# The results committed in results/, one command each: the validation searches (the presets'
+# "searched" knobs come from results/search/*.json), the two Table 1 rows (LeNet-5 ~25 min on 2
+# cores) and the small summary CI reproduces exactly (tests/scripts/test_prune_mnist.py).
 mnist: venv
-	$(VPY) scripts/prune_mnist.py --model lenet300 --figures --overwrite --no-progress
-	$(VPY) scripts/prune_mnist.py --model lenet5 --overwrite --no-progress
+	$(VPY) scripts/search_mnist.py --preset lenet300 --jobs 2
+	$(VPY) scripts/prune_mnist.py --preset lenet300 --overwrite --no-progress
+	$(VPY) scripts/prune_mnist.py --preset lenet5 --overwrite --no-progress
 	$(VPY) scripts/prune_mnist.py --model lenet300 --subset 2000 --test-subset 1000 --sens-n 1000 \
 		--epochs 2 --rounds 2 --retrain-epochs 1 --no-figures --no-progress --overwrite \
 		--out results/ci/lenet300-tiny
 
 # The methods after Han on MNIST (results/methods.md): every method at 90 / 95 / 98% sparsity on
-# both LeNets (~45 min on 2 cores), then the table. Every method of a model trains the same
-# number of epochs (--total-epochs: 6 / 2); Han's runs spend them as dense + rounds x retrain.
-METHODS := han global gradual snip rigl nm
-HAN_BUDGET_lenet300 := --epochs 4 --rounds 2 --retrain-epochs 1
-HAN_BUDGET_lenet5 := --epochs 1 --rounds 1 --retrain-epochs 1 --warmup-epochs 0.2
+# both LeNets at one budget per model (LeNet-300-100 60 epochs, LeNet-5 40; hours on 2 cores),
+# then the table with the papers' figures (results/methods/table.md). methods-quick: the same pipeline at CI budgets.
 methods: venv
-	mkdir -p results/methods
-	for model in lenet300 lenet5; do for m in $(METHODS); do for s in 90 95 98; do \
-		budget=""; [ $$m = han ] && budget="$$( [ $$model = lenet300 ] && echo '$(HAN_BUDGET_lenet300)' || echo '$(HAN_BUDGET_lenet5)')"; \
-		$(VPY) scripts/prune_mnist.py --model $$model --method $$m --sparsity 0.$$s $$budget \
-			--no-figures --no-progress --overwrite --out runs/methods/$${model}_$${m}_s$$s || exit 1; \
-		cp runs/methods/$${model}_$${m}_s$$s/summary.json results/methods/$${model}_$${m}_s$$s.json; \
-	done; done; done
-	$(VPY) scripts/prune_mnist.py --table results/methods
+	$(VPY) scripts/methods_table.py
+
+methods-quick: venv
+	$(VPY) scripts/methods_table.py --quick --models lenet300 --sparsities 0.9
 
 # The ImageNet pipeline on a synthetic ImageFolder with 1/16-width nets: 1 process, then 2 ranks.
 imagenet-smoke: venv

@@ -19,27 +19,51 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing: `models`, `sparsekern`
+sys.path.insert(0, str(ROOT))  # run from a checkout: `models` and `scripts._lib` are not installed
 
 from models import build_model  # noqa: E402
+from scripts._lib import checks  # noqa: E402
 from sparsekern.formats import load_compressed  # noqa: E402
 from sparsekern.nn.inference import format_report, inference_report  # noqa: E402
 from sparsekern.training import report  # noqa: E402
 
-p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-p.add_argument("run_dir", type=Path, help="a prune_mnist output folder (summary.json, *.skr)")
-p.add_argument("--threads", type=int, default=1, help="torch threads (prune_mnist's default: 1)")
-p.add_argument("--budget", type=float, default=5.0, help="seconds per batch size, at most")
-args = p.parse_args()
 
-summary = json.loads((args.run_dir / "summary.json").read_text())
-torch.manual_seed(0)
-torch.set_num_threads(args.threads)
-model = build_model(summary["model"], sparse=True, dropout=summary["args"]["dropout"])
-model = load_compressed(args.run_dir / summary["compressed_file"]["path"], model).eval()
-example = torch.randn(1, 1, 28, 28)  # MNIST's shape; the timing inputs are random anyway
-rep = inference_report(model, example, (1, 64), budget_s=args.budget)
-command = report.command_line("scripts/export_mnist.py")
-rep = {"command": command, "run": report.run_info(ROOT), **rep}
-report.write_json(args.run_dir / "inference.json", rep)
-print(f"{summary['network']} ({rep['threads']} thread(s)):\n{format_report(rep)}")
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    p.add_argument("run_dir", type=Path, help="a prune_mnist output folder (summary.json, *.skr)")
+    p.add_argument("--threads", type=checks.number(int, 1), default=1,
+                   help="torch threads (prune_mnist's default: 1)")  # fmt: skip
+    p.add_argument("--budget", type=checks.number(float, 0, lo_open=True), default=5.0,
+                   help="seconds per batch size, at most")  # fmt: skip
+    args = p.parse_args(argv)
+    if not (args.run_dir / "summary.json").is_file():
+        p.error(f"argument run_dir: expected a prune_mnist output folder, got {args.run_dir}")
+    try:
+        args.summary = json.loads((args.run_dir / "summary.json").read_text())
+        args.skr = args.run_dir / args.summary["compressed_file"]["path"]
+        args.model = args.summary["model"]
+    except (ValueError, KeyError, TypeError) as e:
+        p.error(f"argument run_dir: {args.run_dir}/summary.json is not a prune_mnist summary ({e})")
+    if not args.skr.is_file():
+        p.error(f"argument run_dir: expected {args.skr} (the pruned model), found none")
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    summary = args.summary
+    torch.set_num_threads(args.threads)
+    model = build_model(args.model, sparse=True, dropout=summary["args"]["dropout"])
+    model = load_compressed(args.skr, model).eval()
+    torch.manual_seed(0)
+    example = torch.randn(1, 1, 28, 28)  # MNIST's shape; the timing inputs are random anyway
+    rep = inference_report(model, example, (1, 64), budget_s=args.budget)
+    command = report.command_line("scripts/export_mnist.py", argv)
+    rep = {"command": command, "run": report.run_info(ROOT), **rep}
+    report.write_json(args.run_dir / "inference.json", rep)
+    print(f"{summary['network']} ({rep['threads']} thread(s)):\n{format_report(rep)}")
+    return rep
+
+
+if __name__ == "__main__":
+    main()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import subprocess
 import sys
 import time
@@ -27,11 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from models.lenet import LeNet300100  # noqa: E402
+from scripts._lib import checks  # noqa: E402
 from sparsekern import training  # noqa: E402
 from sparsekern.pruning import one_shot  # noqa: E402
 from sparsekern.pruning._sparsegpt import sparsegpt_prune  # noqa: E402
 from sparsekern.pruning._wanda import magnitude_layer_mask, row_keep  # noqa: E402
 from sparsekern.training.data import load_mnist, tensor_loader  # noqa: E402
+from sparsekern.training.report import write_json  # noqa: E402
 
 DENSE_FORMAT = "sparsekern/one_shot_mnist/dense/1"
 # label -> (method, options); "sparsegpt-block": one mask threshold per block of 128 columns, as
@@ -118,46 +119,56 @@ def time_layer(n: int) -> dict:
     return out
 
 
-def main(argv=None):
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=str(ROOT / "results" / "one_shot"))
-    p.add_argument("--ckpt", default=str(ROOT / "runs" / "one_shot_mnist" / "dense.pt"))
-    p.add_argument("--data", default=str(ROOT / "data" / "mnist"))
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--lr", type=float, default=0.15)
-    p.add_argument("--calib", type=int, default=2048)
-    p.add_argument("--sparsities", default="0.5,0.7,0.8,0.9,0.95")
-    p.add_argument("--time-layer", type=int, default=4096, help="0: skip the timing")
-    p.add_argument("--seed", type=int, default=0)
+    a = p.add_argument
+    pos_int, nonneg_int = checks.number(int, 1), checks.number(int, 0)
+    a("--out", default=str(ROOT / "results" / "one_shot"))
+    a("--ckpt", default=str(ROOT / "runs" / "one_shot_mnist" / "dense.pt"),
+      help="the dense net: reused while --epochs / --lr / --seed agree")  # fmt: skip
+    a("--data", default=str(ROOT / "data" / "mnist"))
+    a("--epochs", type=pos_int, default=10)
+    a("--lr", type=checks.number(float, 0, lo_open=True), default=0.15)
+    a("--calib", type=checks.number(int, 1, 60000), default=2048, help="calibration images")
+    a("--sparsities", type=checks.number_list(checks.fraction(hi_open=True)),
+      default=[0.5, 0.7, 0.8, 0.9, 0.95], help="comma-separated, each in [0, 1)")  # fmt: skip
+    a("--time-layer", type=nonneg_int, default=4096, help="0: skip the timing")
+    a("--seed", type=nonneg_int, default=0)
     args = p.parse_args(argv)
-    torch.set_num_threads(1)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    data = load_mnist(args.data)
-    ckpt = Path(args.ckpt)
-    config = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed}  # what trains dense.pt
-    if ckpt.exists():  # checksummed; refused unless trained with this config
+    checks.check_data_dir(p, "--data", args.data)
+    checks.check_out_dir(p, "--out", args.out)
+    checks.check_out_file(p, "--ckpt", args.ckpt)
+    args.config = {"epochs": args.epochs, "lr": args.lr, "seed": args.seed}  # trains dense.pt
+    args.saved = None
+    if Path(args.ckpt).exists():  # checksummed; refused unless trained with this config
         try:
-            saved = training.load_checkpoint(ckpt, DENSE_FORMAT, expect={"config": config})
+            args.saved = training.load_checkpoint(
+                args.ckpt, DENSE_FORMAT, expect={"config": args.config}
+            )
         except training.CheckpointError as e:
             p.error(f"--ckpt: {e}")
+    return args
+
+
+def dense_model(data, args) -> tuple[LeNet300100, dict]:
+    """The dense net: --ckpt's (checked by parse_args), else trained now and saved there, a
+    checksummed checkpoint written atomically with its training settings."""
+    if args.saved is not None:
         model = LeNet300100()
-        model.load_state_dict(saved["model"])
-        info = saved["info"]
-    else:
-        model, info = train_dense(data, args)
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        state = {"model": model.state_dict(), "info": info, "config": config}
-        training.save_checkpoint(ckpt, state, DENSE_FORMAT)  # atomic
-    xt, yt = data["x_test"], data["y_test"]
-    dense_err = test_error(model, xt, yt)
-    print(f"dense test error {dense_err:.2f}%", flush=True)
-    g = torch.Generator().manual_seed(args.seed + 1)
-    idx = torch.randperm(len(data["x_train"]), generator=g)[: args.calib]
-    calibration = list(data["x_train"][idx].split(128))
-    patterns = [(float(s), None) for s in args.sparsities.split(",")] + [(None, (2, 4))]
+        model.load_state_dict(args.saved["model"])
+        return model, args.saved["info"]
+    model, info = train_dense(data, args)
+    ckpt = Path(args.ckpt)
+    ckpt.parent.mkdir(parents=True, exist_ok=True)
+    state = {"model": model.state_dict(), "info": info, "config": args.config}
+    training.save_checkpoint(ckpt, state, DENSE_FORMAT)
+    return model, info
+
+
+def prune_all(model, calibration, xt, yt, dense_err, sparsities) -> list[dict]:
+    """Every variant at every sparsity and 2:4, each on a fresh copy of ``model``."""
     runs = []
-    for sparsity, n_m in patterns:
+    for sparsity, n_m in [(s, None) for s in sparsities] + [(None, (2, 4))]:
         for label, (method, kw) in VARIANTS.items():
             m = copy.deepcopy(model)
             t0 = time.perf_counter()
@@ -173,6 +184,23 @@ def main(argv=None):
             print(
                 f"{label:20s} {pattern:4s} error {err:6.2f}% (+{err - dense_err:.2f})", flush=True
             )
+    return runs
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_mnist(args.data)
+    model, info = dense_model(data, args)
+    xt, yt = data["x_test"], data["y_test"]
+    dense_err = test_error(model, xt, yt)
+    print(f"dense test error {dense_err:.2f}%", flush=True)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    idx = torch.randperm(len(data["x_train"]), generator=g)[: args.calib]
+    calibration = list(data["x_train"][idx].split(128))
+    runs = prune_all(model, calibration, xt, yt, dense_err, args.sparsities)
     diag = wanda_diagnostic(model, calibration, xt, yt)
     timing = time_layer(args.time_layer) if args.time_layer else None
     commit = subprocess.run(
@@ -181,11 +209,12 @@ def main(argv=None):
     cli = sys.argv[1:] if argv is None else argv
     result = {
         "command": "python scripts/one_shot_mnist.py " + " ".join(cli),
-        "git_commit": commit, "torch": torch.__version__, "threads": 1, "config": vars(args),
+        "git_commit": commit, "torch": torch.__version__, "threads": 1,
+        "config": {k: v for k, v in vars(args).items() if k != "saved"},
         "dense_test_error": dense_err, **info, "runs": runs, "wanda_diagnostic": diag,
         "timing_sparsegpt_layer": timing,
     }  # fmt: skip
-    (out / "mnist.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "mnist.json", result)
     write_table(result, out / "mnist.md")
     plot(result, out / "mnist.png")
     print(f"wrote {out / 'mnist.json'}, mnist.md, mnist.png")

@@ -26,24 +26,16 @@ both checked. Every epoch is checkpointed (atomic, every rank's RNG): --resume c
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
-import time
 from pathlib import Path
 
-import torch
-from torch.nn.parallel import DistributedDataParallel as DDP
-
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing: `models`, `sparsekern`
+sys.path.insert(0, str(ROOT))  # run from a checkout: `models` and `scripts._lib` are not installed
 
-from models import HAN_2015, IMAGENET_MODELS, build_imagenet_model, paper_layer_names  # noqa: E402
-from sparsekern import pruning, training  # noqa: E402
-from sparsekern.nn import sparse_modules  # noqa: E402
-from sparsekern.training import cli, report  # noqa: E402
+from models import HAN_2015, IMAGENET_MODELS  # noqa: E402
+from scripts._lib import checks as cli  # noqa: E402
+from scripts._lib.imagenet_run import ImagenetRun  # noqa: E402
 from sparsekern.training import distributed as dist  # noqa: E402
-from sparsekern.training.data import imagefolder_loaders, make_synthetic_imagefolder  # noqa: E402
-from sparsekern.training.export import export_block_sparse, save_compressed_checked  # noqa: E402
 
 # -------------------------------------------------------------------------------------- config
 # The tiny CPU configuration: 1/16-width nets on a synthetic ImageFolder, the whole pipeline in
@@ -51,10 +43,6 @@ from sparsekern.training.export import export_block_sparse, save_compressed_chec
 TINY = dict(width=1 / 16, classes=4, train_per_class=32, val_per_class=8, batch_size=16)
 TINY |= dict(epochs=2, lr=0.02, lr_step=1, rounds=2, retrain_epochs=2, sens_images=32, workers=0)
 TINY_RES = {"alexnet": 64, "alexnet-caffe": 72, "vgg16": 32}  # >= each net's smallest input
-SENS_QUALITIES = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5]
-CKPT_FORMAT = "sparsekern/prune_imagenet/2"
-# settings a resumed run may change: they do not change the result
-RESUME_FREE = {"resume", "no_progress", "workers", "threads", "save_rank_masks", "step_sleep"}
 
 
 def parse_args(argv=None):
@@ -132,265 +120,23 @@ def parse_args(argv=None):
     if args.epochs == 0 and not (args.weights or args.start or args.resume):
         p.error("--epochs 0: expected --weights or --start (a dense net to prune), got neither")
     args.out = args.out or str(ROOT / "runs" / (args.model + "-tiny" * args.tiny))
+    cli.check_out_dir(p, "--out", args.out)
     return args, p
 
 
 def main(argv=None):
     args, parser = parse_args(argv)
-    t_start = time.time()
     env = dist.setup_distributed(args.threads)
-    main0, device, amp = env.main, env.device, env.device.type == "cuda" and not args.no_amp
-    out, paper, ckpt = Path(args.out), HAN_2015[args.model], Path(args.out) / "ckpt.pt"
     launch = f"torchrun --nproc_per_node {env.world}" if env.world > 1 else "python"
     command = f"{launch} scripts/prune_imagenet.py " + " ".join(argv or sys.argv[1:])
-
-    # the model first (it needs only the class count): a bad checkpoint fails before any write
-    folders = [] if args.synthetic else (Path(args.data) / "train").iterdir()
-    classes = args.classes if args.synthetic else len([d for d in folders if d.is_dir()])
-    torch.manual_seed(args.seed)  # identical initial weights on every rank
-    model = build_imagenet_model(args.model, classes, args.width, weights=args.weights).to(device)
-    layers = dict(sparse_modules(model))
-    names = paper_layer_names(args.model, model)  # {paper name: module name}
-    label = {m: p for p, m in names.items()}
-    spec = {}
-    for flag, val in (("--sparsity", args.sparsity), ("--quality", args.quality)):
-        spec[flag] = {names.get(k, k): v for k, v in val.items()} if isinstance(val, dict) else val
-        if bad := cli.unknown_layer_keys(spec[flag], layers):  # a typo must not start a run
-            parser.error(f"{flag}: expected layers among {list(names)}, conv, fc; got {bad}")
-    if len(set(dist.gather_objects(ckpt.exists()))) != 1:  # multi-node: one shared --out
-        raise SystemExit(f"{ckpt} exists on some ranks only: expected --out on shared storage")
-    if ckpt.exists() and not args.resume:
-        raise SystemExit(f"{ckpt} exists: add --resume to continue it, or choose another --out")
-    expect = {"model_name": args.model, "width": args.width, "num_classes": classes}
-    ck = start = None
-    try:  # a resumed run must be the same run; --start needs only the same model
-        if args.resume and ckpt.exists():
-            ck = training.load_run_checkpoint(
-                ckpt, CKPT_FORMAT, model, expect, vars(args), RESUME_FREE
-            )
-        if args.start:
-            start = training.load_run_checkpoint(args.start, CKPT_FORMAT, model, expect)
-    except training.CheckpointError as e:
-        raise SystemExit(f"{'--start' if args.start else '--resume'}: {e}") from None
-
-    # data (rank 0 writes the synthetic set, the others wait for it)
-    root = out / "synthetic" if args.synthetic else Path(args.data)
-    if main0:
-        out.mkdir(parents=True, exist_ok=True)
-        if args.synthetic:
-            n = (args.train_per_class, args.val_per_class)
-            make_synthetic_imagefolder(root, classes, *n, args.res, args.seed)
-    dist.barrier()
-    loaders, sampler, _, n_train, n_val = imagefolder_loaders(
-        root, args.res, args.batch_size, args.workers, args.seed, env.rank, env.world,
-        args.val_images, args.sens_images, pin_memory=device.type == "cuda",
-    )  # fmt: skip
-    spe = len(loaders["train"])
-
-    def make_optimizer(lr):  # weight_decay 0: the L2 term comes from the pruner
-        return torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
-
-    opt = make_optimizer(args.lr)
-    lr_dense = training.StepDecay(args.lr, every=args.lr_step * spe, gamma=0.1)
-    lr_re = training.Constant(args.lr * args.retrain_lr_factor)  # Han: 1/100 for AlexNet
-    pruner = pruning.HanPruner(model, opt, reg_strength=args.reg_strength)
-    # st: what a resumed run needs besides the tensors; phase "dense", then "prune"
-    st = dict(phase="dense", epoch=0, epochs_run=0, step=0, round=0, round_epoch=0, pruned=False)
-    st |= dict(history=[], dense=None, sens=None, targets=None, elapsed=0.0, epoch_seconds=[])
-    if ck is not None:
-        st = ck["st"]
-        if st["phase"] == "prune" and st["pruned"]:  # mid-round: the retraining optimizer
-            opt = make_optimizer(lr_re.lr)
-            pruner.set_optimizer(opt)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        pruner.load_state_dict(ck["pruner"])
-        if len(ck["rng"]) == env.world:
-            training.set_rng_state(ck["rng"][env.rank], device)
-        else:
-            bar_msg = f"checkpoint of {len(ck['rng'])} ranks, now {env.world}: another data order"
-            print(f"warning: {bar_msg}") if main0 else None
-    elif start is not None:
-        model.load_state_dict(start["model"])  # weights and masks
-        st["phase"] = "prune"
-    st.setdefault("commands", []).append(command)
-    log = training.JsonLog(out / "log.jsonl", enabled=main0, tensorboard=out / "tb")
-
-    def checkpoint():
-        rngs = dist.gather_objects(training.rng_state(device))  # each rank's own stream
-        st["elapsed"] += time.time() - checkpoint.t
-        checkpoint.t = time.time()
-        if main0:
-            state = dict(expect, args=vars(args), model=model.state_dict(), st=st, rng=rngs)
-            state |= dict(opt=opt.state_dict(), pruner=pruner.state_dict())
-            training.save_checkpoint(ckpt, state, CKPT_FORMAT)
-            log("checkpoint", st["step"], **{k: st[k] for k in ("phase", "round", "round_epoch")})
-        dist.barrier()  # nobody runs ahead of a checkpoint that might be needed
-
-    checkpoint.t = t_start
-    n_w = sum(m.weight.numel() for m in layers.values())
-    total = (args.epochs + args.rounds * args.retrain_epochs) * spe
-    bar = training.Progress(total, st["step"], False if args.no_progress else None, not main0)
-    bar.write(
-        f"{paper['name']} ({args.model}, width {args.width:g}): {n_w:,} weights; {classes} "
-        f"classes, {n_train:,} train / {n_val:,} val images; {env.world} rank(s) on "
-        f"{device.type}, {args.batch_size}/rank x {spe} steps/epoch, AMP {'bf16' if amp else 'off'}"
-    )
-
-    def run_epoch(net, desc, lr, step0):
-        sampler.set_epoch(st["epochs_run"])  # the data order: seed and epoch only
-        bar.describe(desc)
-        ep = training.train_epoch(model, loaders["train"], opt, pruner, lr=lr, step0=step0,
-                                  net=net, device=device, amp=amp, progress=bar,
-                                  step_sleep=args.step_sleep)  # fmt: skip
-        st["epochs_run"] += 1
-        st["step"] += spe
-        st["epoch_seconds"].append(ep["seconds"])
-        return ep["loss"]
-
-    def wrap():  # DDP over the parameters that need gradients now (rebuilt at freeze switches)
-        if not dist.is_dist():
-            return model
-        # no buffer sync: the masks are identical by construction (checked after each pruning);
-        # broadcasting them every step would move 61M / 138M bytes
-        ids = [env.local_rank] if device.type == "cuda" else None
-        return DDP(model, device_ids=ids, forward_sync_buffers=False)
-
-    def evaluate(m, loader):  # top-1 / top-5 error, all ranks' counts
-        return training.evaluate(m, loader, device, amp, topk=(1, 5))
-
-    # 1. dense phase -------------------------------------------------------------------------
-    if st["phase"] == "dense":
-        net = wrap()
-        while st["epoch"] < args.epochs:
-            e = st["epoch"]
-            loss = run_epoch(net, f"dense {e + 1}/{args.epochs}", lr_dense, e * spe)
-            ev = evaluate(model, loaders["val"])
-            st["epoch"] += 1
-            log("dense_epoch", st["step"], epoch=e + 1, loss=loss, lr=lr_dense(e * spe), **ev)
-            bar.write(f"dense epoch {e + 1}: loss {loss:.4f}, top-1 {ev['top1_error']:.2f}%")
-            checkpoint()
-        st["phase"] = "prune"
-    if st["dense"] is None:  # the reference: the net pruning starts from
-        st["dense"] = evaluate(model, loaders["val"])
-        log("dense", st["step"], **st["dense"])
-        bar.write(
-            f"reference: top-1 / top-5 error {st['dense']['top1_error']:.2f}% / "
-            f"{st['dense']['top5_error']:.2f}% on {n_val:,} val images (paper "
-            f"{paper['dense']['top1_error']:.2f}% / {paper['dense']['top5_error']:.2f}%)"
-        )
-        checkpoint()
-
-    # 2. sensitivity analysis and the per-layer targets --------------------------------------
-    if st["sens"] is None and args.sens_images > 0 and args.rounds > 0:
-        acc = lambda m: 100.0 - evaluate(m, loaders["sens"])["top1_error"]  # noqa: E731
-        res = pruning.sensitivity_analysis(model, acc, SENS_QUALITIES)
-        t = pruning.sensitivity_targets(res, layers, args.max_drop)
-        st["sens"] = dict(baseline=res.baseline, qualities=res.qualities, kept=res.kept)
-        st["sens"] |= dict(accuracy=res.accuracy, sparsity=t.sparsity, images=args.sens_images)
-        log("sensitivity", st["step"], **st["sens"])
-        checkpoint()
-    if st["targets"] is None and args.quality is None:  # each layer's final sparsity
-        sens = st["sens"]["sparsity"] if args.targets == "sens" else None
-        keep = {names[p]: k for p, k in paper["keep"].items()}
-        st["targets"] = pruning.han_targets(
-            layers, keep, sparsity=spec["--sparsity"], sensitivity=sens
-        )
-
-    # 3. prune -> retrain rounds -------------------------------------------------------------
-    net = None
-    while st["round"] < args.rounds:
-        r = st["round"]
-        if not st["pruned"]:
-            t = time.time()
-            target = None
-            if args.quality is not None:
-                kept = pruner.prune(quality=spec["--quality"])
-            else:  # round r + 1 of Han's geometric schedule
-                target = pruning.Geometric(st["targets"], args.rounds)(r + 1)
-                kept = pruner.prune(target)
-            digests = dist.check_masks_identical(model, f"after pruning round {r + 1}")
-            ev = evaluate(model, loaders["val"])
-            rec = dict(round=r + 1, target=target, kept=kept, pruned=ev, mask_sha256=digests[0])
-            st["history"].append(rec | {"prune_seconds": time.time() - t})
-            opt = make_optimizer(lr_re.lr)  # fresh momentum: the survivors only, from here
-            pruner.set_optimizer(opt)
-            st["pruned"], st["round_epoch"] = True, 0
-            log("prune", st["step"], **rec)
-            kept_s = ", ".join(f"{label[n]} {100 * k:.1f}%" for n, k in kept.items())
-            bar.write(f"round {r + 1}: pruned to {kept_s}; top-1 error {ev['top1_error']:.2f}%")
-            checkpoint()
-        while st["round_epoch"] < args.retrain_epochs:
-            e = st["round_epoch"]
-            # Han: FC retrained with conv frozen, then conv with FC frozen (1 epoch: both)
-            kind = "conv" if e < (args.retrain_epochs + 1) // 2 else "fc"
-            kind = None if args.retrain_epochs == 1 else kind
-            if kind != pruner.frozen_kind or net is None:
-                net = None
-                gc.collect()  # the old DDP reducer's autograd hooks go with it
-                pruner.freeze(kind) if kind else pruner.unfreeze()
-                net = wrap()  # DDP reduces only the parameters that need gradients now
-            desc = f"round {r + 1}/{args.rounds} retrain {e + 1}" + f" ({kind} frozen)" * bool(kind)
-            loss = run_epoch(net, desc, lr_re, 0)
-            ev = evaluate(model, loaders["val"])
-            st["round_epoch"] += 1
-            st["history"][-1].setdefault("epochs", []).append({"loss": loss, "frozen": kind, **ev})
-            log("retrain_epoch", st["step"], round=r + 1, epoch=e + 1, frozen=kind, loss=loss, **ev)
-            if st["round_epoch"] == args.retrain_epochs:  # the round is complete
-                pruner.unfreeze()
-                net = None
-                st["history"][-1]["retrained"] = ev
-                st["round"], st["pruned"] = r + 1, False
-                k, e1, e5 = 1 - pruner.current_sparsity(), ev["top1_error"], ev["top5_error"]
-                bar.write(
-                    f"round {r + 1}: {100 * k:.2f}% kept ({1 / k:.1f}x), {e1:.2f}% / {e5:.2f}%"
-                )
-            checkpoint()
-        if args.retrain_epochs == 0:  # prune-only rounds
-            st["round"], st["pruned"] = r + 1, False
-            checkpoint()
-    bar.close()
-    pruner.unfreeze()
-
-    # 4. results (rank 0) --------------------------------------------------------------------
-    pruner.finalize()
-    final = evaluate(model, loaders["val"])
-    digests = dist.check_masks_identical(model, "at the end")
-    if args.save_rank_masks:  # each rank its own masks: the tests compare them independently
-        masks = {n: m.mask.cpu() for n, m in layers.items()}
-        torch.save(masks, out / f"masks_rank{env.rank}.pt")
-    if not main0:  # the last collective was the digest check: rank 0 alone writes the results
-        return dist.shutdown()  # (no barrier: VGG-16's export takes minutes on CPU)
-    val_set = loaders["val"].dataset  # this rank's share of the val images, eval transform
-    ex = [val_set[i][0] for i in range(min(64, len(val_set)))]
-    ex = torch.stack(ex).to(device)  # [B, 3, res, res]: Table 4/5's activation % is measured on
-    rows = report.label_rows(pruning.layer_report(model, ex), names, paper["keep"])
-    model_cpu = model.to("cpu")
-    fresh = lambda: build_imagenet_model(args.model, classes, args.width)  # noqa: E731
-    comp = save_compressed_checked(model_cpu, out / f"{args.model}_pruned.skr", fresh)
-    path = out / f"{args.model}_blocksparse.pt"
-    block = export_block_sparse(model_cpu, ex.cpu(), args.block_size, path, fresh)
-    fig = report.model_summary(model_cpu)
-    model.to(device)
-    wall = st["elapsed"] + time.time() - checkpoint.t
-    params = (fig["weights_dense"] + fig["biases"], fig["weights_kept"] + fig["biases"])
-    table1 = report.table1_rows(paper, st["dense"], final, *params)
-    summary = dict(model=args.model, network=paper["name"], command=command, args=vars(args))
-    summary |= dict(
-        commands=st["commands"], run=report.run_info(ROOT, device), world_size=env.world
-    )
-    summary |= dict(amp="bf16" if amp else None, synthetic=args.synthetic, table1=table1, **fig)
-    summary |= dict(dense=st["dense"], pruned=final, layers=rows, rounds=st["history"])
-    summary |= dict(sensitivity=st["sens"], targets=st["targets"], pruner=pruner.config())
-    summary |= dict(mask_sha256_per_rank=digests, compressed_file=comp, block_sparse=block)
-    summary |= dict(epoch_seconds=st["epoch_seconds"], wall_time_s=wall, paper=paper)
-    report.write_json(out / "summary.json", summary)
-    log("done", st["step"], **final, compression=fig["compression_weights"])
-    what = f"{final['images']:,} val images{', synthetic data' if args.synthetic else ''}"
-    paper_kept = {p: 100 * k for p, k in paper["keep"].items()}
-    print("\n" + report.format_results(table1, rows, paper_kept, comp, fig, what))
-    print(f"block-sparse export: {block['status']}\nwall time {wall:.0f} s; outputs in {out}/")
-    log.close()
+    run = ImagenetRun(args, env, command)
+    run.build(parser)
+    run.load_data()
+    run.restore()
+    run.dense()  # 1. the dense phase and the reference errors
+    run.targets()  # 2. the sensitivity analysis and the per-layer targets
+    run.rounds()  # 3. prune -> retrain rounds
+    summary = run.results()  # 4. results (rank 0)
     dist.shutdown()
     return summary
 

@@ -41,6 +41,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from scripts._lib import checks  # noqa: E402
+from scripts._lib.torchvision_rows import TORCHVISION_NETS, torchvision_rows  # noqa: E402
 from sparsekern.nn import sparsify  # noqa: E402
 from sparsekern.pruning.structured import (  # noqa: E402
     StructuredPruner,
@@ -48,16 +50,11 @@ from sparsekern.pruning.structured import (  # noqa: E402
     count_params,
 )
 from sparsekern.training.data import load_mnist, tensor_loader  # noqa: E402
+from sparsekern.training.report import write_json  # noqa: E402
 
-METHODS = {
-    "l1": "l1",
-    "taylor": "taylor",
-    "slimming": "bn_scale",
-    "random": "random",
-    "rls": "rls",
-    "hessian": "hessian_radius",
-}
-DEFAULT_METHODS = "l1,taylor,slimming,random,scratch"
+METHODS = {"l1": "l1", "taylor": "taylor", "slimming": "bn_scale", "random": "random"}
+METHODS |= {"rls": "rls", "hessian": "hessian_radius"}
+DEFAULT_METHODS = ["l1", "taylor", "slimming", "random", "scratch"]
 
 
 class LeNet5BN(nn.Module):
@@ -77,97 +74,60 @@ class LeNet5BN(nn.Module):
         return self.fc2(torch.relu(self.fc1(x.flatten(1))))
 
 
+QUICK = dict(
+    dense_epochs=1,
+    ft_epochs=1,
+    rounds=1,
+    subset=6000,
+    amounts=[0.5],
+    taylor_batches=2,
+    hessian_batches=1,
+)
+DEFAULTS = dict(dense_epochs=3, ft_epochs=1, rounds=2, subset=0, amounts=[0.5, 0.7])
+DEFAULTS |= dict(taylor_batches=20, hessian_batches=4)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     a = p.add_argument
-    a("--amounts", default="0.5,0.7", help="channel fractions removed")
-    a("--methods", default=DEFAULT_METHODS, help=f"any of {','.join(METHODS)},scratch")
-    a("--dense-epochs", type=int, default=3)
-    a("--ft-epochs", type=int, default=1, help="fine-tuning epochs after each round")
-    a("--rounds", type=int, default=2)
-    a("--lr", type=float, default=0.05)
-    a("--ft-lr", type=float, default=0.01)
-    a("--bn-l1", type=float, default=1e-4)
-    a("--taylor-batches", type=int, default=20, help="calibration batches (Taylor, RLS)")
-    a("--hessian-batches", type=int, default=4, help="batches of each Hessian-vector product")
-    a("--batch-size", type=int, default=128)
-    a("--subset", type=int, default=0, help="train on the first N images (0: all)")
-    a("--seed", type=int, default=0)
-    a("--threads", type=int, default=1)
+    pos_int, nonneg_int = checks.number(int, 1), checks.number(int, 0)
+    pos_float = checks.number(float, 0, lo_open=True)
+    a("--amounts", type=checks.number_list(checks.fraction(lo_open=True, hi_open=True)),
+      help="channel fractions removed, each in (0, 1) (default 0.5,0.7)")  # fmt: skip
+    a("--methods", type=checks.choices_list([*METHODS, "scratch"]),
+      default=DEFAULT_METHODS, help=f"any of {','.join(METHODS)},scratch")  # fmt: skip
+    a("--dense-epochs", type=pos_int, help="default 3")
+    a("--ft-epochs", type=nonneg_int, help="fine-tuning epochs after each round (default 1)")
+    a("--rounds", type=pos_int, help="default 2")
+    a("--lr", type=pos_float, default=0.05)
+    a("--ft-lr", type=pos_float, default=0.01)
+    a("--bn-l1", type=checks.number(float, 0), default=1e-4)
+    a("--taylor-batches", type=pos_int, help="calibration batches, Taylor and RLS (default 20)")
+    a("--hessian-batches", type=pos_int, help="batches of each Hessian-vector product (default 4)")
+    a("--batch-size", type=pos_int, default=128)
+    a("--subset", type=nonneg_int, help="train on the first N images (0: all)")
+    a("--seed", type=nonneg_int, default=0)
+    a("--threads", type=pos_int, default=1)
     a("--data", default=str(ROOT / "data" / "mnist"))
     a("--out", default=None)
-    a("--quick", action="store_true")
-    a("--torchvision", default="", help="instead: params / MACs of these torchvision nets "
-      "(random init, L1) at --amounts, e.g. convnext_tiny,vit_b_16")  # fmt: skip
-    a("--image-size", type=int, default=224)
-    return p.parse_args(argv)
-
-
-def torchvision_rows(args, out: Path) -> None:
-    """Parameters and MACs of torchvision nets (no weights) pruned by L1 at each amount: what the
-    channel graph can remove (ConvNeXt, ViT: the MLP hidden units only)."""
-    import torchvision
-
-    from sparsekern.pruning.structured import channel_groups, prune_channels
-
-    commit, t0, rows = git_commit(), time.time(), []
-    x = torch.randn(1, 3, args.image_size, args.image_size)
-    for name in args.torchvision.split(","):
-        torch.manual_seed(args.seed)
-        net = getattr(torchvision.models, name)().eval()
-        groups = channel_groups(net, x)
-        base = {"params": count_params(net), "macs": count_macs(net, x)}
-        rows.append(
-            {
-                "net": name,
-                "amount": 0.0,
-                **base,
-                "groups": len(groups),
-                "prunable": sum(g["channels"] for g in groups),
-            }
-        )
-        for amount in [float(a) for a in args.amounts.split(",")]:
-            small = prune_channels(net, x, amount=amount, importance="l1")
-            with torch.no_grad():
-                assert small(x).shape == net(x).shape
-            r = {
-                "net": name,
-                "amount": amount,
-                "params": count_params(small),
-                "macs": count_macs(small, x),
-            }
-            r["params_x"], r["macs_x"] = r["params"] / base["params"], r["macs"] / base["macs"]
-            rows.append(r)
-            print(json.dumps(r), flush=True)
-    summary = {
-        "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
-        "git_commit": commit,
-        "torch": torch.__version__,
-        "image_size": args.image_size,
-        "seconds": round(time.time() - t0, 1),
-        "results": rows,
-    }
-    stem = "torchvision_" + args.torchvision.replace(",", "_")
-    (out / f"{stem}.json").write_text(json.dumps(summary, indent=1))
-    lines = [
-        f"# Structured pruning (L1, random init) of {args.torchvision}\n\n`{summary['command']}`"
-        f" at `{commit}`, input 3x{args.image_size}x{args.image_size}, {summary['seconds']:.0f}"
-        " s. Removed: the fraction of each prunable group (MLP hidden units).\n",
-        "| net | removed | params | params x | MACs | MACs x |",
-        "|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        if r["amount"] == 0:
-            lines.append(
-                f"| {r['net']} | dense ({r['groups']} groups, {r['prunable']:,} "
-                f"prunable units) | {r['params']:,} | 1.000 | {r['macs']:,} | 1.000 |"
-            )
-        else:
-            lines.append(
-                f"| {r['net']} | {r['amount']:.0%} | {r['params']:,} | "
-                f"{r['params_x']:.3f} | {r['macs']:,} | {r['macs_x']:.3f} |"
-            )
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    a("--quick", action="store_true", help="small values for what no flag sets (QUICK)")
+    a("--torchvision", type=checks.choices_list(TORCHVISION_NETS), default=[],
+      help="instead: params / MACs of these nets (random init, L1) at --amounts")  # fmt: skip
+    a("--image-size", type=pos_int, default=224)
+    args = p.parse_args(argv)
+    for k, v in (DEFAULTS | (QUICK if args.quick else {})).items():
+        if getattr(args, k) is None:  # --quick never overrides a value given on the line
+            setattr(args, k, v)
+    if "scratch" in args.methods and "taylor" not in args.methods:
+        p.error("argument --methods: scratch retrains the Taylor-pruned nets; expected taylor too")
+    if args.subset and args.subset < args.batch_size:
+        p.error(f"argument --subset: expected >= --batch-size {args.batch_size}, got {args.subset}")
+    checks.check_data_dir(p, "--data", args.data)
+    args.out = args.out or str(
+        ROOT / ("runs/structured-quick" if args.quick else "results/structured")
+    )
+    checks.check_out_dir(p, "--out", args.out)
+    return args
 
 
 def run_epochs(model, data, epochs, lr, gen, batch_size, extra_loss=None, masks_of=None):
@@ -218,46 +178,16 @@ def git_commit() -> str:
     return r.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.quick:
-        args.dense_epochs, args.ft_epochs, args.rounds, args.subset = 1, 1, 1, 6000
-        args.amounts, args.taylor_batches = "0.5", 2
-    out = Path(
-        args.out or (ROOT / ("runs/structured-quick" if args.quick else "results/structured"))
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(args.threads)  # 2 shared cores: 1 thread each
-    if args.torchvision:
-        torchvision_rows(args, out)
-        return
-    torch.manual_seed(args.seed)
-    data = load_mnist(args.data)
-    if args.subset:
-        data["x_train"], data["y_train"] = (
-            data["x_train"][: args.subset],
-            data["y_train"][: args.subset],
-        )
+def dense_nets(args, data, gen, log):
+    """The dense net, and slimming's (L1 on the BN gammas during training) when it runs."""
     x1 = data["x_test"][:1]
-    amounts = [float(a) for a in args.amounts.split(",")]
-    methods = args.methods.split(",")
-    gen = torch.Generator().manual_seed(args.seed)
-    t0 = time.time()
-    commit = git_commit()  # at the start: the code that ran, whatever changes meanwhile
-    records = []
-
-    def log(rec):
-        records.append(rec)
-        print(json.dumps({k: v for k, v in rec.items() if k != "widths"}), flush=True)
-
-    # dense nets: plain, and slimming's (L1 on the BN gammas during training)
     dense = LeNet5BN()
     init = copy.deepcopy(dense.state_dict())
     run_epochs(dense, data, args.dense_epochs, args.lr, gen, args.batch_size)
     base = describe(dense, x1)
     log({"method": "dense", "amount": 0.0, "error": test_error(dense, data), **base})
     dense_slim = None
-    if "slimming" in methods:
+    if "slimming" in args.methods:
         dense_slim = LeNet5BN()
         dense_slim.load_state_dict(init)
         gammas = [dense_slim.bn1.weight, dense_slim.bn2.weight]
@@ -267,61 +197,97 @@ def main(argv=None):
         )  # fmt: skip
         log({"method": "dense_slimming", "amount": 0.0, "error": test_error(dense_slim, data),
              **describe(dense_slim, x1)})  # fmt: skip
+    return dense, dense_slim, base
 
+
+def prune_one(args, data, gen, start, method, amount):
+    """``start`` pruned by ``method`` to ``amount`` in --rounds rounds, fine-tuned after each;
+    returns the masked model and the exported (physically smaller) one."""
+    x1 = data["x_test"][:1]
+    model = sparsify(copy.deepcopy(start))
+    calib = None
+    if method in ("taylor", "rls", "hessian"):
+        n = args.hessian_batches if method == "hessian" else args.taylor_batches
+        loader = tensor_loader(data["x_train"], data["y_train"], args.batch_size, True, gen)
+        calib = [b for b, _ in zip(loader, range(n))]
+    pruner = StructuredPruner(
+        model, example_inputs=x1, importance=METHODS[method], data=calib,
+        loss_fn=F.cross_entropy, seed=args.seed, bn_l1=args.bn_l1 if method == "slimming" else 0.0,
+    )  # fmt: skip
+    for r in range(1, args.rounds + 1):
+        pruner.prune(amount * r / args.rounds)
+        opt = run_epochs(
+            model, data, args.ft_epochs, args.ft_lr, gen, args.batch_size,
+            extra_loss=pruner.regularization_loss if method == "slimming" else None,
+        )  # fmt: skip
+        pruner.set_optimizer(opt)
+        with torch.no_grad():  # weight decay / momentum never revive a masked weight
+            for m in pruner.layers.values():
+                m.weight.mul_(m.mask)
+    return model, pruner.export()
+
+
+def from_scratch(args, data, gen, arch):
+    """The Taylor-pruned architecture re-initialised, trained for the same epochs in all."""
+    model = copy.deepcopy(arch)
+    torch.manual_seed(args.seed + 1)
+    for m in model.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+    epochs = args.dense_epochs + args.rounds * args.ft_epochs
+    run_epochs(model, data, epochs, args.lr, gen, args.batch_size)
+    return model
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.torchvision:
+        torchvision_rows(
+            args.torchvision, args.amounts, args.image_size, args.seed, out, git_commit()
+        )
+        return
+    torch.set_num_threads(args.threads)  # 2 shared cores: 1 thread each
+    torch.manual_seed(args.seed)
+    data = load_mnist(args.data)
+    if args.subset:
+        data["x_train"], data["y_train"] = (
+            data["x_train"][: args.subset],
+            data["y_train"][: args.subset],
+        )
+    x1 = data["x_test"][:1]
+    gen = torch.Generator().manual_seed(args.seed)
+    t0 = time.time()
+    commit = git_commit()  # at the start: the code that ran, whatever changes meanwhile
+    records = []
+
+    def log(rec):
+        records.append(rec)
+        print(json.dumps({k: v for k, v in rec.items() if k != "widths"}), flush=True)
+
+    def record(method, amount, model):
+        rec = {"method": method, "amount": amount, "error": test_error(model, data)}
+        rec |= describe(model, x1)
+        rec["kept_macs"] = rec["macs"] / base["macs"]
+        rec["kept_params"] = rec["params"] / base["params"]
+        rec["seconds"] = round(time.time() - t0, 1)
+        return rec
+
+    dense, dense_slim, base = dense_nets(args, data, gen, log)
     taylor_archs = {}
-    for method in [m for m in methods if m in METHODS]:
-        for amount in amounts:
-            model = sparsify(copy.deepcopy(dense_slim if method == "slimming" else dense))
-            calib = None
-            if method in ("taylor", "rls", "hessian"):
-                n = args.hessian_batches if method == "hessian" else args.taylor_batches
-                loader = tensor_loader(data["x_train"], data["y_train"], args.batch_size, True, gen)
-                calib = [b for b, _ in zip(loader, range(n))]
-            pruner = StructuredPruner(
-                model, example_inputs=x1, importance=METHODS[method], data=calib,
-                loss_fn=F.cross_entropy, seed=args.seed,
-                bn_l1=args.bn_l1 if method == "slimming" else 0.0,
-            )  # fmt: skip
-            for r in range(1, args.rounds + 1):
-                pruner.prune(amount * r / args.rounds)
-                opt = run_epochs(
-                    model, data, args.ft_epochs, args.ft_lr, gen, args.batch_size,
-                    extra_loss=pruner.regularization_loss if method == "slimming" else None,
-                )  # fmt: skip
-                pruner.set_optimizer(opt)
-                # weight decay / momentum never revive a masked weight: re-apply the masks
-                with torch.no_grad():
-                    for m in pruner.layers.values():
-                        m.weight.mul_(m.mask)
-            small = pruner.export()
-            err = test_error(small, data)
-            masked_err = test_error(model, data)
-            rec = {"method": method, "amount": amount, "error": err, **describe(small, x1)}
-            rec["masked_error"] = masked_err
-            rec["kept_macs"] = rec["macs"] / base["macs"]
-            rec["kept_params"] = rec["params"] / base["params"]
-            rec["seconds"] = round(time.time() - t0, 1)
-            log(rec)
+    for method in [m for m in args.methods if m in METHODS]:
+        for amount in args.amounts:
+            start = dense_slim if method == "slimming" else dense
+            model, small = prune_one(args, data, gen, start, method, amount)
+            log(record(method, amount, small) | {"masked_error": test_error(model, data)})
             if method == "taylor":
                 taylor_archs[amount] = small
-
-    if "scratch" in methods:
+    if "scratch" in args.methods:
         for amount, arch in taylor_archs.items():
-            model = copy.deepcopy(arch)
-            torch.manual_seed(args.seed + 1)
-            for m in model.modules():
-                if hasattr(m, "reset_parameters"):
-                    m.reset_parameters()
-                if isinstance(m, nn.BatchNorm2d):
-                    m.reset_running_stats()
-            epochs = args.dense_epochs + args.rounds * args.ft_epochs  # the same epochs in all
-            run_epochs(model, data, epochs, args.lr, gen, args.batch_size)
-            rec = {"method": "scratch", "amount": amount, "error": test_error(model, data),
-                   **describe(model, x1)}  # fmt: skip
-            rec["kept_macs"] = rec["macs"] / base["macs"]
-            rec["kept_params"] = rec["params"] / base["params"]
-            rec["seconds"] = round(time.time() - t0, 1)
-            log(rec)
+            log(record("scratch", amount, from_scratch(args, data, gen, arch)))
 
     summary = {
         "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
@@ -332,7 +298,7 @@ def main(argv=None):
         "model": "LeNet-5 (Caffe) + BatchNorm2d after conv1/conv2; MACs of conv+linear at 1x28x28",
         "results": records,
     }
-    (out / "lenet5_mnist.json").write_text(json.dumps(summary, indent=1))
+    write_json(out / "lenet5_mnist.json", summary)
     write_table(summary, out / "lenet5_mnist.md")
     plot(summary, out / "lenet5_error_vs_flops.png")
     print(f"wrote {out}", flush=True)

@@ -25,6 +25,7 @@ __all__ = [
     "IMAGENET_STD",
     "MNIST_MEAN",
     "MNIST_STD",
+    "holdout_split",
     "imagefolder_loaders",
     "load_mnist",
     "make_synthetic_imagefolder",
@@ -65,6 +66,23 @@ def load_mnist(root) -> dict[str, torch.Tensor]:
         out[f"x_{split}"] = ds.data.float().div_(255).sub_(MNIST_MEAN).div_(MNIST_STD).unsqueeze(1)
         out[f"y_{split}"] = ds.targets.long()
     return out
+
+
+def holdout_split(n: int, n_holdout: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split ``range(n)`` into kept and held-out indices, fixed by ``seed``: the held-out set is
+    the first ``n_holdout`` of ``torch.randperm(n)`` under a generator seeded with ``seed``, the
+    rest keep their original order (so "the first N training images" still means something).
+
+    Returns:
+        ``(kept [n - n_holdout], held_out [n_holdout])``, int64 index tensors, each sorted.
+    """
+    if not 0 <= n_holdout < n:
+        raise ValueError(f"holdout_split: expected 0 <= n_holdout < n = {n}, got {n_holdout}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held = perm[:n_holdout].sort().values
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[held] = False
+    return keep.nonzero().flatten(), held
 
 
 def tensor_loader(

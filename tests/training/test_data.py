@@ -34,3 +34,20 @@ def test_synthetic_imagefolder_loaders_shard_without_overlap(tmp_path):
         x, y = next(iter(loaders["train"]))
         assert x.shape == (2, 3, 32, 32)
     assert sorted(seen) == list(range(9))  # every val image on exactly one rank
+
+
+def test_holdout_split_is_fixed_by_seed_disjoint_and_ordered():
+    import pytest
+    import torch
+
+    from sparsekern.training.data import holdout_split
+
+    keep, held = holdout_split(100, 10, seed=0)
+    assert len(keep) == 90 and len(held) == 10
+    assert sorted(keep.tolist() + held.tolist()) == list(range(100))  # disjoint, complete
+    assert torch.equal(keep, keep.sort().values) and torch.equal(held, held.sort().values)
+    assert torch.equal(holdout_split(100, 10, seed=0)[1], held)  # fixed by the seed
+    assert not torch.equal(holdout_split(100, 10, seed=1)[1], held)
+    assert len(holdout_split(100, 0)[0]) == 100
+    with pytest.raises(ValueError, match="expected 0 <= n_holdout < n"):
+        holdout_split(100, 100)

@@ -7,16 +7,8 @@ import pytest
 import torch
 
 from models import HAN_2015, METHOD_FIGURES, build_model
-from sparsekern.training.report import (
-    format_table1,
-    git_commit,
-    label_rows,
-    methods_table,
-    model_summary,
-    run_info,
-    table1_rows,
-    write_json,
-)
+from scripts._lib.tables import format_table1, label_rows, methods_table, table1_rows
+from sparsekern.training.report import git_commit, model_summary, run_info, write_json
 from tests.helpers import ROOT
 
 

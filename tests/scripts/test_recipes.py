@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from models import build_model
+from scripts._lib.recipes import METHODS, build_pruner, nm_for_sparsity, plan_phases
 from sparsekern.pruning import (
     GlobalMagnitudePruner,
     GradualPruner,
@@ -12,7 +13,6 @@ from sparsekern.pruning import (
     RigLPruner,
     SNIPPruner,
 )
-from sparsekern.training import METHODS, build_pruner, nm_for_sparsity, plan_phases
 
 
 def test_phases_per_method():

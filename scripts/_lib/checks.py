@@ -7,7 +7,18 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["fraction", "nm_pattern", "number", "per_layer", "unknown_layer_keys"]
+__all__ = [
+    "check_data_dir",
+    "check_out_dir",
+    "check_out_file",
+    "choices_list",
+    "fraction",
+    "nm_pattern",
+    "number",
+    "number_list",
+    "per_layer",
+    "unknown_layer_keys",
+]
 
 
 def number(kind=int, lo=None, hi=None, lo_open: bool = False, hi_open: bool = False):
@@ -35,6 +46,38 @@ def number(kind=int, lo=None, hi=None, lo_open: bool = False, hi_open: bool = Fa
         return v
 
     parse.__name__ = want  # argparse names the type in some messages
+    return parse
+
+
+def choices_list(choices):
+    """An argparse ``type=``: comma-separated names, each among ``choices``, none twice."""
+    choices = tuple(choices)
+
+    def parse(text: str) -> list[str]:
+        items = [t.strip() for t in text.split(",")]
+        bad = [t for t in items if t not in choices]
+        if bad or not text.strip():
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated names among {', '.join(choices)}, got {text!r}"
+            )
+        if len(set(items)) != len(items):
+            raise argparse.ArgumentTypeError(f"expected each name once, got {text!r}")
+        return items
+
+    parse.__name__ = "list of names"
+    return parse
+
+
+def number_list(value_type):
+    """An argparse ``type=``: comma-separated values, each checked by ``value_type``."""
+
+    def parse(text: str) -> list:
+        try:
+            return [value_type(t.strip()) for t in text.split(",")]
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{e} (in {text!r})") from None
+
+    parse.__name__ = "list of numbers"
     return parse
 
 
@@ -89,3 +132,33 @@ def unknown_layer_keys(spec, layers, extra=("conv", "fc", "*")) -> list[str]:
         return []
     allowed = set(layers) | set(extra)
     return [k for k in spec if k not in allowed]
+
+
+def check_out_dir(parser, flag: str, path) -> None:
+    """``parser.error`` unless ``path`` is a folder or can become one: not a file, and not under
+    a file."""
+    from pathlib import Path
+
+    p = Path(path)
+    for q in (p, *p.parents):
+        if q.exists() and not q.is_dir():
+            parser.error(f"argument {flag}: expected a folder, got {path} ({q} is a file)")
+
+
+def check_out_file(parser, flag: str, path) -> None:
+    """``parser.error`` if ``path`` is a folder or lies under a file."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir():
+        parser.error(f"argument {flag}: expected a file name, got the folder {path}")
+    check_out_dir(parser, flag, p.parent)
+
+
+def check_data_dir(parser, flag: str, path, pattern: str = "*-ubyte.gz") -> None:
+    """``parser.error`` unless ``path`` is a folder holding files matching ``pattern``."""
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_dir() or not (any(p.glob(pattern)) or (p / "MNIST" / "raw").is_dir()):
+        parser.error(f"argument {flag}: expected a folder holding MNIST's {pattern}, got {path}")

@@ -189,7 +189,7 @@ def add_method_arguments(parser) -> None:
     """The command-line knobs of the methods other than Han's, validated by argparse (see
     :func:`build_pruner` for what each does); :func:`check_method_arguments` checks how they
     combine, :func:`pruner_options` turns them into ``build_pruner``'s keywords."""
-    from sparsekern.training import cli
+    from scripts._lib import checks as cli
 
     frac, pos = cli.fraction(), cli.number(int, 1)
     a = parser.add_argument

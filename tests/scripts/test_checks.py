@@ -4,7 +4,7 @@ import argparse
 
 import pytest
 
-from sparsekern.training import cli
+from scripts._lib import checks as cli
 
 
 def _err(parse, text):

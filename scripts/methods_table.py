@@ -1,0 +1,142 @@
+"""The methods after Han on MNIST at one budget per model: every method at 90 / 95 / 98% sparsity
+on both LeNets (scripts/prune_mnist.py runs), then the markdown table (<results>/table.md) with
+the papers' figures beside each row (SNIP: LeNet-300-100 95% 1.6%, 98% 2.4%; LeNet-5-Caffe 98%
+0.8%, 99% 1.1%).
+
+    python scripts/methods_table.py                      # the full table (hours on 2 cores)
+    python scripts/methods_table.py --quick              # CI: tiny budgets, runs/methods-quick
+    python scripts/methods_table.py --table results/methods   # print the table of DIR/*.json
+    python scripts/methods_table.py --models lenet300 --methods snip,rigl --dry-run
+
+Budgets (epochs, the same for every method of a model, Han's included): LeNet-300-100 60,
+LeNet-5 40. Caffe's LeNet solver, which Han et al. started from, trains ~11 epochs; SNIP and
+RigL train far longer (SNIP: 250k iterations). 60 / 40 epochs are 6x / 4x the dense recipes'
+(LeNet-300-100 ~2 s, LeNet-5 ~25-40 s an epoch on one thread): about 2 min / 20 min a run, 18
+runs a model, so the table fits a working day on 2 cores. Han's runs spend the budget as dense
++ rounds x retraining (HAN_SPLIT); the others as their recipes say (scripts/_lib/recipes.py).
+Every run holds out 5,000 training images; the table reports the test error, read once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # run from a checkout: `models` and `scripts._lib` are not installed
+
+from models import HAN_2015, METHOD_FIGURES  # noqa: E402
+from scripts._lib import checks, recipes, tables  # noqa: E402
+
+MODELS = ("lenet300", "lenet5")
+BUDGET = {"lenet300": 60, "lenet5": 40}
+HAN_SPLIT = {  # dense epochs, rounds, retraining epochs a round: dense + rounds x retrain = budget
+    "lenet300": dict(epochs=40, rounds=5, retrain_epochs=4),
+    "lenet5": dict(epochs=25, rounds=5, retrain_epochs=3),
+}
+QUICK = dict(  # CI: every method and stage in seconds (LeNet-300-100 on 1,000 images)
+    budget={"lenet300": 2, "lenet5": 1},
+    han={"lenet300": dict(epochs=1, rounds=1, retrain_epochs=1),
+         "lenet5": dict(epochs=1, rounds=1, retrain_epochs=0)},
+    flags=["--subset", "1000", "--test-subset", "500", "--val-images", "500", "--sens-n", "500"],
+)  # fmt: skip
+SPARSITIES = (0.9, 0.95, 0.98)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    a = p.add_argument
+    a("--table", metavar="DIR", help="print the table of DIR/*.json and exit")
+    a("--models", type=checks.choices_list(MODELS), default=list(MODELS))
+    a("--methods", type=checks.choices_list(recipes.METHODS), default=list(recipes.METHODS))
+    a("--sparsities", type=checks.number_list(checks.fraction(lo_open=True, hi_open=True)),
+      default=list(SPARSITIES), help="comma-separated, each in (0, 1)")  # fmt: skip
+    a("--quick", action="store_true", help="CI budgets (QUICK); runs/methods-quick, no copies")
+    a("--runs", help="the runs' folders (default runs/methods, runs/methods-quick)")
+    a("--results", help="summaries copied here (default results/methods; --quick: none)")
+    a("--overwrite", action="store_true", help="rerun runs that have a summary.json")
+    a("--dry-run", action="store_true", help="print the commands and exit")
+    args = p.parse_args(argv)
+    if args.table is not None:
+        d = Path(args.table)
+        if not d.is_dir() or not any(d.glob("*.json")):
+            p.error(f"argument --table: expected a folder of run summaries (*.json), got {d}")
+        if args.quick or args.dry_run or args.results or args.runs:
+            p.error("argument --table: prints a table only; expected no other option")
+    args.runs = args.runs or f"runs/methods{'-quick' * args.quick}"
+    checks.check_out_dir(p, "--runs", ROOT / args.runs)
+    if args.results is None and not args.quick:
+        args.results = "results/methods"
+    if args.results:
+        checks.check_out_dir(p, "--results", ROOT / args.results)
+    return args
+
+
+def commands(args) -> list[tuple[str, list[str]]]:
+    """``(run name, prune_mnist.py argv)`` for every model x method x sparsity."""
+    out = []
+    for model in args.models:
+        budget = (QUICK["budget"] if args.quick else BUDGET)[model]
+        han = (QUICK["han"] if args.quick else HAN_SPLIT)[model]
+        for method in args.methods:
+            for sp in args.sparsities:
+                name = f"{model}_{method}_s{round(100 * sp)}"
+                argv = ["--model", model, "--method", method, "--sparsity", f"{sp:g}"]
+                if method == "han":
+                    argv += [
+                        x for k, v in han.items() for x in (f"--{k.replace('_', '-')}", str(v))
+                    ]
+                else:
+                    argv += ["--total-epochs", str(budget)]
+                argv += QUICK["flags"] if args.quick else []
+                argv += ["--no-figures", "--no-progress", "--overwrite", "--inference-budget", "0"]
+                out.append((name, argv + ["--out", f"{args.runs}/{name}"]))
+    return out
+
+
+def print_table(folder) -> str:
+    runs = [json.loads(f.read_text()) for f in sorted(Path(folder).glob("*.json"))]
+    names = {k: v["name"] for k, v in HAN_2015.items()}
+    text = tables.methods_table(runs, names, METHOD_FIGURES)
+    print(text)
+    return text
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.table is not None:
+        return print_table(args.table)
+    todo = commands(args)
+    if args.dry_run:
+        return print("\n".join("python scripts/prune_mnist.py " + " ".join(a) for _, a in todo))
+    collected = ROOT / (args.results or f"{args.runs}/summaries")
+    collected.mkdir(parents=True, exist_ok=True)
+    for name, argv in todo:
+        summary = ROOT / args.runs / name / "summary.json"
+        if args.overwrite or not summary.exists():
+            print(f"{name}: python scripts/prune_mnist.py {' '.join(argv)}", flush=True)
+            script = str(ROOT / "scripts" / "prune_mnist.py")
+            proc = subprocess.run([sys.executable, script, *argv], cwd=ROOT)
+            if proc.returncode != 0:
+                raise SystemExit(f"{name}: prune_mnist.py exited {proc.returncode}")
+        tmp = collected / f".{name}.json.tmp"  # atomic: a reader never sees half a file
+        shutil.copyfile(summary, tmp)
+        os.replace(tmp, collected / f"{name}.json")
+    text = print_table(collected)
+    tmp = collected / ".table.md.tmp"
+    tmp.write_text(text + "\n")
+    os.replace(tmp, collected / "table.md")
+    return text
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Every script refuses nonsense on its command line with argparse's usage error (exit 2, an
+"error:" line, no traceback) before any work: nothing written, well under a second a case. The
+cases are the adversarial pass's (issue 27, items 6 and 7)."""
+
+import pytest
+
+from tests.helpers import ROOT, rejected
+
+S = ROOT / "scripts"
+
+
+@pytest.fixture
+def a_file(tmp_path):
+    f = tmp_path / "a_file"
+    f.write_text("not a folder")
+    return str(f)
+
+
+def check_rejected(script, cases, tmp_path, budget=1.5):
+    results = rejected(S / script, [["--help"], *cases])[1:]  # --help: the imports, once
+    for argv, (code, err, seconds) in zip(cases, results):
+        assert code == 2, (script, argv, code, err[-600:])
+        assert "error:" in err and "Traceback" not in err, (script, argv, err[-600:])
+        assert seconds < budget, (script, argv, seconds)  # argparse, not after some training
+
+
+def test_prune_mnist(tmp_path, a_file):
+    out = ["--out", str(tmp_path / "o")]
+    cases = [
+        ["--out", a_file], ["--out", a_file + "/sub"], ["--preset", "bogus"],
+        ["--preset", "lenet5", "--model", "lenet300"], ["--val-images", "-1"],
+        ["--val-images", "30000"], ["--epochs", "0", *out], ["--batch-size", "0", *out],
+        ["--sparsity", "1", *out], ["--model", "lenet7", *out], ["--data", "/nonexistent", *out],
+    ]  # fmt: skip
+    check_rejected("prune_mnist.py", cases, tmp_path)
+    assert not (tmp_path / "o").exists()
+
+
+def test_prune_structured(tmp_path, a_file):
+    out = ["--out", str(tmp_path / "o")]
+    cases = [
+        ["--dense-epochs", "-1"], ["--dense-epochs", "0"], ["--batch-size", "0"],
+        ["--amounts", "1.5"], ["--amounts", "1"], ["--amounts", "0"], ["--amounts", "x"],
+        ["--methods", "bogus"], ["--methods", "l1,l1"], ["--methods", "scratch"],
+        ["--rounds", "0"], ["--lr", "-1"], ["--ft-epochs", "-1"], ["--taylor-batches", "0"],
+        ["--subset", "-3"], ["--subset", "10"], ["--data", "/nonexistent"], ["--out", a_file],
+    ]  # fmt: skip
+    check_rejected("prune_structured.py", [c + out if "--out" not in c else c for c in cases],
+                   tmp_path)  # fmt: skip
+    assert not (tmp_path / "o").exists()
+
+
+def test_one_shot_mnist(tmp_path, a_file):
+    out = ["--out", str(tmp_path / "o"), "--ckpt", str(tmp_path / "c" / "dense.pt")]
+    cases = [
+        ["--calib", "-5"], ["--calib", "0"], ["--calib", "70000"], ["--epochs", "0"],
+        ["--epochs", "-1"], ["--lr", "0"], ["--sparsities", "1.0"], ["--sparsities", "0.5,x"],
+        ["--time-layer", "-1"], ["--seed", "-1"], ["--data", "/nonexistent"],
+    ]  # fmt: skip
+    cases = [c + out for c in cases]
+    cases += [["--out", a_file, "--ckpt", str(tmp_path / "c.pt")], ["--ckpt", str(tmp_path)]]
+    check_rejected("one_shot_mnist.py", cases, tmp_path)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+
+
+def test_export_mnist(tmp_path, a_file):
+    run = str(ROOT / "results" / "ci" / "lenet300-tiny")
+    cases = [["/nonexistent"], [a_file], [str(tmp_path)], [run, "--threads", "0"],
+             [run, "--threads", "-1"], [run, "--budget", "0"],
+             [run, "--budget", "nan"]]  # fmt: skip
+    check_rejected("export_mnist.py", cases, tmp_path)
+
+
+def test_methods_table(tmp_path, a_file):
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ["--methods", "bogus"], ["--methods", "han,bogus"], ["--models", "lenet7"],
+        ["--sparsities", "1.0"], ["--sparsities", "0"], ["--table", "/nonexistent"],
+        ["--table", str(tmp_path / "empty")], ["--table", a_file],
+        ["--table", str(ROOT / "results" / "methods"), "--quick"], ["--runs", a_file],
+        ["--results", a_file],
+    ]  # fmt: skip
+    check_rejected("methods_table.py", cases, tmp_path)
+
+
+def test_search_mnist(tmp_path, a_file):
+    cases = [["--preset", "bogus"], ["--preset", "lenet300", "--jobs", "0"],
+             ["--preset", "lenet300", "--out", str(tmp_path)], []]  # fmt: skip
+    check_rejected("search_mnist.py", cases, tmp_path)
+
+
+def test_prune_imagenet_out_is_a_file(tmp_path, a_file):
+    check_rejected("prune_imagenet.py", [["--synthetic", "--tiny", "--out", a_file]], tmp_path)
+
+
+def test_quick_never_overrides_a_given_value():
+    from scripts import prune_structured
+
+    args = prune_structured.parse_args(["--quick", "--amounts", "0.3", "--out", "/tmp/x"])
+    assert args.amounts == [0.3] and args.dense_epochs == 1  # given: kept; the rest: --quick
+    assert prune_structured.parse_args(["--out", "/tmp/x"]).amounts == [0.5, 0.7]
+
+
+def test_methods_table_quick_runs_and_tabulates(tmp_path):
+    """The CI variant of `make methods`: two methods at CI budgets, then the table, with SNIP's
+    paper figure beside its row only at the paper's sparsity."""
+    from tests.helpers import run_script
+
+    runs = tmp_path / "runs"
+    out = run_script(S / "methods_table.py", "--quick", "--models", "lenet300", "--methods",
+                     "han,snip", "--sparsities", "0.95", "--runs", runs).stdout  # fmt: skip
+    assert "| LeNet-300-100 | 95% | han | 2 |" in out  # Han spends the same 2 epochs
+    assert "| LeNet-300-100 | 95% | snip | 2 |" in out and "95% / 1.6%" in out
+    table = (runs / "summaries" / "table.md").read_text()
+    assert table.count("| LeNet-300-100 |") == 2
