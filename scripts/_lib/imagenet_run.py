@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from models import HAN_2015, build_imagenet_model, paper_layer_names
 from scripts._lib import checks, tables
 from sparsekern import pruning, training
+from sparsekern.formats._files import save_torch_checked
 from sparsekern.nn import sparse_modules
 from sparsekern.training import distributed as dist
 from sparsekern.training import report
@@ -25,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[2]
 SENS_QUALITIES = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5]
 CKPT_FORMAT = "sparsekern/prune_imagenet/2"
 # settings a resumed run may change: they do not change the result
-RESUME_FREE = {"resume", "no_progress", "workers", "threads", "save_rank_masks", "step_sleep"}
+RANK_MASKS_MAGIC = b"SKRMASK1"  # masks_rank<r>.pt: atomic, SHA-256 checked (load_torch_checked)
+RESUME_FREE = {"resume", "no_progress", "workers", "save_rank_masks", "step_sleep"}
 
 
 class ImagenetRun:
@@ -295,7 +297,7 @@ class ImagenetRun:
         digests = dist.check_masks_identical(model, "at the end")
         if args.save_rank_masks:  # each rank its own masks: the tests compare them
             masks = {n: m.mask.cpu() for n, m in self.layers.items()}
-            torch.save(masks, out / f"masks_rank{self.env.rank}.pt")
+            save_torch_checked(masks, out / f"masks_rank{self.env.rank}.pt", RANK_MASKS_MAGIC)
         if not self.main0:  # the last collective was the digest check: rank 0 alone writes
             return None  # (no barrier: VGG-16's export takes minutes on CPU)
         val_set = self.loaders["val"].dataset  # this rank's share, eval transform

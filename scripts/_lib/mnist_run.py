@@ -31,7 +31,7 @@ QUALITY_GRID = [0.2 * i for i in range(1, 16)]  # 0.2 .. 3.0: the sensitivity an
 CKPT_FORMAT = "sparsekern/prune_mnist/2"
 # settings a resumed run may change: they do not change the result
 RESUME_FREE = {"out", "data", "resume", "overwrite", "stop_after_epochs", "no_progress"}
-RESUME_FREE |= {"figures", "no_figures", "threads", "inference_budget", "preset"}
+RESUME_FREE |= {"figures", "no_figures", "inference_budget", "preset"}
 
 
 def fmt(error) -> str:

@@ -158,7 +158,7 @@ def build_pruner(
         return HanPruner(model, optimizer, dropout_feeds=dropout_feeds, **common)
     if method == "nm":
         n, m = nm if nm is not None else nm_for_sparsity(sparsity)
-        return NMPruner(model, optimizer, n=n, m=m, **common)
+        return NMPruner(model, optimizer, n_m=(n, m), **common)
     if sparsity is None:
         raise ValueError(f"build_pruner: method {method!r} needs a sparsity, got None")
     if method == "global":

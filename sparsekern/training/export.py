@@ -46,11 +46,11 @@ def export_block_sparse(
 ) -> dict:
     """``sparsekern.nn.to_inference(model, block_size=(block, block))``: the SparseLinear layers
     become BlockSparseLinear and the groups=1 SparseConv2d layers BlockSparseConv2d (only blocks
-    holding a kept weight are stored; grouped convs stay masked). The state dict goes to
-    ``path`` (tensors only: load with ``weights_only=True`` into ``to_inference(rebuild())``,
-    which takes the stored layout). Checked: the reloaded model gives the masked model's logits
-    on ``example`` ``[B, ...]`` (fp32, eval mode) within ``rtol`` of their largest magnitude
-    (the same products summed in another order).
+    holding a kept weight are stored; grouped convs stay masked). The exported model goes to
+    ``path`` through ``sparsekern.save_inference`` (atomic, SHA-256 checked; read it back with
+    ``load_inference(path, to_inference(rebuild(), block_size=...))``). Checked: the reloaded
+    model gives the masked model's logits on ``example`` ``[B, ...]`` (fp32, eval mode) within
+    ``rtol`` of their largest magnitude (the same products summed in another order).
 
     Returns:
         ``{"status", "path", "block_size", "layers": {name: {"weights_kept", "blocks_stored"}},
@@ -60,13 +60,13 @@ def export_block_sparse(
         RuntimeError: the reloaded model's logits are further off.
     """
     from sparsekern.nn import BlockSparseConv2d, BlockSparseLinear, sparse_modules, to_inference
+    from sparsekern.nn.inference import load_inference, save_inference
 
     path = Path(path)
     model.eval()
     inf = to_inference(model, block_size=(block, block))
-    torch.save(inf.state_dict(), path)
-    back = to_inference(rebuild(), block_size=(block, block))
-    back.load_state_dict(torch.load(path, weights_only=True))
+    save_inference(inf, path)  # atomic, checksummed: a killed save keeps the previous export
+    back = load_inference(path, to_inference(rebuild(), block_size=(block, block)))
     back.eval()
     with torch.no_grad():
         ref, got = model(example), back(example)

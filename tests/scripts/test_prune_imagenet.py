@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from scripts._lib.imagenet_run import RANK_MASKS_MAGIC
+from sparsekern.formats._files import load_torch_checked
 from sparsekern.training import load_checkpoint
 from tests.helpers import ROOT, SCRIPT_ENV, rejected, run_script
 
@@ -56,8 +58,8 @@ def test_ddp_two_ranks_cpu(tmp_path, monkeypatch):
     assert "2 rank(s) on cpu" in proc.stdout
 
     # identical masks on both ranks: each rank saved its own, compared here independently
-    m0 = torch.load(out / "masks_rank0.pt", weights_only=True)
-    m1 = torch.load(out / "masks_rank1.pt", weights_only=True)
+    m0 = load_torch_checked(out / "masks_rank0.pt", RANK_MASKS_MAGIC, "rank 0 masks")
+    m1 = load_torch_checked(out / "masks_rank1.pt", RANK_MASKS_MAGIC, "rank 1 masks")
     assert list(m0) == ["conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8"]
     for n in m0:
         assert torch.equal(m0[n], m1[n]), n
@@ -101,7 +103,7 @@ def test_ddp_two_ranks_cpu(tmp_path, monkeypatch):
     # give the checkpoint's logits
     from models import build_imagenet_model
     from sparsekern.formats.relative_index import load_compressed
-    from sparsekern.nn import BlockSparseConv2d, BlockSparseLinear, to_inference
+    from sparsekern.nn import BlockSparseConv2d, BlockSparseLinear, load_inference, to_inference
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     bs = s["block_sparse"]
@@ -112,8 +114,7 @@ def test_ddp_two_ranks_cpu(tmp_path, monkeypatch):
     ref = build()
     ref.load_state_dict(ck["model"])
     han = load_compressed(comp, build())
-    blk = to_inference(build(), block_size=(32, 32))
-    blk.load_state_dict(torch.load(out / bs["path"], weights_only=True))
+    blk = load_inference(out / bs["path"], to_inference(build(), block_size=(32, 32)))
     assert isinstance(blk.fc6, BlockSparseLinear) and isinstance(blk.conv1, BlockSparseConv2d)
     x = torch.randn(3, 3, 72, 72)
     with torch.no_grad():

@@ -46,8 +46,12 @@ def test_exports_are_checked(tmp_path):
     out = export_block_sparse(net, torch.randn(4, 64), 16, tmp_path / "b.pt", rebuild)
     assert out["status"].startswith("ok, 2 layers") and out["max_abs_diff"] < 1e-4
     assert all(v["blocks_stored"] >= v["weights_kept"] for v in out["layers"].values())
-    from sparsekern.nn import to_inference
+    from sparsekern.nn import load_inference, to_inference
 
-    back = to_inference(rebuild(), block_size=(16, 16))
-    back.load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True))
+    back = load_inference(tmp_path / "b.pt", to_inference(rebuild(), block_size=(16, 16)))
     assert isinstance(back[0], BlockSparseLinear)
+    raw = bytearray((tmp_path / "b.pt").read_bytes())  # the export is checksummed: a flip refused
+    raw[len(raw) // 2] ^= 0x10
+    (tmp_path / "b.pt").write_bytes(bytes(raw))
+    with pytest.raises(Exception, match="b.pt"):
+        load_inference(tmp_path / "b.pt")
