@@ -12,18 +12,22 @@ fraction ``d``, as a fraction of ``nn.Linear``'s step with the same weights::
   storage the per-step gather of the kept values and the zero-filled dense ``[N, K]`` weight
   gradient (~0.4 of the step); compact storage has no ``N K`` term (~0.3 measured).
 
-Measured on the shared 2-core machine (load average ~15, so each figure is +-30%), forced sparse
-path, ratios at kept 0.5 / 0.1 / 0.05 (docs/kernels.md has the table): dense storage
-2.3-2.4 / 0.64-0.86 / 0.57-0.61, compact 1.0-1.8 / 0.32-0.72 / 0.18-0.63. No clear trend with
-``M`` over 16..256 showed above that noise, so the rule does not use it, except that batches
-under :data:`MIN_ROWS` (unmeasured: a single AVX-512 lane group per kept weight) stay dense,
-and with dense storage under :data:`MIN_ROWS_DENSE_STORAGE` (at 16 rows its ratio at 95% was
-0.57 in one run and 0.89 in the next: no margin).
+Measured on the quiet 2-core machine (``--sweep``, 768->3072, 9216->4096, 4096->4096, forced
+sparse path, ratios at kept 0.2 / 0.1 / 0.05 / 0.02; ``benchmarks/results/
+cpu_sparse_train_sweep_2026-12-07.json``):
+
+* dense storage, 64 and 256 rows: 0.72-1.07 / 0.41-0.69 / 0.25-0.83 / 0.14-0.46;
+* dense storage, 16 rows: 0.99-1.35 / 0.93-1.09 / 0.63-0.83 / 0.33-0.69 (the zero-filled dense
+  gradient and the gather are a larger share of a small step: :data:`FIXED_SMALL_BATCH`);
+* compact, 16-256 rows: 0.63-1.02 / 0.31-0.55 / 0.17-0.33 / 0.07-0.22.
+
+Batches under :data:`MIN_ROWS` (unmeasured: a single AVX-512 lane group per kept weight) stay
+dense.
 
 The sparse path runs when the predicted ratio is at most :data:`MARGIN` (the margin keeps the
-"never slower than dense" promise under the fit's error: kept <= 0.10 with dense storage, <= 0.14
-compact) and the step is big enough that fixed per-call costs (Python, thread wake-ups) do not
-dominate (:data:`MIN_DENSE_FLOPS`).
+"never slower than dense" promise under the fit's error: kept <= 0.10 with dense storage,
+<= 0.06 under 64 rows, <= 0.14 compact) and the step is big enough that fixed per-call costs
+(Python, thread wake-ups) do not dominate (:data:`MIN_DENSE_FLOPS`).
 
 Only CPU fp32 is measured. CUDA stays on the vendor path until a GPU benchmark exists; fp16/bf16
 and fp64 stay dense on the CPU (unmeasured).
@@ -44,9 +48,11 @@ FIXED_FALLBACK = 0.45
 MARGIN = 0.8
 MIN_DENSE_FLOPS = 2e7  # 6 N K M below this: the fixed per-call costs dominate
 MIN_ROWS = 16  # the smallest batch measured
-# Dense storage under 64 rows: the GEMMs are bound by reading W, as the per-step gather and the
-# dense gradient are; 4096->4096 B=16 at 95% measured 0.57 in one run and 0.89 in the next.
+# Dense storage under 64 rows: the per-step gather and the zero-filled dense gradient do not
+# shrink with the batch, so they are a larger share of the step (16 rows at kept 0.05 measured
+# 0.63-0.83 of dense, at kept 0.1 0.93-1.09): a larger fixed term, kept <= 0.06.
 MIN_ROWS_DENSE_STORAGE = 64
+FIXED_SMALL_BATCH = 0.55  # kept <= 0.0625 at MARGIN 0.8
 NOMINAL_ROWS = 64
 
 
@@ -75,13 +81,11 @@ def sparse_pays(
         return False, f"small step ({flops:.1e} FLOPs < {MIN_DENSE_FLOPS:.0e}) at {at}"
     if m < MIN_ROWS:
         return False, f"{at} < {MIN_ROWS} (small batches unmeasured: vendor GEMM)"
-    if not compact and m < MIN_ROWS_DENSE_STORAGE:
-        return False, (
-            f"{at} < {MIN_ROWS_DENSE_STORAGE} with dense storage (the dense gradient's fixed "
-            "cost does not pay; storage='compact' does)"
-        )
     per_kept = PER_KEPT if extension else PER_KEPT_FALLBACK
     fixed = FIXED_COMPACT if compact else (FIXED if extension else FIXED_FALLBACK)
+    small = not compact and m < MIN_ROWS_DENSE_STORAGE
+    if small:  # the dense gradient's fixed cost weighs more in a small step
+        fixed = max(fixed, FIXED_SMALL_BATCH)
     predicted = fixed + per_kept * kept
     threshold = (MARGIN - fixed) / per_kept
     verdict = predicted <= MARGIN
@@ -89,6 +93,7 @@ def sparse_pays(
         f"kept {kept:.3f} {'<=' if verdict else '>'} {threshold:.3f} at {at} "
         f"(predicted {predicted:.2f}x nn.Linear's step, sparse if <= {MARGIN}; "
         f"{'C++ kernels' if extension else 'torch.sparse fallback'}"
-        f"{', compact storage' if compact else ''})"
+        f"{', compact storage' if compact else ''}"
+        f"{f', dense storage under {MIN_ROWS_DENSE_STORAGE} rows' if small else ''})"
     )
     return verdict, why
