@@ -110,7 +110,16 @@ def _first_error(text: str) -> str:
 
 
 def _build(name: str, sources: list[pathlib.Path], extra: list[str]) -> ModuleType:
+    import shutil
+    import sys
+
     from torch.utils import cpp_extension  # imported here: `import sparsekern` stays light
+
+    # torch finds ninja on PATH; the `ninja` wheel (a dependency) installs it beside the
+    # interpreter, which is not on PATH when a venv's python runs without being activated
+    bindir = os.path.dirname(sys.executable)
+    if shutil.which("ninja") is None and shutil.which("ninja", path=bindir):
+        os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
 
     cflags = [*_DEFAULT_CFLAGS, *_arch_flags(), *extra]
     h = hashlib.sha256()

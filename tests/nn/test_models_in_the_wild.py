@@ -319,11 +319,11 @@ def test_nm_on_hf_conv1d_groups_along_the_input_dim():
         sparsify(model)
     conv = model.transformer.h[0].mlp.c_fc  # weight [in=32, out=128]
     names = [n for n, m in sparse_modules(model) if isinstance(m, SparseConv1D)]
-    NMPruner(model, n=2, m=4, layers=names).prune()
+    NMPruner(model, n_m=(2, 4), layers=names).prune()
     assert conv.weight.shape == (32, 128)
     # groups of 4 along the input (dim 0 of the [in, out] weight), i.e. along rows of W^T
-    assert check_nm(conv.mask.t(), 2, 4)
-    assert not check_nm(conv.mask, 2, 4)
+    assert check_nm(conv.mask.t(), (2, 4))
+    assert not check_nm(conv.mask, (2, 4))
     ids = torch.randint(0, 97, (2, 9))
     model(ids, labels=ids).loss.backward()
     assert check_masks(model) == []
