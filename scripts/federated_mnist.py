@@ -24,6 +24,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from models.lenet import LeNet300100  # noqa: E402
+from scripts._lib import checks  # noqa: E402
+from sparsekern.formats._files import atomic_write  # noqa: E402
 from sparsekern.nn import sparsify  # noqa: E402
 from sparsekern.pruning import (  # noqa: E402
     FederatedPruning,
@@ -111,9 +113,7 @@ def write_table(out: Path, summary: dict) -> None:
         "Paper (Lin et al. 2022, ASR): with more client data federated pruning beats centralised "
         "pruning; no comparable MNIST figure.", "",
     ])  # fmt: skip
-    tmp = out / "README.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "README.md")
+    atomic_write(out / "README.md", text.encode())
 
 
 def main(argv=None) -> int:
@@ -122,6 +122,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(ROOT / "data" / "mnist"))
     ap.add_argument("--out", default=str(ROOT / "results" / "federated"))
     args = ap.parse_args(argv)
+    checks.check_data_dir(ap, "--data", args.data)  # exit 2 before any work
+    checks.check_out_dir(ap, "--out", args.out)
     cfg = PRESETS[args.preset]
     torch.set_num_threads(1)
     t0 = time.time()

@@ -24,6 +24,8 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts._lib import checks  # noqa: E402
+from sparsekern.formats._files import atomic_write  # noqa: E402
 from sparsekern.nn import sparsify  # noqa: E402
 from sparsekern.pruning import PackNet  # noqa: E402
 from sparsekern.training.data import load_mnist  # noqa: E402
@@ -152,9 +154,7 @@ def write_table(out: Path, summary: dict) -> None:
         f"(dirty: {summary['run']['dirty']}); {summary['seconds']:.0f} s on a shared 2-core CPU.",
         "", *rows, "", "Paper, for comparison (other scale, other tasks):", "", *paper, "",
     ])  # fmt: skip
-    tmp = out / "README.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(out / "README.md")
+    atomic_write(out / "README.md", text.encode())
 
 
 def main(argv=None) -> int:
@@ -163,6 +163,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", default=str(ROOT / "data" / "mnist"))
     ap.add_argument("--out", default=str(ROOT / "results" / "packnet"))
     args = ap.parse_args(argv)
+    checks.check_data_dir(ap, "--data", args.data)  # exit 2 before any work
+    checks.check_out_dir(ap, "--out", args.out)
     cfg = PRESETS[args.preset]
     torch.set_num_threads(1)
     t0 = time.time()

@@ -89,6 +89,12 @@ def test_search_mnist(tmp_path, a_file):
     check_rejected("search_mnist.py", cases, tmp_path)
 
 
+@pytest.mark.parametrize("script", ["packnet", "omni", "multitask", "federated"])
+def test_many_task_scripts(script, tmp_path, a_file):
+    cases = [["--data", str(tmp_path / "nowhere")], ["--out", a_file], ["--preset", "bogus"]]
+    check_rejected(f"{script}_mnist.py", cases, tmp_path)
+
+
 def test_prune_imagenet_out_is_a_file(tmp_path, a_file):
     check_rejected("prune_imagenet.py", [["--synthetic", "--tiny", "--out", a_file]], tmp_path)
 
