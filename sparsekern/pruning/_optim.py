@@ -76,6 +76,14 @@ def _holds_state(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]) -
     return any(state.get(p) for p in params)
 
 
+def _is_optimizer(obj) -> bool:
+    # gc.get_objects() also yields weakref proxies, and isinstance on a dead one raises
+    try:
+        return isinstance(obj, torch.optim.Optimizer)
+    except ReferenceError:
+        return False
+
+
 def optimizers_holding(params: list[torch.Tensor], scan: bool = False) -> list:
     """The optimizers that hold per-parameter state for any of ``params``: those seen stepping
     since ``sparsekern.pruning`` was imported, and, with ``scan``, any other live optimizer
@@ -85,7 +93,7 @@ def optimizers_holding(params: list[torch.Tensor], scan: bool = False) -> list:
         return found
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # isinstance on lazy modules warns (torch.distributed)
-        live = [o for o in gc.get_objects() if isinstance(o, torch.optim.Optimizer)]
+        live = [o for o in gc.get_objects() if _is_optimizer(o)]
     for o in live:
         if _holds_state(o, params):
             _tracked.add(o)

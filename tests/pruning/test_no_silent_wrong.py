@@ -252,3 +252,25 @@ def test_nothing_warns_on_the_ordinary_path():
         pruner.prune()
         _steps(model, opt, 2, start=2)
     assert check_masks(model) == []
+
+
+def test_optimizer_scan_survives_dead_weakref_proxies():
+    # gc.get_objects() yields weakref proxies too; isinstance on a dead one raises ReferenceError
+    import gc
+    import weakref
+
+    from sparsekern.pruning._optim import optimizers_holding
+
+    class Target:
+        pass
+
+    t = Target()
+    proxy = weakref.proxy(t)
+    del t
+    gc.collect()
+    holder = [proxy]  # the dead proxy stays reachable, so the scan meets it
+    w = torch.nn.Parameter(torch.randn(3, 3))
+    opt = torch.optim.SGD([w], lr=0.1, momentum=0.9)
+    opt.state[w]["momentum_buffer"] = torch.ones_like(w)  # state, never stepped: not tracked
+    assert opt in optimizers_holding([w], scan=True)
+    assert len(holder) == 1
