@@ -30,6 +30,10 @@ from sparsekern import training
 from sparsekern.pruning import one_shot
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts._lib import checks  # noqa: E402
+
 DENSE_FORMAT = "sparsekern/one_shot_lm/dense/1"
 # label -> (method, options); "sparsegpt-block": one mask threshold per block of 128 columns, as
 # the reference code (the same as sparsegpt for N:M, where selection is per group anyway)
@@ -106,21 +110,31 @@ def train(model, train_data: torch.Tensor, args) -> dict:
     return {"train_seconds": time.perf_counter() - t0, "final_train_loss": loss.item()}
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The command line, checked: a nonsense value exits 2 before any work."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=str(ROOT / "results" / "one_shot"))
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--d", type=int, default=128)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--ctx", type=int, default=128)
-    p.add_argument("--steps", type=int, default=2000)
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--calib", type=int, default=128, help="calibration windows of --ctx bytes")
-    p.add_argument("--seed", type=int, default=0)
+    pos_int = checks.number(int, 1)
+    p.add_argument("--layers", type=pos_int, default=2)
+    p.add_argument("--d", type=pos_int, default=128)
+    p.add_argument("--heads", type=pos_int, default=4)
+    p.add_argument("--ctx", type=pos_int, default=128)
+    p.add_argument("--steps", type=pos_int, default=2000)
+    p.add_argument("--batch", type=pos_int, default=32)
+    p.add_argument("--lr", type=checks.number(float, 0, lo_open=True), default=3e-3)
+    p.add_argument("--calib", type=pos_int, default=128, help="calibration windows of --ctx bytes")
+    p.add_argument("--seed", type=checks.number(int, 0), default=0)
     p.add_argument("--ckpt", default=str(ROOT / "runs" / "one_shot_lm" / "dense.pt"))
     p.add_argument("--retrain", action="store_true")
     args = p.parse_args(argv)
+    if args.d % args.heads:
+        p.error(f"argument --heads: expected a divisor of --d {args.d}, got {args.heads}")
+    checks.check_out_dir(p, "--out", args.out)  # exit 2 before any work
+    return args, p
+
+
+def main(argv=None):
+    args, p = parse_args(argv)  # p: a --ckpt that does not match is argparse's exit 2 too
     torch.set_num_threads(1)
     torch.manual_seed(args.seed)
     out = Path(args.out)

@@ -95,6 +95,12 @@ def test_many_task_scripts(script, tmp_path, a_file):
     check_rejected(f"{script}_mnist.py", cases, tmp_path)
 
 
+def test_one_shot_lm(tmp_path, a_file):
+    cases = [["--steps", "0"], ["--heads", "3"], ["--lr", "-1"], ["--calib", "-5"],
+             ["--out", a_file]]  # fmt: skip
+    check_rejected("one_shot_lm.py", cases, tmp_path)
+
+
 def test_prune_imagenet_out_is_a_file(tmp_path, a_file):
     check_rejected("prune_imagenet.py", [["--synthetic", "--tiny", "--out", a_file]], tmp_path)
 
