@@ -12,7 +12,6 @@ Writes results/federated/summary.json and results/federated/README.md.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from models.lenet import LeNet300100  # noqa: E402
-from scripts._lib import checks  # noqa: E402
+from scripts._lib.small_runs import parse_run_args, run_header, save_run  # noqa: E402
 from sparsekern.formats._files import atomic_write  # noqa: E402
 from sparsekern.nn import sparsify  # noqa: E402
 from sparsekern.pruning import (  # noqa: E402
@@ -35,7 +34,6 @@ from sparsekern.pruning import (  # noqa: E402
     split_clients,
 )
 from sparsekern.training.data import load_mnist  # noqa: E402
-from sparsekern.training.report import command_line, run_info, write_json  # noqa: E402
 
 PRESETS = {
     "full": {"train": 6000, "clients": 10, "rounds": 8, "prune_rounds": 4, "sparsity": 0.9,
@@ -107,8 +105,7 @@ def write_table(out: Path, summary: dict) -> None:
                     + " ".join(f"{a:.3f}" for a in r[name]["curve"]) + " |")  # fmt: skip
     text = "\n".join([
         "# Federated pruning on MNIST, LeNet-300-100, 10 clients", "",
-        f"Command: `{summary['command']}`  ", f"Commit: `{summary['run']['commit']}` "
-        f"(dirty: {summary['run']['dirty']}); {summary['seconds']:.0f} s on a shared 2-core CPU.",
+        *run_header(summary),
         "", *rows, "",
         "Paper (Lin et al. 2022, ASR): with more client data federated pruning beats centralised "
         "pruning; no comparable MNIST figure.", "",
@@ -117,13 +114,7 @@ def write_table(out: Path, summary: dict) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    ap.add_argument("--data", default=str(ROOT / "data" / "mnist"))
-    ap.add_argument("--out", default=str(ROOT / "results" / "federated"))
-    args = ap.parse_args(argv)
-    checks.check_data_dir(ap, "--data", args.data)  # exit 2 before any work
-    checks.check_out_dir(ap, "--out", args.out)
+    args = parse_run_args(__doc__, PRESETS, "federated", argv)  # exit 2 before any work
     cfg = PRESETS[args.preset]
     torch.set_num_threads(1)
     t0 = time.time()
@@ -136,18 +127,7 @@ def main(argv=None) -> int:
                      ("central", lambda: run_central(data, cfg))):  # fmt: skip
         results[name] = fn()
         print(name, round(results[name]["acc"], 4), flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {
-        "command": command_line("scripts/federated_mnist.py", argv),
-        "preset": args.preset,
-        "config": cfg,
-        "results": results,
-        "seconds": time.time() - t0,
-        "run": run_info(ROOT),
-    }
-    write_json(out / "summary.json", summary)
-    write_table(out, summary)
+    save_run("federated", argv, args, t0, write_table, config=cfg, results=results)
     return 0
 
 

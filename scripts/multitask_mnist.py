@@ -14,7 +14,6 @@ Writes results/multitask/summary.json and results/multitask/README.md.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import time
@@ -27,12 +26,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts._lib import checks  # noqa: E402
+from scripts._lib.small_runs import parse_run_args, run_header, save_run  # noqa: E402
 from sparsekern.formats._files import atomic_write  # noqa: E402
 from sparsekern.nn import sparsify  # noqa: E402
 from sparsekern.pruning import MultiTaskPruner  # noqa: E402
 from sparsekern.training.data import load_mnist  # noqa: E402
-from sparsekern.training.report import command_line, run_info, write_json  # noqa: E402
 
 TASKS = {"digit": (10, lambda y: y), "parity": (2, lambda y: y % 2), "high": (2, lambda y: y // 5)}
 PRESETS = {
@@ -125,8 +123,7 @@ def write_table(out: Path, summary: dict) -> None:
                     + f" | {sum(acc.values()) / len(acc):.4f} |")  # fmt: skip
     text = "\n".join([
         "# Multi-task pruning on MNIST (3 tasks, LeNet-300-100 encoder), test accuracy", "",
-        f"Command: `{summary['command']}`  ", f"Commit: `{summary['run']['commit']}` "
-        f"(dirty: {summary['run']['dirty']}); {summary['seconds']:.0f} s on a shared 2-core CPU.",
+        *run_header(summary),
         f"Budget: {summary['budget']} of {ENCODER_WEIGHTS} encoder weights.", "", *rows, "",
         "Paper (seed abstract, pretrained LM): the multi-task pruned model beats the ensemble of "
         "single-task pruned models on average, and stays competitive per task; no number quoted.",
@@ -136,13 +133,7 @@ def write_table(out: Path, summary: dict) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    ap.add_argument("--data", default=str(ROOT / "data" / "mnist"))
-    ap.add_argument("--out", default=str(ROOT / "results" / "multitask"))
-    args = ap.parse_args(argv)
-    checks.check_data_dir(ap, "--data", args.data)  # exit 2 before any work
-    checks.check_out_dir(ap, "--out", args.out)
+    args = parse_run_args(__doc__, PRESETS, "multitask", argv)  # exit 2 before any work
     cfg = PRESETS[args.preset]
     torch.set_num_threads(1)
     t0 = time.time()
@@ -163,13 +154,7 @@ def main(argv=None) -> int:
                      "tune_lr": {t: each[t]["tune_lr"] for t in TASKS}}  # fmt: skip
     for name, v in res.items():
         print(name, v["acc"], flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {"command": command_line("scripts/multitask_mnist.py", argv), "preset": args.preset,
-               "config": cfg, "budget": budget, "results": res, "seconds": time.time() - t0,
-               "run": run_info(ROOT)}  # fmt: skip
-    write_json(out / "summary.json", summary)
-    write_table(out, summary)
+    save_run("multitask", argv, args, t0, write_table, config=cfg, budget=budget, results=res)
     return 0
 
 

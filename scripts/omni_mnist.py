@@ -13,7 +13,6 @@ Writes results/omni/summary.json and results/omni/README.md.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -25,12 +24,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from models.lenet import LeNet5, LeNet300100  # noqa: E402
-from scripts._lib import checks  # noqa: E402
+from scripts._lib.small_runs import parse_run_args, run_header, save_run  # noqa: E402
 from sparsekern.formats._files import atomic_write  # noqa: E402
 from sparsekern.nn import sparsify  # noqa: E402
 from sparsekern.pruning import ImportancePruner, MagnitudeImportance, OmniSparsity  # noqa: E402
 from sparsekern.training.data import load_mnist  # noqa: E402
-from sparsekern.training.report import command_line, run_info, write_json  # noqa: E402
 
 LEVELS = (0.5, 0.75, 0.9, 0.95, 0.98)
 PRESETS = {
@@ -118,8 +116,7 @@ def write_table(out: Path, summary: dict) -> None:
     text = "\n".join([
         f"# Omni-sparsity on MNIST, {summary['config'].get('model', 'lenet300')} (test accuracy)",
         "",
-        f"Command: `{summary['command']}`  ", f"Commit: `{summary['run']['commit']}` "
-        f"(dirty: {summary['run']['dirty']}); {summary['seconds']:.0f} s on a shared 2-core CPU.",
+        *run_header(summary),
         f"Total training budget: {r['omni']['steps']} SGD steps for the one Omni net, and "
         f"{r['separate']['steps_each']} for each of the 5 separate nets.", "", *rows, "",
         f"Paper: {PAPER}.", "",
@@ -128,13 +125,7 @@ def write_table(out: Path, summary: dict) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    ap.add_argument("--data", default=str(ROOT / "data" / "mnist"))
-    ap.add_argument("--out", default=str(ROOT / "results" / "omni"))
-    args = ap.parse_args(argv)
-    checks.check_data_dir(ap, "--data", args.data)  # exit 2 before any work
-    checks.check_out_dir(ap, "--out", args.out)
+    args = parse_run_args(__doc__, PRESETS, "omni", argv)  # exit 2 before any work
     cfg = PRESETS[args.preset]
     torch.set_num_threads(1)
     t0 = time.time()
@@ -147,20 +138,8 @@ def main(argv=None) -> int:
     print("omni", results["omni"]["acc"], flush=True)
     results["separate"] = run_separate(data, cfg, steps // len(LEVELS))
     print("separate", results["separate"]["acc"], flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {
-        "command": command_line("scripts/omni_mnist.py", argv),
-        "preset": args.preset,
-        "config": cfg,
-        "levels": list(LEVELS),
-        "results": results,
-        "paper": PAPER,
-        "seconds": time.time() - t0,
-        "run": run_info(ROOT),
-    }
-    write_json(out / "summary.json", summary)
-    write_table(out, summary)
+    save_run("omni", argv, args, t0, write_table, config=cfg, levels=list(LEVELS), results=results,
+             paper=PAPER)  # fmt: skip
     return 0
 
 

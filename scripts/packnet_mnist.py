@@ -11,7 +11,6 @@ Writes results/packnet/summary.json and results/packnet/README.md.
 
 from __future__ import annotations
 
-import argparse
 import math
 import sys
 import time
@@ -24,12 +23,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts._lib import checks  # noqa: E402
+from scripts._lib.small_runs import parse_run_args, run_header, save_run  # noqa: E402
 from sparsekern.formats._files import atomic_write  # noqa: E402
 from sparsekern.nn import sparsify  # noqa: E402
 from sparsekern.pruning import PackNet  # noqa: E402
 from sparsekern.training.data import load_mnist  # noqa: E402
-from sparsekern.training.report import command_line, run_info, write_json  # noqa: E402
 
 PRESETS = {
     "full": {"tasks": 4, "train": 4000, "epochs": 2, "retrain": 1, "batch": 64, "lr": 0.05},
@@ -150,21 +148,14 @@ def write_table(out: Path, summary: dict) -> None:
              "| LwF | " + " | ".join(map(str, p["lwf_err"])) + " |"]  # fmt: skip
     text = "\n".join([
         "# PackNet on permuted MNIST (test accuracy after all 4 tasks)", "",
-        f"Command: `{summary['command']}`  ", f"Commit: `{summary['run']['commit']}` "
-        f"(dirty: {summary['run']['dirty']}); {summary['seconds']:.0f} s on a shared 2-core CPU.",
+        *run_header(summary),
         "", *rows, "", "Paper, for comparison (other scale, other tasks):", "", *paper, "",
     ])  # fmt: skip
     atomic_write(out / "README.md", text.encode())
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", choices=sorted(PRESETS), default="full")
-    ap.add_argument("--data", default=str(ROOT / "data" / "mnist"))
-    ap.add_argument("--out", default=str(ROOT / "results" / "packnet"))
-    args = ap.parse_args(argv)
-    checks.check_data_dir(ap, "--data", args.data)  # exit 2 before any work
-    checks.check_out_dir(ap, "--out", args.out)
+    args = parse_run_args(__doc__, PRESETS, "packnet", argv)  # exit 2 before any work
     cfg = PRESETS[args.preset]
     torch.set_num_threads(1)
     t0 = time.time()
@@ -174,19 +165,7 @@ def main(argv=None) -> int:
                      ("independent", run_independent)):  # fmt: skip
         results[name] = fn(tasks, cfg)
         print(name, [round(a, 4) for a in results[name]["acc"]], flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {
-        "command": command_line("scripts/packnet_mnist.py", argv),
-        "preset": args.preset,
-        "config": cfg,
-        "results": results,
-        "paper": PAPER,
-        "seconds": time.time() - t0,
-        "run": run_info(ROOT),
-    }
-    write_json(out / "summary.json", summary)
-    write_table(out, summary)
+    save_run("packnet", argv, args, t0, write_table, config=cfg, results=results, paper=PAPER)
     return 0
 
 
