@@ -39,9 +39,32 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from sparsekern.pruning._graph import is_shape_query, trace
+from sparsekern.pruning._graph import _LeafTracer, is_shape_query
 
 __all__ = ["ChannelGraph", "build_channel_graph", "rebuild_pruned", "plain_copy"]
+
+
+def is_attention(m: nn.Module) -> bool:
+    """``nn.MultiheadAttention`` (and subclasses) or sparsekern's ``PrunedMultiheadAttention``:
+    traced as one opaque node (their heads are pruned by ``structured_heads``, not here)."""
+    return isinstance(m, nn.MultiheadAttention) or getattr(m, "_channel_graph_leaf", False)
+
+
+class _AttentionLeafTracer(_LeafTracer):
+    """The pruning tracer's leaves, plus every attention (sparsekern's sparse one is traced
+    into otherwise, and ``nn.MultiheadAttention.forward`` is not traceable)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return is_attention(m) or super().is_leaf_module(m, module_qualified_name)
+
+
+def trace(model: nn.Module) -> fx.Graph | None:
+    """The fx graph of ``model``, or None when fx cannot trace it."""
+    try:
+        return _AttentionLeafTracer().trace(model)
+    except Exception:  # fx raises many types (TraceError, TypeError from control flow, ...)
+        return None
+
 
 _PASS_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
@@ -93,11 +116,16 @@ class _UnionFind:
     def __init__(self) -> None:
         self.parent: list[int] = []
         self.blocked: list[bool] = []
+        #: ``{root: (order, why)}``: the first op that blocked the class (for the messages of
+        #: what is left)
+        self.why: dict[int, tuple[int, str]] = {}
 
-    def new(self, n: int, blocked: bool = False) -> torch.Tensor:
+    def new(self, n: int, blocked: bool = False, why: str = "") -> torch.Tensor:
         start = len(self.parent)
         self.parent.extend(range(start, start + n))
         self.blocked.extend([blocked] * n)
+        if blocked:
+            self.why.update(dict.fromkeys(range(start, start + n), (len(self.why), why)))
         return torch.arange(start, start + n)
 
     def find(self, i: int) -> int:
@@ -111,11 +139,18 @@ class _UnionFind:
         ra, rb = self.find(a), self.find(b)
         if ra != rb:
             self.parent[rb] = ra
+            if self.blocked[rb] and (
+                not self.blocked[ra] or self.why.get(rb, (0,)) < self.why.get(ra, (0,))
+            ):
+                self.why[ra] = self.why.get(rb, (0, ""))
             self.blocked[ra] = self.blocked[ra] or self.blocked[rb]
 
-    def block(self, ids: torch.Tensor) -> None:
+    def block(self, ids: torch.Tensor, why: str = "") -> None:
         for i in ids.unique().tolist():
-            self.blocked[self.find(i)] = True
+            r = self.find(i)
+            if not self.blocked[r]:
+                self.why[r] = (len(self.why), why)
+            self.blocked[r] = True
 
 
 @dataclass
@@ -163,6 +198,16 @@ class ChannelGraph:
         gone = torch.zeros(len(self.uf.parent), dtype=torch.bool)
         gone[torch.tensor(sorted(removed))] = True
         return ~gone[self.roots(ids)]
+
+    def left_depthwise(self) -> dict[str, str]:
+        """``{depthwise conv: the op that blocked it}`` for the depthwise convs whose channels
+        are all kept (coupled to something not followed: ConvNeXt's stage width)."""
+        out = {}
+        for name in self.depthwise:
+            roots = self.roots(self.in_ids[name]).unique().tolist()
+            if all(self.uf.blocked[r] for r in roots):
+                out[name] = self.uf.why.get(roots[0], (0, ""))[1] or "an op not followed"
+        return out
 
     def group_of_layer(self) -> dict[str, int]:
         """``{producer name: group index}`` for the producers of prunable groups."""
@@ -219,23 +264,39 @@ def build_channel_graph(model: nn.Module, example_inputs: tuple) -> ChannelGraph
         s = _shape(node)
         return node in cdim and s is not None and len(s) > 2 and cdim[node] == len(s) - 1
 
+    def describe(node: fx.Node) -> str:
+        if node.op == "call_module":
+            return f"{type(modules[node.target]).__name__} {node.target}"
+        stack = node.meta.get("nn_module_stack")
+        where = node.name
+        if stack:  # the module the op is traced inside, e.g. a LayerNorm2d's permute
+            path, cls = list(stack.values())[-1]
+            where = f"{getattr(cls, '__name__', cls)} {path}"
+        if node.op == "call_method":
+            return f".{node.target}() in {where}"
+        if node.op == "call_function":
+            return f"{getattr(node.target, '__name__', node.target)} in {where}"
+        if node.op == "get_attr":
+            return f"the tensor {node.target}"
+        return {"placeholder": "a model input", "output": "the model output"}[node.op]
+
     def fresh_blocked(node: fx.Node) -> None:
         s = _shape(node)
         if s is not None and len(s) >= 2:
-            ids[node] = uf.new(s[1], blocked=True)
+            ids[node] = uf.new(s[1], blocked=True, why=describe(node))
 
     def block_inputs(node: fx.Node) -> None:
         for a in _tensor_args(node):
             if a in ids:
-                uf.block(ids[a])
+                uf.block(ids[a], describe(node))
 
     def record_input(name: str, t: torch.Tensor) -> None:
         # a module called at several places reads the same columns at each: couple them
         if name in in_ids:
             prev = in_ids[name]
             if prev.numel() != t.numel():
-                uf.block(prev)
-                uf.block(t)
+                uf.block(prev, f"{name} called on inputs of different widths")
+                uf.block(t, f"{name} called on inputs of different widths")
                 return
             for a, b in zip(prev.tolist(), t.tolist()):
                 uf.union(a, b)
@@ -264,9 +325,10 @@ def build_channel_graph(model: nn.Module, example_inputs: tuple) -> ChannelGraph
                 if x in ids and is_last(x):
                     t_in = ids[x]
                 else:  # what x's ids describe (dim 1) is read across: not followed
+                    why = f"{type(m).__name__} {name} on the last dim of a channels-first value"
                     if x in ids:
-                        uf.block(ids[x])
-                    t_in = uf.new(xs[-1], blocked=True)
+                        uf.block(ids[x], why)
+                    t_in = uf.new(xs[-1], blocked=True, why=why)
                 record_input(name, t_in)
                 if name not in consumers:
                     consumers.append(name)
@@ -499,7 +561,10 @@ def rebuild_pruned(model: nn.Module, cg: ChannelGraph, removed: set[int]) -> int
         return cg.keep(ids, removed)
 
     replaced = 0
+    inside = {n for n, m in modules.items() if is_attention(m)}
     for name, m in list(modules.items()):
+        if name.rpartition(".")[0] in inside:
+            continue  # an attention's own projections: structured_heads rebuilds attentions
         keep_out = keep_in = None
         if name in cg.bns:
             keep = keep_of(cg.in_ids[name])

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -50,6 +51,7 @@ from torch import nn
 
 from sparsekern.pruning._dependency import (
     ChannelGraph,
+    _UnionFind,
     build_channel_graph,
     dense_weight,
     is_conv,
@@ -59,9 +61,18 @@ from sparsekern.pruning._dependency import (
 from sparsekern.pruning.base import BasePruner
 from sparsekern.pruning.importance_hessian import hessian_channel_scores
 from sparsekern.pruning.importance_rls import InputAutocorrelation, rls_scores_from_data
+from sparsekern.pruning.structured_attention import PrunedMultiheadAttention
+from sparsekern.pruning.structured_heads import (
+    check_heads,
+    head_importance,
+    head_masks,
+    head_plan,
+    rebuild_heads,
+)
 
 __all__ = [
     "IMPORTANCES",
+    "PrunedMultiheadAttention",
     "StructuredPruner",
     "channel_groups",
     "channel_importance",
@@ -310,9 +321,46 @@ def removal_plan(
     return removed
 
 
-def _plan(model, inputs, amount, importance, global_pruning, **kw):
-    cg = build_channel_graph(model, inputs)
+def _empty_graph() -> ChannelGraph:
+    return ChannelGraph(_UnionFind(), {}, {}, [], [], [], [], [])
+
+
+def warn_left(cg: ChannelGraph, model: nn.Module, who: str) -> None:
+    """Warn (never a silent skip) when depthwise convs keep all their channels: ConvNeXt's
+    residual width, which is shared by the whole stage and normalised by LayerNorms."""
+    left = cg.left_depthwise()
+    if not left:
+        return
+    shown = "; ".join(f"{n} (at {w})" for n, w in list(left.items())[:3])
+    more = f" and {len(left) - 3} more" if len(left) > 3 else ""
+    ln = any(isinstance(m, nn.LayerNorm) for m in model.modules())
+    why = (
+        " They carry the residual width of their stage, which LayerNorms normalise across the "
+        "channels: removing a channel would change every other channel's output, so the width "
+        "(stem / downsampling convs, depthwise convs, LayerNorms, layer scales) is left whole "
+        "and only the MLP hidden units are pruned."
+        if ln
+        else ""
+    )
+    warnings.warn(
+        f"{who}: {len(left)} depthwise conv(s) keep all their channels, coupled to an op the "
+        f"channel graph does not follow: {shown}{more}.{why}",
+        UserWarning,
+        stacklevel=4,
+    )
+
+
+def _plan(model, inputs, amount, importance, global_pruning, heads=None, **kw):
+    """``(channel graph, removed classes, {attention: [H] keep})``: validated before anything
+    is scored; with heads only (``amount`` 0) a model fx cannot trace is accepted."""
+    att = check_heads(model, heads, importance, global_pruning)
     asked = any(v > 0 for v in amount.values()) if isinstance(amount, dict) else amount > 0
+    try:
+        cg = build_channel_graph(model, inputs)
+    except ValueError:
+        if asked or not att:
+            raise
+        cg = _empty_graph()  # heads only: the channel graph is not needed
     if not cg.groups and asked:
         # never a silent no-op: say what was found, so that the user knows nothing can be removed
         raise ValueError(
@@ -322,8 +370,18 @@ def _plan(model, inputs, amount, importance, global_pruning, **kw):
         )
     if not global_pruning:
         _group_amounts(cg, amount)  # validate before the (maybe costly) importance pass
-    scores = channel_importance(model, cg, importance, **kw)
-    return cg, removal_plan(cg, scores, amount, global_pruning)
+    if asked:
+        warn_left(cg, model, "prune_channels")
+    removed: set[int] = set()
+    if cg.groups:
+        scores = channel_importance(model, cg, importance, **kw)
+        removed = removal_plan(cg, scores, amount, global_pruning)
+    keep_heads = {}
+    if att:
+        hs = head_importance(model, att, importance, data=kw.get("data"),
+                             loss_fn=kw.get("loss_fn"), seed=kw.get("seed", 0))  # fmt: skip
+        keep_heads = head_plan(hs, heads, global_pruning)
+    return cg, removed, keep_heads
 
 
 def pruning_plan(
@@ -333,21 +391,26 @@ def pruning_plan(
     importance: str = "l1",
     *,
     global_pruning: bool = False,
+    heads: float | dict | None = None,
     **importance_kwargs,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """What :func:`prune_channels` would keep, without building anything: ``{"out": {layer:
-    [C_out] bool}, "in": {layer: [C_in] bool}}`` for every conv / linear / BN layer touched
-    (``in`` of a Linear after a flatten: its feature columns; of a BN or depthwise conv: its
-    channels). Same arguments as :func:`prune_channels`; ``model`` is not changed."""
+    [C_out] bool}, "in": {layer: [C_in] bool}, "heads": {attention: [num_heads] bool}}`` for
+    every conv / linear / BN layer touched (``in`` of a Linear after a flatten: its feature
+    columns; of a BN or depthwise conv: its channels) and, with ``heads``, every attention.
+    Same arguments as :func:`prune_channels`; ``model`` is not changed (a Taylor head score
+    swaps its attentions for the pass and puts them back)."""
     _check_importance(importance)
     if not isinstance(amount, dict):
         _check_amount(amount, "amount")
-    cg, removed = _plan(
-        model, _as_tuple(example_inputs), amount, importance, global_pruning, **importance_kwargs
-    )
+    cg, removed, keep_heads = _plan(
+        model, _as_tuple(example_inputs), amount, importance, global_pruning, heads,
+        **importance_kwargs,
+    )  # fmt: skip
     return {
         "out": {n: cg.keep(ids, removed) for n, ids in cg.out_ids.items()},
         "in": {n: cg.keep(ids, removed) for n, ids in cg.in_ids.items()},
+        "heads": keep_heads,
     }
 
 
@@ -363,8 +426,10 @@ def prune_channels(
     seed: int = 0,
     include_consumers: bool = False,
     rls_state: InputAutocorrelation | None = None,
+    heads: float | dict | None = None,
 ) -> nn.Module:
-    """A new, physically smaller copy of ``model`` with channels removed; ``model`` is untouched.
+    """A new, physically smaller copy of ``model`` with channels (and, with ``heads``, attention
+    heads) removed; ``model`` is untouched.
 
     Args:
         model: any torch.fx-traceable model of ``nn.Conv2d`` / ``nn.Linear`` / ``nn.BatchNorm2d``
@@ -382,33 +447,50 @@ def prune_channels(
             names the layers of ``model``; read, not changed).
         seed: for ``"random"``.
         include_consumers: L1/L2 also sum the consumers' weights that read each channel.
+        heads: fraction in [0, 1) of each ``nn.MultiheadAttention``'s heads removed (at least
+            one kept), or ``{attention name: fraction, "*": default}``, or with
+            ``global_pruning`` the fraction of all heads; scored by ``importance`` (``"l1"`` /
+            ``"l2"`` of the head's q/k/v rows and out-projection columns, ``"taylor"`` Michel
+            et al.'s gate gradient, ``"taylor2"``, ``"random"``: see
+            ``sparsekern.pruning.structured_heads``). A pruned attention becomes a
+            :class:`PrunedMultiheadAttention`. With ``amount=0`` the model need not be
+            traceable by torch.fx (``nn.TransformerEncoder``).
 
     Returns:
-        a plain PyTorch model (no sparsekern modules), same output shape; ``amount=0`` gives an
-        exact copy (equal outputs).
+        a plain PyTorch model (no sparsekern modules but ``PrunedMultiheadAttention``), same
+        output shape; ``amount=0`` and no ``heads`` give an exact copy (equal outputs).
 
     Raises:
         ValueError: amount outside [0, 1), unknown importance, untraceable model, missing data,
-            a nonzero amount on a model with no prunable channel group (never a silent no-op).
-        KeyError: a per-layer dict naming a layer the model does not have.
+            a nonzero amount on a model with no prunable channel group (never a silent no-op),
+            ``heads`` on a model without attention, an importance heads do not support
+            (``"rls"``, ``"hessian_radius"``), an attention whose heads cannot be split
+            (kdim / vdim, bias_k / bias_v, add_zero_attn).
+        KeyError: a per-layer dict naming a layer (or attention) the model does not have.
+
+    Warns:
+        UserWarning: depthwise convs that keep all their channels (ConvNeXt's residual width,
+            which is not pruned: see ``warn_left``).
     """
     _check_importance(importance)
     if not isinstance(amount, dict):
         _check_amount(amount, "amount")
     inputs = _as_tuple(example_inputs)
     new = copy.deepcopy(model)  # everything below reads or changes the copy only
-    cg, removed = _plan(
+    cg, removed, keep_heads = _plan(
         new,
         inputs,
         amount,
         importance,
         global_pruning,
+        heads,
         data=data,
         loss_fn=loss_fn,
         seed=seed,
         include_consumers=include_consumers,
         rls_state=rls_state,
     )
+    rebuild_heads(new, keep_heads)  # first: rebuild_pruned leaves the attentions' insides alone
     rebuild_pruned(new, cg, removed)
     return new
 
@@ -421,10 +503,10 @@ def count_params(model: nn.Module) -> int:
 
 @torch.no_grad()
 def count_macs(model: nn.Module, example_inputs) -> int:
-    """Multiply-accumulates of the conv and linear layers (and ``nn.MultiheadAttention``: its
-    projections and the two attention products) for one forward of ``example_inputs`` (the FLOP
-    convention of the pruning papers: 1 MAC = 1 "FLOP"; BN, LayerNorm, activations, softmax,
-    pooling and adds are not counted)."""
+    """Multiply-accumulates of the conv and linear layers (and ``nn.MultiheadAttention`` /
+    ``PrunedMultiheadAttention``: its projections and the two attention products) for one
+    forward of ``example_inputs`` (the FLOP convention of the pruning papers: 1 MAC = 1 "FLOP";
+    BN, LayerNorm, activations, softmax, pooling and adds are not counted)."""
     total = 0
 
     def hook(m, _inp, out):
@@ -440,13 +522,14 @@ def count_macs(model: nn.Module, example_inputs) -> int:
         lq, lk = (q.shape[-2], k.shape[-2]) if m.batch_first else (q.shape[0], k.shape[0])
         b = q.numel() // (lq * m.embed_dim)
         e, kd, vd = m.embed_dim, m.kdim, m.vdim
-        total += b * (lq * e * e + lk * e * kd + lk * e * vd + 2 * lq * lk * e + lq * e * e)
+        i = m.num_heads * m.head_dim  # embed_dim, or fewer after head pruning
+        total += b * (lq * e * i + lk * kd * i + lk * vd * i + 2 * lq * lk * i + lq * i * e)
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if is_conv(m) or is_linear(m)]
     handles += [
         m.register_forward_hook(mha_hook)
         for m in model.modules()
-        if isinstance(m, nn.MultiheadAttention)
+        if isinstance(m, (nn.MultiheadAttention, PrunedMultiheadAttention))
     ]
     was_training = model.training
     model.eval()
@@ -485,6 +568,15 @@ class StructuredPruner(BasePruner):
         bn_l1: slimming's L1 coefficient on the BN scales.
         rls_state: for ``"rls"``: an :class:`InputAutocorrelation` on ``model`` kept during
             training (the paper's ``P``); pair with :class:`RecoveryGate` for its schedule.
+        heads: fraction of each attention's heads removed (or a dict / global, as in
+            :func:`prune_channels`), reached at the first round and kept after (removed heads
+            stay removed); the attentions must be sparse (``sparsify`` converts
+            ``nn.MultiheadAttention``): a removed head's q/k/v rows of ``in_proj`` and its
+            ``out_proj`` columns are masked, and :meth:`export` drops them
+            (:class:`PrunedMultiheadAttention`).
+
+    Warns:
+        UserWarning: depthwise convs that keep all their channels (ConvNeXt's residual width).
     """
 
     def __init__(
@@ -502,8 +594,16 @@ class StructuredPruner(BasePruner):
         bn_l1: float = 0.0,
         seed: int = 0,
         rls_state: InputAutocorrelation | None = None,
+        heads: float | dict | None = None,
     ) -> None:
         _check_importance(importance)
+        att = check_heads(model, heads, importance, global_pruning)
+        for n, m in att.items():
+            if not (hasattr(m, "in_proj") and hasattr(m.out_proj, "mask")):
+                raise ValueError(
+                    f"StructuredPruner: heads expected sparse attentions (sparsekern.sparsify "
+                    f"converts nn.MultiheadAttention), got a {type(m).__name__} at {n!r}"
+                )
         if importance == "hessian_radius" and (data is None or loss_fn is None):
             raise ValueError(
                 "StructuredPruner: importance 'hessian_radius' expected data and loss_fn (power "
@@ -520,8 +620,10 @@ class StructuredPruner(BasePruner):
         self.cg = build_channel_graph(model, self.example_inputs)
         if not self.cg.groups:
             raise ValueError("StructuredPruner: expected a model with prunable channels, got none")
+        warn_left(self.cg, model, "StructuredPruner")
         mods = dict(model.named_modules())
         touched = set(self.cg.producers) | set(self.cg.consumers) | set(self.cg.depthwise)
+        touched |= {f"{n}.{p}" for n in att for p in ("in_proj", "out_proj")}
         super().__init__(
             model,
             optimizer,
@@ -536,6 +638,8 @@ class StructuredPruner(BasePruner):
         self.seed = seed
         self.rls_state = rls_state
         self.removed: set[int] = set()
+        self.heads, self._att = heads, att
+        self.removed_heads: dict[str, list[int]] = {n: [] for n in att}
         self._gammas = [mods[b].weight for g in self.cg.groups for b in g.bns if mods[b].affine]
 
     def _config(self) -> dict:
@@ -544,13 +648,21 @@ class StructuredPruner(BasePruner):
             "global_pruning": self.global_pruning,
             "bn_l1": self.bn_l1,
             "seed": self.seed,
+            "heads": self.heads,
         }
 
     def _extra_state(self) -> dict:
-        return {"removed_channels": self.removed_channels()}
+        return {"removed_channels": self.removed_channels(), "removed_heads": self.removed_heads}
 
     def _load_extra_state(self, state: dict) -> None:
         self.removed = self._classes_from(state["removed_channels"])
+        heads = state.get("removed_heads", {})
+        if set(heads) != set(self.removed_heads) and heads:
+            raise ValueError(
+                f"StructuredPruner: expected removed heads for the attentions "
+                f"{sorted(self.removed_heads)}, got {sorted(heads)}"
+            )
+        self.removed_heads = {n: list(heads.get(n, [])) for n in self.removed_heads}
 
     def removed_channels(self) -> dict[str, list[int]]:
         """``{producer: removed output channel indices}`` (the first producer of each group)."""
@@ -595,11 +707,36 @@ class StructuredPruner(BasePruner):
                     s[k] = -1.0
         removed = removal_plan(self.cg, scores, sparsity, self.global_pruning) | self.removed
         self._pending = removed
-        return self._masks_for(removed)
+        masks = self._masks_for(removed)
+        self._pending_heads = self.removed_heads
+        if self._att:
+            keep = self._head_plan(data, loss_fn, closure)
+            self._pending_heads = {n: (~k).nonzero().flatten().tolist() for n, k in keep.items()}
+            for n, k in keep.items():
+                masks[f"{n}.in_proj"], masks[f"{n}.out_proj"] = head_masks(self._att[n], k)
+        return masks
+
+    def _head_plan(self, data, loss_fn, closure) -> dict[str, torch.Tensor]:
+        batch_fn = None
+        if self.importance in _GRADIENT and self.data is None:
+
+            def batch_fn(_model, _batch, _loss_fn):  # the closure runs the model itself
+                return closure()
+
+        sc = head_importance(
+            self.model, self._att, self.importance, data=data, loss_fn=loss_fn, seed=self.seed,
+            batch_fn=batch_fn,
+        )  # fmt: skip
+        removed = {n: set(h) for n, h in self.removed_heads.items()}
+        return head_plan(sc, self.heads, self.global_pruning, removed=removed)
 
     def _apply(self, masks, **record) -> bool:
         self.removed = set(self._pending)
-        return super()._apply(masks, **record, channels_removed=len(self.removed))
+        self.removed_heads = self._pending_heads
+        heads = sum(len(h) for h in self.removed_heads.values())
+        return super()._apply(
+            masks, **record, channels_removed=len(self.removed), heads_removed=heads
+        )
 
     def _masks_for(self, removed: set[int]) -> dict[str, torch.Tensor]:
         cg, out = self.cg, {}
@@ -624,6 +761,11 @@ class StructuredPruner(BasePruner):
         mode it computes what the masked model computes."""
         new = copy.deepcopy(self.model)
         cg = build_channel_graph(new, self.example_inputs)
+        keep = {}
+        for n, gone in self.removed_heads.items():
+            keep[n] = torch.ones(self._att[n].num_heads, dtype=torch.bool)
+            keep[n][gone] = False
+        rebuild_heads(new, keep)
         # same trace, same id numbering: the removed classes carry over
         rebuild_pruned(new, cg, {cg.uf.find(r) for r in self.removed})
         return new
