@@ -37,6 +37,16 @@ least one kept), a dict ``{producer layer name: amount}`` (``"*"``: the default 
 or, with ``global_pruning=True``, the fraction of all prunable channels, ranked across groups by
 their importance divided by the group's mean importance (Torch-Pruning's "mean" normalisation, so
 that layers of different scale compete fairly).
+
+``heads`` (a fraction, a per-attention dict, or global like ``amount``) also removes whole
+attention heads of every ``nn.MultiheadAttention``, scored by the same ``importance`` (``"l1"`` /
+``"l2"`` / ``"taylor"`` / ``"taylor2"`` / ``"random"``; ``sparsekern.pruning.structured_heads``)
+into a :class:`PrunedMultiheadAttention`. Attentions are opaque to the channel graph (their
+residual stream is not followed), so heads and channels are planned independently.
+
+Not pruned, with a warning naming what is left: ConvNeXt's residual width (the depthwise convs,
+stem / downsampling convs, LayerNorm2d and layer scale of a stage). Its LayerNorms normalise
+across the channels, so removing one changes all the others: no removal is exact there.
 """
 
 from __future__ import annotations
