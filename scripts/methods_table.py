@@ -7,6 +7,15 @@ the papers' figures beside each row (SNIP: LeNet-300-100 95% 1.6%, 98% 2.4%; LeN
     python scripts/methods_table.py --quick              # CI: tiny budgets, runs/methods-quick
     python scripts/methods_table.py --table results/methods   # print the table of DIR/*.json
     python scripts/methods_table.py --models lenet300 --methods snip,rigl --dry-run
+    python scripts/methods_table.py --methods nm,nmdecay,nmstruct,srste --nm-24   # + 2:4 rows
+
+Methods: han, global, gradual, snip, rigl, nm (Han's and the first table's), and the
+mask-learning ones scl, gap, gibbs, earlycrop, nmdecay (N:M pruning-mask decay), nmstruct (N:M
+sparse-structure decay), srste (SR-STE), each with its paper's defaults (scripts/_lib/recipes.py).
+The N:M family (nm, nmdecay, nmstruct, srste) runs 1:M at each sparsity, M = round(1 / (1 - s))
+(1:10, 1:20, 1:50); --nm-24 adds a 2:4 run of each N:M method selected (<model>_<method>_2of4).
+The table shows the pattern beside the method, and a line under it for each Early-CROP run: where
+it pruned and the training FLOPs saved against pruning after training (scripts/_lib/flops.py).
 
 Budgets (epochs, the same for every method of a model, Han's included): LeNet-300-100 40,
 LeNet-5 2. LeNet-300-100's 40 epochs are the budget of its Han row (results/lenet300: 20 dense
@@ -61,6 +70,11 @@ def parse_args(argv=None):
     a("--methods", type=checks.choices_list(recipes.METHODS), default=list(recipes.METHODS))
     a("--sparsities", type=checks.number_list(checks.fraction(lo_open=True, hi_open=True)),
       default=list(SPARSITIES), help="comma-separated, each in (0, 1)")  # fmt: skip
+    a(
+        "--nm-24",
+        action="store_true",
+        help="also a 2:4 run of each N:M method among --methods (nm, nmdecay, nmstruct, srste)",
+    )
     a("--quick", action="store_true", help="CI budgets (QUICK); runs/methods-quick, no copies")
     a("--runs", help="the runs' folders (default runs/methods, runs/methods-quick)")
     a("--results", help="summaries copied here (default results/methods; --quick: none)")
@@ -73,6 +87,9 @@ def parse_args(argv=None):
             p.error(f"argument --table: expected a folder of run summaries (*.json), got {d}")
         if args.quick or args.dry_run or args.results or args.runs:
             p.error("argument --table: prints a table only; expected no other option")
+    if args.nm_24 and not set(args.methods) & set(recipes.NM_METHODS):
+        p.error(f"argument --nm-24: expected an N:M method {recipes.NM_METHODS} among --methods, "
+                f"got {','.join(args.methods)}")  # fmt: skip
     args.runs = args.runs or f"runs/methods{'-quick' * args.quick}"
     checks.check_out_dir(p, "--runs", ROOT / args.runs)
     if args.results is None and not args.quick:
@@ -83,15 +100,19 @@ def parse_args(argv=None):
 
 
 def commands(args) -> list[tuple[str, list[str]]]:
-    """``(run name, prune_mnist.py argv)`` for every model x method x sparsity."""
+    """``(run name, prune_mnist.py argv)`` for every model x method x sparsity (and 2:4 for the
+    N:M methods with ``--nm-24``)."""
     out = []
     for model in args.models:
         budget = (QUICK["budget"] if args.quick else BUDGET)[model]
         han = (QUICK["han"] if args.quick else HAN_SPLIT)[model]
         for method in args.methods:
-            for sp in args.sparsities:
-                name = f"{model}_{method}_s{round(100 * sp)}"
-                argv = ["--model", model, "--method", method, "--sparsity", f"{sp:g}"]
+            targets = [(f"s{round(100 * sp)}", ["--sparsity", f"{sp:g}"]) for sp in args.sparsities]
+            if args.nm_24 and method in recipes.NM_METHODS:
+                targets.append(("2of4", ["--nm", "2:4"]))
+            for tag, target in targets:
+                name = f"{model}_{method}_{tag}"
+                argv = ["--model", model, "--method", method, *target]
                 if method == "han":
                     argv += [
                         x for k, v in han.items() for x in (f"--{k.replace('_', '-')}", str(v))

@@ -6,7 +6,8 @@
     python scripts/prune_mnist.py --preset lenet300 --quick   # smoke run (runs/lenet300-quick)
     python scripts/prune_mnist.py --preset lenet300 --resume  # continue <out>/ckpt.pt exactly
     python scripts/prune_mnist.py --model lenet300 --method rigl --sparsity 0.95  # or global,
-        # gradual, snip, nm (--nm 2:4), han (Han's Table 2 proportions scaled to the sparsity)
+        # gradual, snip, nm, han (Han's Table 2 proportions scaled to the sparsity), scl, gap,
+        # gibbs, earlycrop; the N:M family nm, nmdecay, nmstruct, srste: 1:M, or --nm 2:4
 
 Presets: scripts/config/<name>.py (nanoGPT style: module-level names are this script's argument
 names; a flag overrides them); --model alone uses the preset of that name. The knobs marked
@@ -172,6 +173,7 @@ def parse_args(argv=None):
         args.reg_strength = 5e-4 if args.reg == "l2" else 1e-5
     if args.out is None and (not han or sp is not None):
         tag = f"s{round(100 * sp)}" if isinstance(sp, float) else "layers" if sp else "nm"
+        tag = f"{args.nm[0]}of{args.nm[1]}" if args.nm and sp is None else tag
         args.out = str(ROOT / "runs" / "methods" / f"{args.model}_{args.method}_{tag}")
     elif args.out is None:
         quick = ROOT / "runs" / f"{args.model}-quick"

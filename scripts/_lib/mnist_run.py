@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from models import DROPOUT_FEEDS, HAN_2015, build_model
-from scripts._lib import figures, recipes, tables
+from scripts._lib import figures, flops, recipes, tables
 from sparsekern import pruning, training
 from sparsekern.formats import QuantizedWeights, format_storage, load_compressed, save_compressed
 from sparsekern.nn import sparse_modules
@@ -235,6 +235,9 @@ class MnistRun:
         )  # fmt: skip
         if alternate:
             self.pruner.unfreeze()
+        if args.method == "earlycrop" and self.pruner.epoch_end(self.snip_closure):
+            ep["mask_changes"] += 1  # pruned at this epoch's end (scored on the SNIP batch)
+            bar.write(f"earlycrop: pruned at the end of epoch {e + 1} (step {(e + 1) * self.spe})")
         rec["losses"] = rec.get("losses", []) + [ep["loss"]]
         rec["mask_changes"] = rec.get("mask_changes", 0) + ep["mask_changes"]
         st["epoch_seconds"].append(ep["seconds"])
@@ -303,6 +306,23 @@ class MnistRun:
         title = f"{self.paper['name']}: pruning with and without retraining"
         return curves, figures.plot_fig5(curves, self.out / "fig5_prune_retrain.png", title)
 
+    def early_crop_record(self) -> dict:
+        """Where Early-CROP pruned (epoch, step, fraction of the budget), its trigger's relative
+        weight changes and threshold, and the training MACs against pruning after training
+        (:mod:`scripts._lib.flops`)."""
+        p, spe = self.pruner, self.spe
+        epoch = p.pruned_at_epoch
+        step = None if epoch is None else epoch * spe
+        pos = flops.layer_positions(self.layers, self.model, self.d["x_te"][:1])
+        compute = flops.early_prune_compute(
+            self.layers, pos, self.args.batch_size, self.total_steps if step is None else step,
+            self.total_steps,
+        )  # fmt: skip
+        out = dict(pruned_at_epoch=epoch, pruned_at_step=step, max_epoch=p.max_epoch)
+        out |= dict(pruned_at_fraction=None if step is None else step / self.total_steps)
+        out |= dict(weight_changes=list(p.changes), threshold=p.threshold, positions=pos)
+        return out | compute
+
     def results(self) -> dict:
         """Test errors (once), Table 1 and 2, the checked compressed file, inference timing,
         figures and ``summary.json``; prints the report."""
@@ -347,6 +367,8 @@ class MnistRun:
         s |= dict(train_images=self.d["n_tr"], test_images=0 if args.no_test else self.d["n_te"])
         s |= dict(val_images=args.val_images, val_seed=VAL_SEED, val_error_pct=val_err)
         s |= dict(val_error_dense_pct=dense_val, deep_compression=deep)
+        if args.method == "earlycrop":
+            s["early_crop"] = self.early_crop_record()
         report.write_json(out / "summary.json", s)
         ratio = fig["compression_weights"]
         print(f"\nvalidation error ({args.val_images:,} held-out training images): dense "

@@ -69,20 +69,25 @@ def format_table1(rows: list[dict]) -> str:
 def methods_table(summaries: list[dict], networks: dict, paper: dict) -> str:
     """A markdown table of MNIST method runs (their ``summary.json``), sorted by model, target
     sparsity, budget and method: test error, sparsity reached, the papers' figures, wall time,
-    kept % per layer.
+    kept % per layer. N:M runs show their pattern beside the method (``nm 1:10``, ``srste 2:4``);
+    Early-CROP runs get a line under the table: where they pruned, and the training MACs against
+    the same budget pruned after training (``summary["early_crop"]``).
 
     Args:
         summaries: the runs' summaries (``args`` with ``model``, ``method``, ``sparsity``).
         networks: ``{model: network name}``.
         paper: ``{model: {method: [(sparsity %, error %), ...]}}``.
     """
-    rows = []
-    order = ("han", "global", "gradual", "snip", "rigl", "nm")
+    rows, crop = [], []
+    order = ("han", "global", "gradual", "snip", "rigl", "scl", "gap", "gibbs", "earlycrop", "nm",
+             "nmdecay", "nmstruct", "srste")  # fmt: skip
     for s in summaries:
         a = s["args"]
         per = ", ".join(f"{n} {v:.1f}" for n, v in s["kept_pct"].items() if n != "total")
         ref = paper.get(a["model"], {}).get(a["method"], [])
-        target = a.get("sparsity")
+        target, nm = a.get("sparsity"), _nm_pattern(a)
+        if a.get("nm"):  # an N:M pattern given instead of a sparsity: its own
+            target = 1 - a["nm"][0] / a["nm"][1]
         figures = "; ".join(
             f"{sp:g}% / {e:g}%"
             for sp, e in ref
@@ -90,21 +95,44 @@ def methods_table(summaries: list[dict], networks: dict, paper: dict) -> str:
         )
         rank = order.index(a["method"]) if a["method"] in order else len(order)
         rows.append(
-            (a["model"], target or 0.0, s["epochs"], rank, a["method"], s["error_pct"],
+            (a["model"], target or 0.0, s["epochs"], rank, nm, a["method"], s["error_pct"],
              100 * s["sparsity"], figures or "-", s["wall_time_s"], per)
         )  # fmt: skip
+        if s.get("early_crop"):
+            crop.append((a["model"], target or 0.0, s["epochs"], s["early_crop"]))
     rows.sort()
     out = [
         "| model | target sparsity | method | epochs | test error % | sparsity reached % "
         "| paper: sparsity / error | wall s | kept % per layer |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for model, sp, epochs, _, method, err, reached, figures, wall, per in rows:
+    for model, sp, epochs, _, nm, method, err, reached, figures, wall, per in rows:
+        method = f"{method} {nm}" if nm else method
         out.append(
             f"| {networks.get(model, model)} | {100 * sp:.0f}% | {method} | {epochs} | "
             f"{err:.2f} | {reached:.2f} | {figures} | {wall:.0f} | {per} |"
         )
+    for model, sp, epochs, c in sorted(crop, key=lambda r: r[:3]):
+        at = "never" if c["pruned_at_epoch"] is None else (
+            f"end of epoch {c['pruned_at_epoch']} (step {c['pruned_at_step']}, "
+            f"{100 * c['pruned_at_fraction']:.0f}% of the budget)")  # fmt: skip
+        out.append(
+            f"\nearlycrop, {networks.get(model, model)} {100 * sp:.0f}%, {epochs} epochs: pruned "
+            f"at the {at}; training {c['macs_training'] / 1e12:.3g} TMAC vs "
+            f"{c['macs_prune_after'] / 1e12:.3g} pruning after training: "
+            f"{100 * c['flops_saved']:.1f}% of the FLOPs saved"
+        )
     return "\n".join(out)
+
+
+def _nm_pattern(args: dict) -> str:
+    """``"1:10"`` for a run of the N:M family (its ``--nm``, else 1:round(1 / (1 - s))), else
+    ``""``."""
+    if args.get("nm"):
+        return f"{args['nm'][0]}:{args['nm'][1]}"
+    if args["method"] in ("nm", "nmdecay", "nmstruct", "srste") and args.get("sparsity"):
+        return f"1:{max(1, round(1 / (1 - args['sparsity'])))}"
+    return ""
 
 
 def format_results(

@@ -2,6 +2,8 @@
 "error:" line, no traceback) before any work: nothing written, well under a second a case. The
 cases are the adversarial pass's (issue 27, items 6 and 7)."""
 
+import json
+
 import pytest
 
 from tests.helpers import ROOT, rejected
@@ -31,6 +33,16 @@ def test_prune_mnist(tmp_path, a_file):
         ["--preset", "lenet5", "--model", "lenet300"], ["--val-images", "-1"],
         ["--val-images", "30000"], ["--epochs", "0", *out], ["--batch-size", "0", *out],
         ["--sparsity", "1", *out], ["--model", "lenet7", *out], ["--data", "/nonexistent", *out],
+        # the mask-learning methods' options
+        ["--method", "srste", *out], ["--method", "nmdecay", "--nm", "2:5x", *out],
+        ["--method", "scl", "--nm", "2:4", "--sparsity", "0.9", *out],
+        ["--method", "srste", "--nm", "2:4", "--sparsity", "0.9", *out],
+        ["--method", "nmstruct", "--sparsity", "0.995", *out], ["--method", "gibbs", *out],
+        ["--method", "srste", "--sparsity", "0.9", "--srste-decay", "-1", *out],
+        ["--method", "gap", "--sparsity", "0.9", "--gap-interval", "0", *out],
+        ["--method", "gap", "--sparsity", "0.9", "--gap-interval", "1.5", *out],
+        ["--method", "earlycrop", "--sparsity", "0.9", "--crop-max-epoch", "0", *out],
+        ["--method", "earlycrop", "--sparsity", "0.9", "--crop-max-epoch", "nan", *out],
     ]  # fmt: skip
     check_rejected("prune_mnist.py", cases, tmp_path)
     assert not (tmp_path / "o").exists()
@@ -78,7 +90,8 @@ def test_methods_table(tmp_path, a_file):
         ["--sparsities", "1.0"], ["--sparsities", "0"], ["--table", "/nonexistent"],
         ["--table", str(tmp_path / "empty")], ["--table", a_file],
         ["--table", str(ROOT / "results" / "methods"), "--quick"], ["--runs", a_file],
-        ["--results", a_file],
+        ["--results", a_file], ["--methods", "han,snip", "--nm-24"],
+        ["--methods", "srste,scl,bogus", "--nm-24"],
     ]  # fmt: skip
     check_rejected("methods_table.py", cases, tmp_path)
 
@@ -125,3 +138,39 @@ def test_methods_table_quick_runs_and_tabulates(tmp_path):
     assert "| LeNet-300-100 | 95% | snip | 2 |" in out and "95% / 1.6%" in out
     table = (runs / "summaries" / "table.md").read_text()
     assert table.count("| LeNet-300-100 |") == 2
+
+
+NEW_METHODS = "scl,nmdecay,nmstruct,srste,gap,gibbs,earlycrop"
+
+
+def test_methods_table_quick_runs_the_mask_learning_methods(tmp_path):
+    """Every mask-learning method through prune_mnist.py at the CI budget (LeNet-300-100, 1,000
+    images, 2 epochs), 1:10 at 90% and 2:4 with --nm-24 for the N:M family, into the table: the
+    exact sparsity (N:M: exact N of every M, the last partial group of fc1's 784 inputs keeps 1 of
+    4), the pattern beside the method, Early-CROP's pruning point and FLOPs saved under it."""
+    from tests.helpers import run_script
+
+    runs = tmp_path / "runs"
+    argv = ["--quick", "--models", "lenet300", "--methods", NEW_METHODS, "--sparsities", "0.9"]
+    out = run_script(S / "methods_table.py", *argv, "--nm-24", "--runs", runs).stdout
+    table = (runs / "summaries" / "table.md").read_text()
+    assert table.count("| LeNet-300-100 |") == 7 + 3
+    for m in ("scl", "gap", "gibbs", "earlycrop"):
+        assert f"| LeNet-300-100 | 90% | {m} | 2 |" in table
+        run = json.loads((runs / f"lenet300_{m}_s90" / "summary.json").read_text())
+        assert run["sparsity"] == pytest.approx(0.9, abs=1e-9), m  # exactly the target
+    for m in ("nmdecay", "nmstruct", "srste"):
+        assert f"| LeNet-300-100 | 90% | {m} 1:10 | 2 |" in table
+        assert f"| LeNet-300-100 | 50% | {m} 2:4 | 2 |" in table
+        one_ten = json.loads((runs / f"lenet300_{m}_s90" / "summary.json").read_text())
+        assert one_ten["kept_pct"]["fc1"] == pytest.approx(100 * (78 + 1) / 784)
+        assert [one_ten["kept_pct"][k] for k in ("fc2", "fc3")] == [10.0, 10.0]
+        two_four = json.loads((runs / f"lenet300_{m}_2of4" / "summary.json").read_text())
+        assert two_four["sparsity"] == 0.5 and two_four["args"]["nm"] == [2, 4]
+    crop = json.loads((runs / "lenet300_earlycrop_s90" / "summary.json").read_text())
+    c = crop["early_crop"]
+    assert (c["pruned_at_epoch"], c["pruned_at_step"]) == (1, 7)  # 1,000 // 128 steps an epoch
+    assert crop["sparsity"] == pytest.approx(0.9, abs=1e-6)
+    assert c["flops_saved"] == pytest.approx(0.5 * 0.9)  # dense half, then 10% of the MACs
+    assert "earlycrop, LeNet-300-100 90%, 2 epochs: pruned at the end of epoch 1 (step 7" in out
+    assert "45.0% of the FLOPs saved" in out

@@ -4,14 +4,21 @@ import pytest
 import torch
 
 from models import build_model
+from scripts._lib import recipes
 from scripts._lib.recipes import METHODS, build_pruner, nm_for_sparsity, plan_phases
 from sparsekern.pruning import (
+    EarlyCROPPruner,
+    GaPPruner,
+    GibbsPruner,
     GlobalMagnitudePruner,
     GradualPruner,
     HanPruner,
+    NMDecayPruner,
     NMPruner,
     RigLPruner,
+    SCLPruner,
     SNIPPruner,
+    SRSTEPruner,
 )
 
 
@@ -33,7 +40,9 @@ def test_phases_per_method():
 
 def test_build_pruner_for_every_method():
     want = {"han": HanPruner, "global": GlobalMagnitudePruner, "gradual": GradualPruner,
-            "snip": SNIPPruner, "rigl": RigLPruner, "nm": NMPruner}  # fmt: skip
+            "snip": SNIPPruner, "rigl": RigLPruner, "nm": NMPruner, "scl": SCLPruner,
+            "nmdecay": NMDecayPruner, "nmstruct": NMDecayPruner, "srste": SRSTEPruner,
+            "gap": GaPPruner, "gibbs": GibbsPruner, "earlycrop": EarlyCROPPruner}  # fmt: skip
     for method in METHODS:
         model = build_model("lenet300")
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -47,3 +56,28 @@ def test_build_pruner_for_every_method():
     assert build_pruner("nm", model, opt, total_steps=10, sparsity=0.5).m == 2
     with pytest.raises(ValueError, match="needs a sparsity"):
         build_pruner("snip", model, opt, total_steps=10)
+
+
+def test_mask_learning_recipes_keep_their_papers_defaults():
+    for m in ("scl", "gap", "gibbs", "earlycrop", "nmdecay", "nmstruct"):
+        (ph,) = plan_phases(m, lr=0.1, steps_per_epoch=10, total_epochs=4)
+        assert ph.epochs == 4 and ph.prune == (m == "gap") and not ph.fresh_optimizer
+    (ph,) = plan_phases("srste", lr=0.1, steps_per_epoch=10, total_epochs=4)
+    assert ph.prune  # SR-STE trains N:M-sparse from step 0
+    model = build_model("lenet300")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    kw = dict(total_steps=1000, sparsity=0.9)
+    assert build_pruner("srste", model, opt, **kw).decay == 2e-4
+    assert (
+        build_pruner("srste", model, opt, **kw).n,
+        build_pruner("srste", model, opt, **kw).m,
+    ) == (1, 10)
+    d = build_pruner("nmdecay", model, opt, nm=(2, 4), **kw)
+    assert (d.n, d.m, d.recipe, d.end_step, d.decay_steps) == (2, 4, "mask", 750, 10)
+    st = build_pruner("nmstruct", model, opt, **kw)
+    assert (st.recipe, st.n, st.m) == ("structure", 1, 10)
+    assert build_pruner("gap", model, opt, gap_interval=0.05, **kw).interval == 50
+    assert build_pruner("scl", model, opt, **kw).end_step == 750
+    assert build_pruner("gibbs", model, opt, **kw).end_step == 750
+    assert build_pruner("earlycrop", model, opt, crop_max_epoch=20, **kw).max_epoch == 20
+    assert recipes.crop_latest_epoch(0.5, 40) == 20 and recipes.crop_latest_epoch(0.5, 1) == 1
