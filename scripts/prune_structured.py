@@ -20,7 +20,12 @@ Protocol (one budget for all, recorded in the JSON):
   --hessian-batches batches, the neurons carrying most of it removed first; pruned from the same
   dense net as the others (the paper prunes while training from scratch);
 - from scratch: the Taylor-pruned architecture, re-initialised, trained for dense + fine-tuning
-  epochs with the dense schedule.
+  epochs with the dense schedule;
+- weights (--methods weights, the unstructured control of the TTS claim "removing whole neurons
+  hurts more than removing weights"): global magnitude pruning of individual weights from the same
+  dense net, with the same rounds and fine-tuning, to the parameter count of the structured net at
+  that amount (biases and BN parameters count and stay dense). Its MACs are the dense net's: the
+  zeros are not skipped by a dense kernel; ``kept_weight_macs`` counts only kept weights.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 from scripts._lib import checks  # noqa: E402
 from scripts._lib.torchvision_rows import TORCHVISION_NETS, torchvision_rows  # noqa: E402
 from sparsekern.nn import sparsify  # noqa: E402
+from sparsekern.pruning import GlobalMagnitudePruner  # noqa: E402
 from sparsekern.pruning.structured import (  # noqa: E402
     StructuredPruner,
     count_macs,
@@ -55,6 +61,7 @@ from sparsekern.training.report import write_json  # noqa: E402
 METHODS = {"l1": "l1", "taylor": "taylor", "slimming": "bn_scale", "random": "random"}
 METHODS |= {"rls": "rls", "hessian": "hessian_radius"}
 DEFAULT_METHODS = ["l1", "taylor", "slimming", "random", "scratch"]
+EXTRA_METHODS = ["scratch", "weights"]  # not StructuredPruner importances
 
 
 class LeNet5BN(nn.Module):
@@ -94,8 +101,8 @@ def parse_args(argv=None):
     pos_float = checks.number(float, 0, lo_open=True)
     a("--amounts", type=checks.number_list(checks.fraction(lo_open=True, hi_open=True)),
       help="channel fractions removed, each in (0, 1) (default 0.5,0.7)")  # fmt: skip
-    a("--methods", type=checks.choices_list([*METHODS, "scratch"]),
-      default=DEFAULT_METHODS, help=f"any of {','.join(METHODS)},scratch")  # fmt: skip
+    a("--methods", type=checks.choices_list([*METHODS, *EXTRA_METHODS]),
+      default=DEFAULT_METHODS, help=f"any of {','.join([*METHODS, *EXTRA_METHODS])}")  # fmt: skip
     a("--dense-epochs", type=pos_int, help="default 3")
     a("--ft-epochs", type=nonneg_int, help="fine-tuning epochs after each round (default 1)")
     a("--rounds", type=pos_int, help="default 2")
@@ -227,6 +234,62 @@ def prune_one(args, data, gen, start, method, amount):
     return model, pruner.export()
 
 
+def structured_params(start, x1, amount) -> int:
+    """Parameters of ``start`` with ``amount`` of each group's channels / neurons removed (the
+    count depends on the widths only, not on which channels go)."""
+    model = sparsify(copy.deepcopy(start))
+    pruner = StructuredPruner(model, example_inputs=x1, importance="l1")
+    pruner.prune(amount)
+    return count_params(pruner.export())
+
+
+def prune_weights(args, data, gen, start, amount):
+    """``start`` pruned weight by weight (global magnitude) in --rounds rounds, fine-tuned after
+    each, to the parameter count of the structured net at ``amount``. Returns the masked model,
+    its parameter count and its kept-weight MACs."""
+    x1 = data["x_test"][:1]
+    model = sparsify(copy.deepcopy(start))
+    pruner = GlobalMagnitudePruner(model, sparsity=0.5)
+    weights = sum(m.weight.numel() for m in pruner.layers.values())
+    other = count_params(model) - weights  # biases, BN: dense in both arms
+    target = structured_params(start, x1, amount)
+    sparsity = 1 - (target - other) / weights
+    for r in range(1, args.rounds + 1):
+        pruner.prune(sparsity * r / args.rounds)
+        opt = run_epochs(model, data, args.ft_epochs, args.ft_lr, gen, args.batch_size)
+        pruner.set_optimizer(opt)
+        with torch.no_grad():  # weight decay / momentum never revive a masked weight
+            for m in pruner.layers.values():
+                m.weight.mul_(m.mask)
+    kept = sum(int(m.mask.count_nonzero()) for m in pruner.layers.values())
+    macs = kept_weight_macs(model, x1)
+    return model, other + kept, macs
+
+
+def kept_weight_macs(model, x1) -> int:
+    """MACs of conv + linear counting kept (nonzero) weights only: a conv weight is used once per
+    output position, a linear weight once per input row."""
+    total = 0
+
+    def hook(m, inp, out):
+        nonlocal total
+        nz = int(m.weight.count_nonzero())
+        total += nz * (out.shape[-1] * out.shape[-2] if m.weight.dim() == 4 else 1)
+
+    hs = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    try:
+        with torch.no_grad():
+            model.eval()(x1)
+    finally:
+        for h in hs:
+            h.remove()
+    return total
+
+
 def from_scratch(args, data, gen, arch):
     """The Taylor-pruned architecture re-initialised, trained for the same epochs in all."""
     model = copy.deepcopy(arch)
@@ -288,6 +351,12 @@ def main(argv=None):
     if "scratch" in args.methods:
         for amount, arch in taylor_archs.items():
             log(record("scratch", amount, from_scratch(args, data, gen, arch)))
+    if "weights" in args.methods:
+        for amount in args.amounts:
+            model, params, macs = prune_weights(args, data, gen, dense, amount)
+            rec = record("weights", amount, model) | {"params": params, "kept_weight_macs": macs}
+            rec["kept_params"] = params / base["params"]
+            log(rec)
 
     summary = {
         "command": "python " + " ".join([sys.argv[0], *sys.argv[1:]]),
@@ -310,17 +379,23 @@ def write_table(summary, path):
         f"# LeNet-5 (+BN) on MNIST: structured pruning\n\n`{summary['command']}` at "
         f"`{summary['git_commit']}`, {summary['seconds']:.0f} s. Dense: {base['error']:.2f}% "
         f"error, {base['macs']:,} MACs, {base['params']:,} params.\n",
-        "| method | removed | error % | MACs | FLOP reduction | params | widths conv1/conv2/fc1 |",
+        "| method | removed (weights: same params as) | error % | MACs | FLOP reduction | params "
+        "| widths conv1/conv2/fc1 |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in summary["results"]:
         w = r["widths"]
         red = base["macs"] / r["macs"]
+        kept_macs = (
+            f" ({r['kept_weight_macs']:,} at kept weights)" if "kept_weight_macs" in r else ""
+        )
         lines.append(
-            f"| {r['method']} | {r['amount']:.0%} | {r['error']:.2f} | {r['macs']:,} | "
+            f"| {r['method']} | {r['amount']:.0%} | {r['error']:.2f} | {r['macs']:,}{kept_macs} | "
             f"{red:.2f}x | {r['params']:,} | {w['conv1']}/{w['conv2']}/{w['fc1']} |"
         )
-    path.write_text("\n".join(lines) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")  # atomic: a reader never sees half a table
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
 
 
 def plot(summary, path):
@@ -331,7 +406,7 @@ def plot(summary, path):
 
     base = next(r for r in summary["results"] if r["method"] == "dense")
     fig, ax = plt.subplots(figsize=(6, 4))
-    for method in [*METHODS, "scratch"]:
+    for method in [*METHODS, *EXTRA_METHODS]:
         rs = sorted(
             (r for r in summary["results"] if r["method"] == method), key=lambda r: r["macs"]
         )
@@ -347,7 +422,9 @@ def plot(summary, path):
     ax.set_title("LeNet-5 (+BN), MNIST: channel / neuron removal")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.name}.tmp.png")  # atomic, as the table
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -174,3 +174,30 @@ def test_methods_table_quick_runs_the_mask_learning_methods(tmp_path):
     assert c["flops_saved"] == pytest.approx(0.5 * 0.9)  # dense half, then 10% of the MACs
     assert "earlycrop, LeNet-300-100 90%, 2 epochs: pruned at the end of epoch 1 (step 7" in out
     assert "45.0% of the FLOPs saved" in out
+
+
+def test_structured_weights_arm_matches_the_structured_parameter_count():
+    """The unstructured control of the TTS claim keeps exactly as many parameters as the
+    structured net at the same amount, with pruned weights exactly zero, and its kept-weight
+    MACs count each kept conv weight once per output position."""
+    import torch
+
+    from scripts import prune_structured as ps
+    from sparsekern.pruning.structured import count_params
+
+    torch.manual_seed(0)
+    x = torch.randn(256, 1, 28, 28)
+    data = {"x_train": x, "y_train": torch.randint(0, 10, (256,)), "x_test": x[:8]}
+    args = ps.parse_args(["--rounds", "2", "--ft-epochs", "0", "--out", "/tmp/x"])
+    dense = ps.LeNet5BN()
+    gen = torch.Generator().manual_seed(0)
+    model, params, macs = ps.prune_weights(args, data, gen, dense, 0.7)
+    assert params == ps.structured_params(dense, x[:1], 0.7) < count_params(dense)
+    kept = {n: int(m.weight.count_nonzero()) for n, m in model.named_modules()
+            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}  # fmt: skip
+    assert params == count_params(dense) - sum(
+        m.weight.numel()
+        for m in dense.modules()
+        if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
+    ) + sum(kept.values())
+    assert macs == kept["conv1"] * 24 * 24 + kept["conv2"] * 8 * 8 + kept["fc1"] + kept["fc2"]

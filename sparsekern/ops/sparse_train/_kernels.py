@@ -17,7 +17,6 @@ and wherever the extension cannot be built (one warning) or ``SPARSEKERN_NO_EXT=
 
 from __future__ import annotations
 
-import logging
 import pathlib
 import warnings
 
@@ -31,14 +30,7 @@ _SOURCES = [pathlib.Path(__file__).resolve().parents[1] / "csrc" / "sparse_linea
 
 
 def _ext():
-    # cpp_extension logs "No CUDA runtime is found" at import on CPU-only hosts: not our concern.
-    log = logging.getLogger("torch.utils.cpp_extension")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        return load_extension("sparse_linear", _SOURCES)
-    finally:
-        log.setLevel(level)
+    return load_extension("sparse_linear", _SOURCES)  # a dict lookup once built
 
 
 def backend(t: torch.Tensor) -> str:
