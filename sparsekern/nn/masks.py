@@ -205,6 +205,12 @@ def set_mask(
     if hasattr(module, "repack_mask"):  # compact storage: values and optimizer state re-packed
         module.repack_mask(mask, optimizer)
         return
+    if type(module.weight).__name__ == "DTensor":  # FSDP2: this rank's rows of the full mask
+        from sparsekern.nn._dtensor import local_like, shard_mask
+
+        shard_mask(module)
+        if type(mask).__name__ != "DTensor":
+            mask = local_like(mask, module.weight)
     _apply_checked(module, mask, optimizer)
 
 

