@@ -35,6 +35,13 @@ def _port() -> int:
 
 
 def _init(rank: int, port: int) -> None:
+    # the block path as a CPU user runs it: conftest's TRITON_INTERPRET=1 (for the kernel tests)
+    # runs the Triton kernels through the interpreter, 4 s a step here instead of 10 ms
+    os.environ.pop("TRITON_INTERPRET", None)
+    # the sparse path by its torch.sparse twin: two ranks loading the C++ extension at once wait
+    # on its build lock, and rebuild it (2 minutes here) when the cache holds another checkout's
+    # build; the extension itself is tested in tests/ops
+    os.environ["SPARSEKERN_NO_EXT"] = "1"
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
@@ -191,3 +198,90 @@ def _pruners_worker(rank: int, port: int) -> None:
 
 def test_pruners_under_fully_shard_decide_as_one_process():
     _spawn(_pruners_worker)
+
+
+class _PathNet(nn.Module):
+    """A conv (masked path), a block-mode linear, a 95%-sparse linear (the CSR ``sparse`` path
+    from 64 rows on the CPU) and a half-dense linear (vendor GEMM with the masked dW)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3, padding=1)
+        self.block = nn.Linear(6 * 4 * 4, 128)
+        self.sparse = nn.Linear(128, 256)  # 2.5e7 FLOPs a step at 128 rows: CSR pays
+        self.masked = nn.Linear(256, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv(x)).flatten(1)
+        return self.masked(torch.relu(self.sparse(torch.relu(self.block(h)))))
+
+
+def _path_model(seed: int = 0) -> nn.Module:
+    from sparsekern import sparsify
+
+    torch.manual_seed(seed)
+    model = sparsify(_PathNet())
+    model.block.set_block_size(16)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for m, keep in ((model.conv, 0.5), (model.block, 0.5), (model.sparse, 0.05),
+                        (model.masked, 0.5)):  # fmt: skip
+            score = torch.rand(m.weight.shape, generator=g)
+            if m is model.block:  # whole 16 x 16 blocks
+                score = score[::16, ::16].repeat_interleave(16, 0).repeat_interleave(16, 1)
+            m.set_mask(score >= torch.quantile(score.flatten(), 1 - keep))
+    return model
+
+
+def _paths_worker(rank: int, port: int) -> None:
+    from sparsekern.nn import execution_plan
+    from sparsekern.training.distributed import shard_model
+
+    _init(rank, port)
+    try:
+        ref = _path_model()
+        model = shard_model(copy.deepcopy(ref))
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9)
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        g = torch.Generator().manual_seed(1)
+        x, y = torch.randn(256, 2, 4, 4, generator=g), torch.randint(5, (256,), generator=g)
+        for _ in range(3):
+            for net, o, xb, yb in (
+                (ref, ref_opt, x, y),
+                (model, opt, _half(x, rank), _half(y, rank)),
+            ):
+                loss = F.cross_entropy(net(xb), yb)
+                o.zero_grad()
+                loss.backward()
+                o.step()
+        paths = {e.name: e.path for e in execution_plan(model)}
+        want = {"conv": "masked", "block": "block", "sparse": "sparse", "masked": "masked"}
+        assert paths == want, paths
+        assert {e.name: e.path for e in execution_plan(ref)} == want
+        assert {e.name: e.kept for e in execution_plan(model)} == {
+            e.name: e.kept for e in execution_plan(ref)
+        }
+        ref_mods = dict(ref.named_modules())
+        for n in want:
+            m, r = getattr(model, n), ref_mods[n]
+            w = _full(m.weight.detach())
+            assert torch.equal(_full(m.mask), r.mask), n
+            assert not w[~r.mask].any(), n
+            torch.testing.assert_close(w, r.weight.detach(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(model(x[:16]), ref(x[:16]), rtol=0, atol=1e-5)
+        # an in-place edit of a sharded mask is seen at the next forward (the guard)
+        with torch.no_grad():
+            model.masked.mask.fill_(False)
+            ref.masked.mask.fill_(False)
+        torch.testing.assert_close(model(x[:4]), ref(x[:4]), rtol=0, atol=1e-5)
+        assert not _full(model.masked.weight.detach()).any()
+        dist.barrier()
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_execution_paths_under_fully_shard_give_the_one_process_result():
+    _spawn(_paths_worker)
