@@ -10,9 +10,10 @@ on the way out each rank writes its own rows back: weight, grad and mask, and th
 (momentum, Adam moments: DTensors of the same placement) zeroed where a mask pruned or regrew.
 
 Memory: inside the view every rank holds the pruned layers' full weights, grads and masks (9
-bytes per fp32 weight), only while a mask decision runs (not at the steps between). A global
-threshold without gathering (per-shard candidates, exact k-th value) is
-:func:`sharded_kth_largest`, for when that does not fit.
+bytes per fp32 weight), only while a mask decision runs (not at the steps between): what one
+process holds for the decision, on every rank. It is exact by construction (the k-th value and
+its ties are those one process sees); a decision that never holds a whole layer (per-shard top-k
+candidates merged to an exact global k-th value) is not implemented.
 
 A closure passed to such a method runs with the view suspended (the sharded model, through
 FSDP's hooks); the dense gradient (RigL, SNIP, Taylor) is ``loss.backward()`` through FSDP with
@@ -30,7 +31,7 @@ from torch import nn
 from sparsekern.nn._dtensor import is_dtensor, local_like, shard_mask
 from sparsekern.nn.masks import note_mask_synced, zero_optimizer_state
 
-__all__ = ["dense_weight_grads", "gathered", "is_sharded", "sharded_kth_largest", "wrap_sharded"]
+__all__ = ["dense_weight_grads", "gathered", "handles", "is_sharded", "wrap_sharded"]
 
 #: the views open now, innermost last (methods calling methods: only the outermost gathers)
 _VIEWS: list[_View] = []
@@ -266,35 +267,6 @@ def wrap_sharded(cls) -> None:
     fn = cls.__dict__.get("regularization_loss")
     if callable(fn) and not fn.__dict__.get("_sk_sharded"):
         cls.regularization_loss = _regularization(fn)
-
-
-def sharded_kth_largest(local: torch.Tensor, k: int, group=None) -> torch.Tensor:
-    """The exact ``k``-th largest value of the union of every rank's ``local`` scores (any
-    shape; each rank its own shard), with no rank holding more than its own scores and
-    ``k`` candidates: each rank sends its ``min(k, numel)`` largest, every rank merges the
-    ``world * k`` candidates (the global top ``k`` are among them) and takes the k-th.
-    Memory per rank: ``world * k`` scores, against ``numel`` of all shards to gather them all.
-
-    Returns a 0-d tensor of ``local``'s dtype (the same on every rank). ``1 <= k <=`` the total
-    number of scores."""
-    import torch.distributed as dist
-
-    flat = local.detach().flatten()
-    world = dist.get_world_size(group)
-    n = torch.tensor([flat.numel()], dtype=torch.int64, device=flat.device)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n, group=group)
-    total = int(sum(int(s) for s in sizes))
-    if not 1 <= k <= total:
-        raise ValueError(f"sharded_kth_largest: expected k in [1, {total}], got {k}")
-    c = min(k, flat.numel())
-    top = torch.topk(flat, c, sorted=True).values if c else flat[:0]
-    # pad to k with -inf so every rank sends the same size (gloo and nccl need equal shapes)
-    pad = torch.full((k - c,), float("-inf"), dtype=flat.dtype, device=flat.device)
-    cand = torch.cat([top, pad])
-    got = [torch.empty_like(cand) for _ in range(world)]
-    dist.all_gather(got, cand, group=group)
-    return torch.topk(torch.cat(got), k, sorted=True).values[-1]
 
 
 def handles(layers: dict[str, nn.Module]) -> bool:

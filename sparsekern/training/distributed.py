@@ -244,11 +244,16 @@ SHARDED_FORMAT = "sparsekern/sharded/1"
 _MANIFEST = "sparsekern-manifest.json"
 
 
-def _bytes_io(obj) -> io.BytesIO:
+def _as_bytes(obj) -> torch.Tensor:
+    # plain values travel as a uint8 tensor of torch.save's bytes, read back with
+    # weights_only=True (DCP's own BytesIO items are read back with a full unpickler)
     buf = io.BytesIO()
     torch.save(obj, buf)
-    buf.seek(0)
-    return buf
+    return torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+
+
+def _from_bytes(t: torch.Tensor):
+    return torch.load(io.BytesIO(t.numpy().tobytes()), weights_only=True)
 
 
 def _digest_files(folder: Path) -> dict[str, str]:
@@ -294,8 +299,8 @@ def save_sharded(path, model: nn.Module, optimizer=None, pruner=None, extra: dic
         "pruner": pruner.state_dict() if pruner is not None else None,
         "extra": extra,
     }
-    state["meta"] = _bytes_io(meta)
-    state[f"rng_{rank}"] = _bytes_io(rng_state(_model_device(model)))
+    state["meta"] = _as_bytes(meta)
+    state[f"rng_{rank}"] = _as_bytes(rng_state(_model_device(model)))
     dcp.save(state, checkpoint_id=str(tmp))
     barrier()
     if rank == 0:
@@ -363,20 +368,25 @@ def load_sharded(path, model: nn.Module, optimizer=None, pruner=None) -> dict:
     if problem:
         raise CheckpointError(problem)
     rank = dist.get_rank() if is_dist() else 0
-    meta_buf = io.BytesIO()
-    dcp.load({"meta": meta_buf}, checkpoint_id=str(path))
-    meta = torch.load(io.BytesIO(meta_buf.getvalue()), weights_only=True)
+    sizes = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    key = f"rng_{rank}"
+    if "meta" not in sizes or key not in sizes:
+        raise CheckpointError(f"{path}: expected the entries 'meta' and {key!r}, found neither")
+    small = {k: torch.empty(tuple(sizes[k].size), dtype=torch.uint8) for k in ("meta", key)}
+    dcp.load(small, checkpoint_id=str(path))
+    meta = _from_bytes(small["meta"])
     world = dist.get_world_size() if is_dist() else 1
     if meta.get("world") != world:
         raise CheckpointError(
             f"{path}: saved by {meta.get('world')} ranks, this run has {world}: expected the same"
         )
+    if pruner is not None and meta.get("pruner") is not None:
+        pruner.load_state_dict(meta["pruner"])  # refuses another configuration first
     if optimizer is not None:
         msd, osd = get_state_dict(model, optimizer)
         state = {"model": msd, "optimizer": osd}
     else:
         state = {"model": get_model_state_dict(model)}
-    state[f"rng_{rank}"] = io.BytesIO()
     dcp.load(state, checkpoint_id=str(path))
     if optimizer is not None:
         set_state_dict(
@@ -386,10 +396,7 @@ def load_sharded(path, model: nn.Module, optimizer=None, pruner=None) -> dict:
         set_model_state_dict(model, state["model"])
     for _, m in _sparse_layers(model):
         note_mask_synced(m)
-    if pruner is not None and meta.get("pruner") is not None:
-        pruner.load_state_dict(meta["pruner"])
-    rng = torch.load(io.BytesIO(state[f"rng_{rank}"].getvalue()), weights_only=True)
-    set_rng_state(rng, _model_device(model))
+    set_rng_state(_from_bytes(small[key]), _model_device(model))
     return meta.get("extra") or {}
 
 

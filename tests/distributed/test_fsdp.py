@@ -275,6 +275,43 @@ def _paths_worker(rank: int, port: int) -> None:
             ref.masked.mask.fill_(False)
         torch.testing.assert_close(model(x[:4]), ref(x[:4]), rtol=0, atol=1e-5)
         assert not _full(model.masked.weight.detach()).any()
+
+        # HSDP: a 2 x 1 mesh (2 replicas of 1-rank shard groups) builds and trains on gloo
+        from torch.distributed.tensor import Replicate, Shard
+
+        from sparsekern.nn import CompactSparseLinear
+        from sparsekern.pruning import GlobalMagnitudePruner
+        from sparsekern.training.distributed import distribute
+
+        ref = _mlp()
+        model, net = distribute(copy.deepcopy(ref), "hsdp", hsdp_replicas=2)
+        assert net is model
+        assert model[0].mask.placements == model[0].weight.placements == (Replicate(), Shard(0))
+        ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        GlobalMagnitudePruner(ref, ref_opt, sparsity=0.9).prune()
+        GlobalMagnitudePruner(model, opt, sparsity=0.9).prune()
+        for x, y in _batches(3):
+            for net, o, xb, yb in (
+                (ref, ref_opt, x, y),
+                (model, opt, _half(x, rank), _half(y, rank)),
+            ):
+                o.zero_grad()
+                F.cross_entropy(net(xb), yb).backward()
+                o.step()
+        for i in (0, 2, 4):
+            assert torch.equal(_full(model[i].mask), ref[i].mask)
+            torch.testing.assert_close(_full(model[i].weight.detach()), ref[i].weight.detach(),
+                                       rtol=0, atol=1e-5)  # fmt: skip
+
+        # compact storage cannot be row-sharded: refused before anything is wrapped
+        compact = nn.Sequential(CompactSparseLinear.from_dense(_mlp()[0]))
+        try:
+            distribute(compact, "fsdp")
+            raise AssertionError("a compact-storage model was sharded")
+        except TypeError as e:
+            assert "compact" in str(e), e
+        assert not any(type(p).__name__ == "DTensor" for p in compact.parameters())
         dist.barrier()
     except BaseException:
         traceback.print_exc()
@@ -285,3 +322,115 @@ def _paths_worker(rank: int, port: int) -> None:
 
 def test_execution_paths_under_fully_shard_give_the_one_process_result():
     _spawn(_paths_worker)
+
+
+def _ckpt_run(rank, model, opt, pruner, batches, start, stop):
+    for i in range(start, stop):
+        x, y = batches[i]
+        xb, yb = _half(x, rank), _half(y, rank)
+        loss = F.cross_entropy(model(xb), yb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pruner.step(lambda xb=xb, yb=yb: F.cross_entropy(model(xb), yb))
+
+
+def _ckpt_setup(seed: int, engine: str = "fsdp"):
+    from sparsekern.pruning import RigLPruner
+    from sparsekern.training.distributed import distribute
+
+    model, _ = distribute(_mlp(seed), engine)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    gen = torch.Generator().manual_seed(3)
+    pruner = RigLPruner(model, opt, sparsity=0.75, total_steps=12, delta=2, alpha=0.5,
+                        generator=gen)  # fmt: skip
+    return model, opt, pruner
+
+
+def _opt_bytes(opt) -> list:
+    return [_full(v).clone() for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
+
+
+def _ckpt_worker(rank: int, port: int, tmp: str) -> None:
+    from sparsekern.training import CheckpointError, load_checkpoint, save_checkpoint
+    from sparsekern.training.distributed import (
+        load_full_into_sharded,
+        load_sharded,
+        save_sharded,
+        shard_model,
+        state_digest,
+    )
+
+    os.environ.pop("TRITON_INTERPRET", None)
+    torch.set_num_threads(1)
+    batches = _batches(6)
+    try:
+        # the uninterrupted run: 6 steps (RigL updates at steps 2 and 4)
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/pg0", rank=rank, world_size=2)
+        model, opt, pruner = _ckpt_setup(0)
+        pruner.prune()
+        _ckpt_run(rank, model, opt, pruner, batches, 0, 6)
+        want = (state_digest(model), _opt_bytes(opt), pruner.state_dict())
+        # the killed run: 3 steps, a sharded checkpoint, then the process group is gone
+        model, opt, pruner = _ckpt_setup(0)
+        pruner.prune()
+        _ckpt_run(rank, model, opt, pruner, batches, 0, 3)
+        save_sharded(f"{tmp}/ck", model, opt, pruner, extra={"step": 3})
+        dist.destroy_process_group()
+
+        # a new process group, a model built from another seed: everything comes from the folder
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/pg1", rank=rank, world_size=2)
+        model, opt, pruner = _ckpt_setup(1)
+        extra = load_sharded(f"{tmp}/ck", model, opt, pruner)
+        assert extra == {"step": 3}
+        _ckpt_run(rank, model, opt, pruner, batches, extra["step"], 6)
+        got = (state_digest(model), _opt_bytes(opt), pruner.state_dict())
+        assert got[0] == want[0], "resumed weights/masks differ from the uninterrupted run"
+        assert len(got[1]) == len(want[1]) and all(
+            torch.equal(a, b) for a, b in zip(got[1], want[1])
+        ), "resumed optimizer state differs"
+        assert got[2] == want[2], "resumed pruner state differs"
+
+        # a corrupted shard is refused before anything is loaded
+        dist.barrier()
+        if rank == 0:
+            f = next(p for p in sorted(os.listdir(f"{tmp}/ck")) if p.endswith(".distcp"))
+            with open(f"{tmp}/ck/{f}", "r+b") as fh:
+                fh.seek(10)
+                b = fh.read(1)
+                fh.seek(10)
+                fh.write(bytes([b[0] ^ 1]))
+        dist.barrier()
+        before = state_digest(model)
+        try:
+            load_sharded(f"{tmp}/ck", model, opt, pruner)
+            raise AssertionError("a corrupted checkpoint was loaded")
+        except CheckpointError as e:
+            assert "corrupted" in str(e), e
+        assert state_digest(model) == before
+
+        # the package's single-file checkpoint (one process) into a sharded model
+        ref = _mlp(4)
+        with torch.no_grad():
+            for m in (ref[0], ref[2]):
+                m.set_mask(torch.rand(m.weight.shape) > 0.6)
+        if rank == 0:
+            save_checkpoint(f"{tmp}/one.pt", {"model": ref.state_dict()}, "test/fsdp")
+        dist.barrier()
+        sharded = shard_model(_mlp(5))
+        load_full_into_sharded(sharded, load_checkpoint(f"{tmp}/one.pt", "test/fsdp")["model"])
+        for k, v in ref.state_dict().items():
+            assert torch.equal(_full(sharded.state_dict()[k]), v), k
+        x = batches[0][0]
+        torch.testing.assert_close(sharded(x), ref(x), rtol=0, atol=1e-6)
+        dist.barrier()
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_sharded_checkpoint_resumes_bitwise_and_single_file_loads(tmp_path):
+    mp.spawn(_ckpt_worker, args=(0, str(tmp_path)), nprocs=WORLD, join=True)
