@@ -188,12 +188,46 @@ def _pruners_worker(rank: int, port: int) -> None:
             xt = batches[0][0]
             torch.testing.assert_close(model(xt), ref(xt), rtol=0, atol=1e-5)
             assert not check_masks(ref), name
+        _loop_under_engines(rank)
         dist.barrier()
     except BaseException:
         traceback.print_exc()
         raise
     finally:
         dist.destroy_process_group()
+
+
+def _loop_under_engines(rank: int) -> None:
+    """``train_epoch`` (the package's training loop, with a gradual pruner) under each engine of
+    ``distribute``, chosen by its one argument: FSDP2 and DDP end where one process ends."""
+    from sparsekern.pruning import GradualPruner
+    from sparsekern.training import evaluate, train_epoch
+    from sparsekern.training.distributed import distribute
+
+    batches = _batches(4)
+    ends = {}
+    for engine in ("none", "ddp", "fsdp"):
+        model, net = distribute(_mlp(), engine)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        pruner = GradualPruner(model, opt, sparsity=0.8, begin_step=0, end_step=3, frequency=1)
+        # one process: the whole batch; an engine: this rank's half
+        loader = batches if engine == "none" else [(_half(x, rank), _half(y, rank))
+                                                   for x, y in batches]  # fmt: skip
+        out = train_epoch(model, loader, opt, pruner, net=net)
+        assert out["mask_changes"] == 3, (engine, out)
+        ev = evaluate(model, [(_half(x, rank), _half(y, rank)) for x, y in batches[:1]])
+        ends[engine] = (
+            {k: _full(v).detach().clone() for k, v in model.state_dict().items()},
+            ev["images"],
+        )
+    assert ends["ddp"][1] == ends["fsdp"][1] == 8  # both ranks' halves counted
+    for engine in ("ddp", "fsdp"):
+        for k, v in ends["none"][0].items():
+            got = ends[engine][0][k.removeprefix("module.")]
+            if v.dtype == torch.bool:
+                assert torch.equal(got, v), (engine, k)
+            else:
+                torch.testing.assert_close(got, v, rtol=0, atol=1e-5)
 
 
 def test_pruners_under_fully_shard_decide_as_one_process():
