@@ -189,12 +189,51 @@ def _pruners_worker(rank: int, port: int) -> None:
             torch.testing.assert_close(model(xt), ref(xt), rtol=0, atol=1e-5)
             assert not check_masks(ref), name
         _loop_under_engines(rank)
+        _issue_repro(rank)
         dist.barrier()
     except BaseException:
         traceback.print_exc()
         raise
     finally:
         dist.destroy_process_group()
+
+
+def _issue_repro(rank: int) -> None:
+    """The user's own ``fully_shard`` (the root only, masks left whole) and the pruner right
+    away: the pruner shards the masks itself; ``set_mask`` takes a full mask on a sharded layer."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from sparsekern.nn import set_mask
+    from sparsekern.pruning import GlobalMagnitudePruner
+
+    ref = _mlp()
+    model = copy.deepcopy(ref)
+    fully_shard(model)
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for net, o, part in ((ref, ref_opt, False), (model, opt, True)):
+        for x, y in _batches(2, seed=9):
+            xb, yb = (_half(x, rank), _half(y, rank)) if part else (x, y)
+            o.zero_grad()
+            F.cross_entropy(net(xb), yb).backward()
+            o.step()  # momentum everywhere before pruning
+        GlobalMagnitudePruner(net, o, sparsity=0.9).prune()
+    assert isinstance(model[0].mask, DTensor)
+    drop = torch.rand(ref[2].weight.shape, generator=torch.Generator().manual_seed(2)) > 0.5
+    set_mask(ref[2], ref[2].mask & drop, ref_opt)
+    set_mask(model[2], _full(model[2].mask) & drop, opt)
+    for x, y in _batches(2):
+        for net, o, xb, yb in ((ref, ref_opt, x, y), (model, opt, _half(x, rank), _half(y, rank))):
+            o.zero_grad()
+            F.cross_entropy(net(xb), yb).backward()
+            o.step()
+    for i in (0, 2, 4):
+        mask = _full(model[i].mask)
+        assert torch.equal(mask, ref[i].mask), i
+        torch.testing.assert_close(_full(model[i].weight.detach()), ref[i].weight.detach(),
+                                   rtol=0, atol=1e-5)  # fmt: skip
+        assert not _full(opt.state[model[i].weight]["momentum_buffer"])[~mask].any(), i
 
 
 def _loop_under_engines(rank: int) -> None:
