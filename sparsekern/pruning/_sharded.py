@@ -257,9 +257,40 @@ def _regularization(fn):
     return method
 
 
+#: pruners that cannot run on sharded weights yet, and why: refused at construction
+UNSUPPORTED = {
+    "OneShotPruner": "its calibration forward passes run inside the mask decision, where FSDP "
+    "would swap the gathered weights back",
+    "SRSTEPruner": "it keeps full-shape latent (dense) weights beside the sharded ones",
+    "GibbsPruner": "it keeps full-shape latent (dense) weights beside the sharded ones",
+    "SCLPruner": "it keeps full-shape mask scores built from the unsharded weights",
+    "OmniSparsity": "it builds its nested masks from the weights at construction",
+}
+
+
+def _refuse_sharded(init, name: str):
+    @functools.wraps(init)
+    def __init__(self, model=None, *args, **kwargs):
+        m = model if model is not None else kwargs.get("model")
+        if isinstance(m, nn.Module) and any(is_dtensor(p) for p in m.parameters()):
+            raise NotImplementedError(
+                f"{name}: expected a model whose weights are not sharded (one process or DDP), "
+                f"got FSDP2-sharded (DTensor) weights: not supported yet, because "
+                f"{UNSUPPORTED[name]} (docs/distributed.md)"
+            )
+        return init(self, model, *args, **kwargs)
+
+    __init__.__dict__["_sk_sharded"] = True
+    return __init__
+
+
 def wrap_sharded(cls) -> None:
     """Make ``cls``'s own mask-deciding methods run in a gathered view when the pruner's layers
-    are sharded (one ``is_dtensor`` check per call otherwise)."""
+    are sharded (one ``is_dtensor`` check per call otherwise); refuse the :data:`UNSUPPORTED`
+    ones on a sharded model."""
+    init = cls.__dict__.get("__init__")
+    if cls.__name__ in UNSUPPORTED and callable(init) and not init.__dict__.get("_sk_sharded"):
+        cls.__init__ = _refuse_sharded(init, cls.__name__)
     for name in _DECIDING + _READING:
         fn = cls.__dict__.get(name)
         if callable(fn) and not fn.__dict__.get("_sk_sharded"):

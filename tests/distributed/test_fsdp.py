@@ -220,6 +220,11 @@ def _issue_repro(rank: int) -> None:
             o.step()  # momentum everywhere before pruning
         GlobalMagnitudePruner(net, o, sparsity=0.9).prune()
     assert isinstance(model[0].mask, DTensor)
+    from sparsekern.pruning import SRSTEPruner
+
+    with pytest.raises(NotImplementedError, match="SRSTEPruner: expected a model whose weights"):
+        SRSTEPruner(model, opt, n_m=(2, 4))  # latent dense weights: refused, model untouched
+    assert isinstance(model[0].mask, DTensor)
     drop = torch.rand(ref[2].weight.shape, generator=torch.Generator().manual_seed(2)) > 0.5
     set_mask(ref[2], ref[2].mask & drop, ref_opt)
     set_mask(model[2], _full(model[2].mask) & drop, opt)
