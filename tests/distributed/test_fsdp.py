@@ -79,15 +79,19 @@ def _full(t):
 def _pruner_cases(solo):
     from sparsekern.pruning import (
         BlockPruner,
+        GaPPruner,
         GlobalMagnitudePruner,
         GradualPruner,
         HanPruner,
+        ImportancePruner,
+        NMDecayPruner,
         NMPruner,
         RigLPruner,
         SNIPPruner,
+        TaylorImportance,
     )
 
-    # (name, factory(model, opt), needs a closure at prune time); RigL updates every step (delta 1)
+    # (name, factory(model, opt, group), closure at prune time?); RigL updates every step
     return [
         ("global_magnitude", lambda m, o, g: GlobalMagnitudePruner(m, o, sparsity=0.9), False),
         ("han", lambda m, o, g: HanPruner(m, o, sparsity=0.7), False),
@@ -119,6 +123,23 @@ def _pruner_cases(solo):
             ),
             False,
         ),  # fmt: skip
+        (
+            "nm_decay",
+            lambda m, o, g: NMDecayPruner(
+                m, o, layers=["0", "2"], n_m=(2, 4), total_steps=8, decay_steps=2
+            ),
+            False,
+        ),
+        (
+            "gap",
+            lambda m, o, g: GaPPruner(m, o, sparsity=0.8, interval=1, groups=2, total_steps=8),
+            False,
+        ),
+        (
+            "taylor",
+            lambda m, o, g: ImportancePruner(m, o, importance=TaylorImportance(), sparsity=0.7),
+            True,
+        ),
     ]
 
 
