@@ -12,7 +12,10 @@ from __future__ import annotations
 import copy
 import os
 import socket
+import subprocess
+import sys
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
@@ -533,3 +536,36 @@ def _ckpt_worker(rank: int, port: int, tmp: str) -> None:
 
 def test_sharded_checkpoint_resumes_bitwise_and_single_file_loads(tmp_path):
     mp.spawn(_ckpt_worker, args=(0, str(tmp_path)), nprocs=WORLD, join=True)
+
+
+def test_training_loop_under_torchrun_with_the_engine_argument(tmp_path):
+    """``torchrun --nproc_per_node 2`` runs the package's loop (DataLoader, DistributedSampler,
+    ``setup_distributed`` from torchrun's environment) under FSDP2 by ``--engine fsdp``; the
+    final weights, masks and error counts are the one-process run's."""
+    out = tmp_path / "end.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SPARSEKERN_NO_EXT": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[2]), env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", str(Path(__file__).with_name("torchrun_loop.py")), "--engine", "fsdp",
+           "--out", str(out)]  # fmt: skip
+    # its own session: a hang kills torchrun's workers too, not only the launcher
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)  # fmt: skip
+    try:
+        _, err = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, err[-3000:]
+    end = torch.load(out, weights_only=True)
+    assert end["world"] == 2
+    from tests.distributed.torchrun_loop import dataset, run
+
+    ref_state, ref_ev = run("none", dataset(), 1)  # one process (here), the whole batches
+    assert end["ev"] == ref_ev
+    for k, v in ref_state.items():
+        if v.dtype == torch.bool:
+            assert torch.equal(end["state"][k], v), k
+        else:
+            torch.testing.assert_close(end["state"][k], v, rtol=0, atol=1e-5)
