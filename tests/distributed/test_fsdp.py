@@ -234,14 +234,14 @@ def _issue_repro(rank: int) -> None:
     ref = _mlp()
     model = copy.deepcopy(ref)
     fully_shard(model)
-    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
     for net, o, part in ((ref, ref_opt, False), (model, opt, True)):
         for x, y in _batches(2, seed=9):
             xb, yb = (_half(x, rank), _half(y, rank)) if part else (x, y)
             o.zero_grad()
             F.cross_entropy(net(xb), yb).backward()
-            o.step()  # momentum everywhere before pruning
+            o.step()  # moments everywhere before pruning
         GlobalMagnitudePruner(net, o, sparsity=0.9).prune()
     assert isinstance(model[0].mask, DTensor)
     from sparsekern.pruning import SRSTEPruner
@@ -262,7 +262,11 @@ def _issue_repro(rank: int) -> None:
         assert torch.equal(mask, ref[i].mask), i
         torch.testing.assert_close(_full(model[i].weight.detach()), ref[i].weight.detach(),
                                    rtol=0, atol=1e-5)  # fmt: skip
-        assert not _full(opt.state[model[i].weight]["momentum_buffer"])[~mask].any(), i
+        for key in ("exp_avg", "exp_avg_sq"):  # Adam's moments of the shards: zero where pruned
+            assert not _full(opt.state[model[i].weight][key])[~mask].any(), (i, key)
+    from sparsekern.nn import check_masks
+
+    assert check_masks(model) == []
 
 
 def _loop_under_engines(rank: int) -> None:
