@@ -223,9 +223,37 @@ def _needs_view(pruner, name: str) -> bool:
     return probe() if callable(probe) else True
 
 
+def _reshard(model) -> bool:
+    """Reshard every FSDP2 module of ``model`` that holds its gathered weights (FSDP keeps the
+    root's gathered after a forward with no backward, e.g. an evaluation): the pruner must see
+    the sharded Parameters the optimizer holds. Returns whether ``model`` uses FSDP2."""
+    from torch.distributed.fsdp import FSDPModule
+
+    found = False
+    if isinstance(model, nn.Module):
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+                found = True
+    return found
+
+
+def _base_init(init):
+    @functools.wraps(init)
+    def __init__(self, model, *args, **kwargs):
+        fsdp = _reshard(model)
+        init(self, model, *args, **kwargs)
+        self.__dict__["_sk_fsdp"] = fsdp
+
+    __init__.__dict__["_sk_sharded"] = True
+    return __init__
+
+
 def _run(fn, name: str):
     @functools.wraps(fn)
     def method(self, *args, **kwargs):
+        if self.__dict__.get("_sk_fsdp") and not _VIEWS:
+            _reshard(self.__dict__.get("model"))
         layers = self.__dict__.get("layers")
         if _VIEWS or not isinstance(layers, dict) or not is_sharded(layers):
             return fn(self, *args, **kwargs)
@@ -289,6 +317,8 @@ def wrap_sharded(cls) -> None:
     are sharded (one ``is_dtensor`` check per call otherwise); refuse the :data:`UNSUPPORTED`
     ones on a sharded model."""
     init = cls.__dict__.get("__init__")
+    if cls.__name__ == "BasePruner" and callable(init) and not init.__dict__.get("_sk_sharded"):
+        cls.__init__ = _base_init(init)
     if cls.__name__ in UNSUPPORTED and callable(init) and not init.__dict__.get("_sk_sharded"):
         cls.__init__ = _refuse_sharded(init, cls.__name__)
     for name in _DECIDING + _READING:

@@ -242,6 +242,8 @@ def _issue_repro(rank: int) -> None:
             o.zero_grad()
             F.cross_entropy(net(xb), yb).backward()
             o.step()  # moments everywhere before pruning
+        with torch.no_grad():  # FSDP keeps the root's weights gathered after this forward
+            net(_batches(1)[0][0])
         GlobalMagnitudePruner(net, o, sparsity=0.9).prune()
     assert isinstance(model[0].mask, DTensor)
     from sparsekern.pruning import SRSTEPruner
