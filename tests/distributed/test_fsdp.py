@@ -499,6 +499,14 @@ def _ckpt_worker(rank: int, port: int, tmp: str) -> None:
         ), "resumed optimizer state differs"
         assert got[2] == want[2], "resumed pruner state differs"
 
+        # a second save replaces the first atomically (no partial or old folder left)
+        save_sharded(f"{tmp}/ck", model, opt, pruner, extra={"step": 6})
+        again, opt2, pruner2 = _ckpt_setup(2)
+        assert load_sharded(f"{tmp}/ck", again, opt2, pruner2) == {"step": 6}
+        assert state_digest(again) == want[0]
+        left = [f for f in os.listdir(tmp) if f.endswith((".partial", ".old"))]
+        assert not left, left
+
         # a corrupted shard is refused before anything is loaded
         dist.barrier()
         if rank == 0:
