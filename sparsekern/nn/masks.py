@@ -191,7 +191,8 @@ def set_mask(
         module: a ``SparseLinear`` / ``SparseConv2d`` (anything with ``weight`` and a ``mask``
             buffer).
         mask: ``torch.bool``, the weight's shape (``[out, in]`` or ``[out, in/groups, kh, kw]``)
-            and device; True keeps a weight.
+            and device; True keeps a weight. For a weight FSDP2 shards (a DTensor): the full
+            mask, the same on every rank (each keeps its own rows), or a DTensor like the weight.
         optimizer: the optimizer training ``module.weight``, or None. Pass it whenever one exists:
             without it, SGD momentum or Adam moments left at pruned entries move them off zero.
 
