@@ -85,7 +85,10 @@ class SparseModuleMixin:
     @property
     def density(self) -> float:
         """Kept fraction of the weight, ``mask.sum() / mask.numel()``, in [0, 1]."""
-        return int(self.mask.count_nonzero()) / self.mask.numel()
+        nnz = self.mask.count_nonzero()
+        if type(nnz).__name__ == "DTensor":  # an FSDP2-sharded mask: this rank's count, summed
+            nnz = nnz.full_tensor()
+        return int(nnz) / self.mask.numel()
 
     def set_mask(self, mask: torch.Tensor, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Install ``mask`` (bool, the weight's shape and device) and keep the mask invariant;

@@ -191,7 +191,8 @@ def set_mask(
         module: a ``SparseLinear`` / ``SparseConv2d`` (anything with ``weight`` and a ``mask``
             buffer).
         mask: ``torch.bool``, the weight's shape (``[out, in]`` or ``[out, in/groups, kh, kw]``)
-            and device; True keeps a weight.
+            and device; True keeps a weight. For a weight FSDP2 shards (a DTensor): the full
+            mask, the same on every rank (each keeps its own rows), or a DTensor like the weight.
         optimizer: the optimizer training ``module.weight``, or None. Pass it whenever one exists:
             without it, SGD momentum or Adam moments left at pruned entries move them off zero.
 
@@ -205,6 +206,12 @@ def set_mask(
     if hasattr(module, "repack_mask"):  # compact storage: values and optimizer state re-packed
         module.repack_mask(mask, optimizer)
         return
+    if type(module.weight).__name__ == "DTensor":  # FSDP2: this rank's rows of the full mask
+        from sparsekern.nn._dtensor import local_like, shard_mask
+
+        shard_mask(module)
+        if type(mask).__name__ != "DTensor":
+            mask = local_like(mask, module.weight)
     _apply_checked(module, mask, optimizer)
 
 

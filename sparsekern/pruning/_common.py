@@ -110,6 +110,10 @@ def dense_weight_grads(
         ``{name: gradient}``, each the weight's shape (``[out, in]`` or ``[out, in/g, kh, kw]``);
         layers whose weight does not require grad are left out.
     """
+    from sparsekern.pruning import _sharded
+
+    if _sharded.handles(layers):  # FSDP2: the gradient through FSDP's reduce-scatter
+        return _sharded.dense_weight_grads(layers, closure)
     names = [n for n, m in layers.items() if m.weight.requires_grad]
     saved = {n: m._buffers["mask"] for n, m in layers.items()}
     try:

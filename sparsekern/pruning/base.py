@@ -45,6 +45,7 @@ from torch import nn
 from sparsekern.nn.masks import set_mask, zero_optimizer_state
 from sparsekern.pruning._layers import require_sparse_layers, resolve_per_layer, sparse_layers
 from sparsekern.pruning._optim import ELEMENTWISE, check_elementwise, optimizers_holding
+from sparsekern.pruning._sharded import wrap_sharded
 from sparsekern.pruning._vocab import wrap_init
 from sparsekern.pruning.regularization import REGULARIZATIONS, regularization_loss
 from sparsekern.pruning.schedules import Schedule
@@ -94,6 +95,7 @@ class BasePruner:
         # global_pruning, seed) become the new ones with a DeprecationWarning (_vocab.RENAMED)
         super().__init_subclass__(**kwargs)
         wrap_init(cls)
+        wrap_sharded(cls)  # FSDP2: mask decisions on gathered weights (pruning/_sharded.py)
 
     def __init__(
         self,
@@ -470,6 +472,8 @@ class BasePruner:
     def _after_masks(self, changed: bool) -> None:
         """Hook after masks were installed (Han: the dropout adjustment)."""
 
+
+wrap_sharded(BasePruner)
 
 #: config keys of earlier releases -> now (a state saved before the vocabulary still resumes)
 _RENAMED_CONFIG = {"blocksize": "block_size"}
