@@ -347,4 +347,6 @@ def bsr_dw_launch(dy, x, w, lay: Layout, out=None) -> torch.Tensor:
 
 
 def _on_kernels(t: torch.Tensor) -> bool:
+    """Whether the kernels run for activations like ``t`` (CUDA, or the CPU under
+    ``TRITON_INTERPRET=1``, in a kernel dtype); else the CPU path or the reference."""
     return use_kernels(t) and t.dtype in KERNEL_DTYPES
