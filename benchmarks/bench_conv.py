@@ -50,7 +50,7 @@ from sparsekern.ops.block_sparse_conv2d import (  # noqa: E402
 )
 from sparsekern.pruning.block import expand_block_mask  # noqa: E402
 
-_bsc = importlib.import_module("sparsekern.ops.block_sparse_conv2d")  # the module (kernels)
+_bsc = importlib.import_module("sparsekern.ops.block_sparse_conv2d.kernels")
 
 # (name, C_in, C_out, H = W of the input, kernel, stride, padding, how many such layers)
 LAYERS = {

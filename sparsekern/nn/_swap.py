@@ -1,6 +1,7 @@
 """One module-swapping routine: find the modules a predicate selects (outermost first, not
 descending into a selected one; a module registered at several places is found at each), then put
-a replacement at every place it was found."""
+a replacement at every place it was found. ``sparsify``, ``to_inference`` and the one-shot
+pruners swap modules through it."""
 
 from __future__ import annotations
 
@@ -8,23 +9,29 @@ from collections.abc import Callable
 
 from torch import nn
 
-__all__ = ["Slot", "find_slots", "swap_slots"]
+__all__ = ["Slot", "find_slots", "replace_module", "swap_slots"]
 
 # (parent or None for the root, attribute in the parent, dotted name, module)
 Slot = tuple[nn.Module | None, str, str, nn.Module]
 
 
-def find_slots(root: nn.Module, wanted: Callable[[nn.Module], bool]) -> list[Slot]:
-    """Every place under ``root`` (``root`` itself included) holding a module ``wanted`` selects.
-    ``_modules`` rather than ``named_children()``: the latter skips a module registered twice
-    under one parent, which would leave its second place unswapped."""
+def find_slots(
+    root: nn.Module,
+    wanted: Callable[[nn.Module], bool],
+    skip: Callable[[nn.Module], bool] | None = None,
+) -> list[Slot]:
+    """Every place under ``root`` (``root`` itself included) holding a module ``wanted`` selects,
+    in depth-first order. ``skip``: modules below the root that are neither selected nor
+    searched (e.g. modules already converted). ``_modules`` rather than ``named_children()``: the
+    latter skips a module registered twice under one parent, which would leave its second place
+    unswapped."""
     if wanted(root):
         return [(None, "", "", root)]
     found: list[Slot] = []
 
     def walk(parent: nn.Module, prefix: str) -> None:
         for attr, child in parent._modules.items():
-            if child is None:
+            if child is None or (skip is not None and skip(child)):
                 continue
             name = f"{prefix}.{attr}" if prefix else attr
             if wanted(child):
@@ -49,3 +56,10 @@ def swap_slots(root: nn.Module, slots: list[Slot], new_of: Callable[[str, nn.Mod
         else:
             setattr(parent, attr, done[id(child)])
     return root
+
+
+def replace_module(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` at every place below ``root`` where ``old`` is registered (``root`` itself is
+    never replaced: it has no parent to hold the replacement)."""
+    slots = [s for s in find_slots(root, lambda m: m is old) if s[0] is not None]
+    swap_slots(root, slots, lambda _name, _module: new)

@@ -17,6 +17,8 @@ The CPU path also caches an int32 copy of the column indices for MKL (4 bytes pe
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,7 +27,8 @@ from sparsekern.formats.csr import CSRFormatError, CSRMatrix
 from sparsekern.nn.sparse_conv2d import symmetric_zero_padding
 from sparsekern.ops._checks import check_bias, nonfinite_conv, nonfinite_rows
 from sparsekern.ops._dispatch import use_kernels
-from sparsekern.ops.csr_linear import csr_linear, torch_csr_product
+from sparsekern.ops._mask_cache import cached_on_mask, tensor_key
+from sparsekern.ops.csr_linear import csr_linear, torch_csr, torch_csr_product
 
 __all__ = ["CSRConv2d", "CSRLinear", "DenseFallback", "check_dense_above", "plain_cpu_call"]
 
@@ -93,20 +96,18 @@ class DenseFallback:
             torch.compiler.is_compiling()
         ):
             return self.to_dense()
-        v = self.values
-        key = (id(v), v._version, v.data_ptr(), v.dtype, v.device)
-        hit = self.__dict__.get("_dense_cache")
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        with torch.no_grad():
-            w = self.to_dense()
-        self.__dict__["_dense_cache"] = (key, w)
-        return w
+        v, rp, ci = self._parameters["values"], self._buffers["row_ptr"], self._buffers["col_idx"]
+        layer = weakref.ref(self)  # not self: the cache entry would keep the layer alive
+
+        def compute(_v, _index=(rp, ci)):  # _index keeps tensor_key's ids those tensors'
+            with torch.no_grad():
+                return layer().to_dense()
+
+        key = (v.data_ptr(), v.dtype, v.device) + tensor_key(rp, ci)
+        return cached_on_mask(v, "dense_weight", compute, key)
 
     def __getstate__(self):
         state = self.__dict__.copy()
-        state.pop("_dense_cache", None)  # derived; rebuilt on first use
-        state.pop("_csr_cache", None)
         state["_matrix"] = None
         return state
 
@@ -144,20 +145,10 @@ class _CSRLayer(DenseFallback, nn.Module):
 
     def _torch_csr(self) -> torch.Tensor:
         """torch's ``sparse_csr`` of the stored entries (int32 indices: an int32 copy of
-        ``col_idx``, 4 bytes per entry), cached until a tensor is replaced or changed in place
-        (object and version checks: ~1 us, the CPU fast path runs it on every call)."""
+        ``col_idx``, 4 bytes per entry), cached on ``values`` until a tensor is replaced or
+        changed in place (``ops.csr_linear.torch_csr``)."""
         v, rp, ci = self._parameters["values"], self._buffers["row_ptr"], self._buffers["col_idx"]
-        hit = self.__dict__.get("_csr_cache")
-        if (
-            hit is not None
-            and hit[0] is v and hit[1] == v._version
-            and hit[2] is rp and hit[3] == rp._version
-            and hit[4] is ci and hit[5] == ci._version
-        ):  # fmt: skip
-            return hit[6]
-        t = CSRMatrix(v, rp, ci, self._matrix_shape, validate=False).to_sparse_csr()
-        self.__dict__["_csr_cache"] = (v, v._version, rp, rp._version, ci, ci._version, t)
-        return t
+        return torch_csr(v, rp, ci, *self._matrix_shape)
 
     @property
     def nnz(self) -> int:

@@ -12,6 +12,7 @@ from sparsekern.formats.block_sparse import block_size_pair
 from sparsekern.nn._checks import check_model
 from sparsekern.nn._hf_resize import keep_masks_on_resize
 from sparsekern.nn._sparse_module import is_sparse_module
+from sparsekern.nn._swap import find_slots, swap_slots
 from sparsekern.nn.compact import CompactSparseLinear
 from sparsekern.nn.masks import mask_every_gradient
 from sparsekern.nn.sparse_attention import SparseConv1D, SparseMultiheadAttention, is_hf_conv1d
@@ -132,48 +133,33 @@ def sparsify(
     targets, conv1d = _targets(layers)
     if block_size is not None:
         block_size_pair(block_size)  # fail before anything is swapped
-    converted: dict[int, nn.Module] = {}  # id(dense) -> sparse, for shared modules
 
     def wanted(module: nn.Module) -> bool:
         return type(module) in targets or (conv1d and is_hf_conv1d(module))
 
-    def convert(module: nn.Module) -> nn.Module:
-        if id(module) not in converted:
-            mask = _take_over_torch_prune(module)
-            if is_hf_conv1d(module):
-                new = SparseConv1D.from_dense(module)
-            elif isinstance(module, nn.MultiheadAttention):
-                new = SparseMultiheadAttention.from_dense(module)
-            else:
-                cls = targets[type(module)]
-                blocks = block_size is not None and (cls is SparseLinear or module.groups == 1)
-                new = cls.from_dense(module, block_size=block_size if blocks else None)
-            if mask is not None:
-                new.set_mask(mask)
-            converted[id(module)] = new
-        return converted[id(module)]
+    def already_sparse(module: nn.Module) -> bool:  # left alone, and everything inside it
+        return is_sparse_module(module) or isinstance(module, SparseMultiheadAttention)
 
-    if wanted(model):
-        new = convert(model)
+    def convert(_name: str, module: nn.Module) -> nn.Module:  # once per module (swap_slots)
+        mask = _take_over_torch_prune(module)
+        if is_hf_conv1d(module):
+            new = SparseConv1D.from_dense(module)
+        elif isinstance(module, nn.MultiheadAttention):
+            new = SparseMultiheadAttention.from_dense(module)
+        else:
+            cls = targets[type(module)]
+            blocks = block_size is not None and (cls is SparseLinear or module.groups == 1)
+            new = cls.from_dense(module, block_size=block_size if blocks else None)
+        if mask is not None:
+            new.set_mask(mask)
+        return new
+
+    slots = find_slots(model, wanted, skip=already_sparse)
+    if slots and slots[0][0] is None:  # the model itself is one of layers
+        new = swap_slots(model, slots, convert)
         _share_masks_and_mask_tied(new)
         return _compact(new) if storage == "compact" else new
-
-    def walk(parent: nn.Module) -> None:
-        # _modules rather than named_children(): the latter skips a module registered twice under
-        # one parent, which would leave its second slot dense.
-        for name, child in list(parent._modules.items()):
-            if (
-                child is None
-                or is_sparse_module(child)
-                or isinstance(child, SparseMultiheadAttention)
-            ):
-                continue
-            if wanted(child):
-                setattr(parent, name, convert(child))
-            else:
-                walk(child)
-
-    walk(model)
+    swap_slots(model, slots, convert)
     _share_masks_and_mask_tied(model)
     keep_masks_on_resize(model)  # HF resize_token_embeddings would drop the LM head's mask
     if storage == "compact":
@@ -196,21 +182,27 @@ def _compact(model: nn.Module) -> nn.Module:
     CompactSparseLinear with its kept weights and mask."""
     if isinstance(model, SparseLinear):
         return CompactSparseLinear.from_dense(model)
-    done: dict[int, nn.Module] = {}
-    for parent in list(model.modules()):
-        for name, child in list(parent._modules.items()):
-            if isinstance(child, SparseLinear) and child.__dict__.get("block_size") is None:
-                if child.__dict__.get("_mask_every_gradient"):
-                    # a weight tied to another module: new Parameters would untie it
-                    warnings.warn(
-                        f"sparsify: a SparseLinear under {type(parent).__name__}.{name} shares "
-                        "its weight with another module; it keeps dense storage",
-                        stacklevel=3,
-                    )
-                    continue
-                if id(child) not in done:
-                    done[id(child)] = CompactSparseLinear.from_dense(child)
-                setattr(parent, name, done[id(child)])
+    slots = find_slots(
+        model, lambda m: isinstance(m, SparseLinear) and m.__dict__.get("block_size") is None
+    )
+    # in model.modules() order of the parents, each place once (a parent registered at several
+    # places is one parent): the order the warnings below come in
+    order = {id(m): i for i, m in enumerate(model.modules())}
+    places: dict[tuple[int, str], tuple] = {}
+    for slot in slots:
+        places.setdefault((id(slot[0]), slot[1]), slot)
+    kept = []
+    for parent, attr, name, child in sorted(places.values(), key=lambda s: order[id(s[0])]):
+        if child.__dict__.get("_mask_every_gradient"):
+            # a weight tied to another module: new Parameters would untie it
+            warnings.warn(
+                f"sparsify: a SparseLinear under {type(parent).__name__}.{attr} shares "
+                "its weight with another module; it keeps dense storage",
+                stacklevel=3,
+            )
+            continue
+        kept.append((parent, attr, name, child))
+    swap_slots(model, kept, lambda _name, child: CompactSparseLinear.from_dense(child))
     return model
 
 

@@ -29,14 +29,17 @@ import torch.nn.functional as F
 __all__ = ["check_bias", "nonfinite_conv", "nonfinite_rows"]
 
 
-def check_bias(who: str, bias, out: int, like: torch.Tensor | None = None) -> None:
+def check_bias(
+    who: str, bias, out: int, like: torch.Tensor | None = None, dim: str | None = None
+) -> None:
     """Raise unless ``bias`` is None or a tensor of shape ``[out]`` (and, with ``like``, of its
-    dtype and device), naming expected vs got."""
+    dtype and device), naming expected vs got; ``dim`` names ``out`` in the message (``C_out``)."""
     if bias is None:
         return
     if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out,):
         got = list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-        raise ValueError(f"{who}: expected bias of shape [{out}], got {got}")
+        named = f" ({dim})" if dim else ""
+        raise ValueError(f"{who}: expected bias of shape [{out}]{named}, got {got}")
     if like is not None and (bias.dtype != like.dtype or bias.device != like.device):
         raise TypeError(
             f"{who}: expected bias as {like.dtype} on {like.device}, got {bias.dtype} on "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from sparsekern.ops._checks import check_bias
 from sparsekern.ops._dispatch import interpreter_enabled
 
 __all__ = [
@@ -109,15 +110,7 @@ def check_linear_inputs(
         raise ValueError(
             f"{who}: expected x on the weight's device {weight.device}, got {x.device}"
         )
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (out_features,):
-            got = list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise ValueError(f"{who}: expected bias of shape [{out_features}], got {got}")
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise TypeError(
-                f"{who}: expected bias as {x.dtype} on {x.device}, got {bias.dtype} on "
-                f"{bias.device}"
-            )
+    check_bias(who, bias, out_features, x)
 
 
 def twin_vjp(twin, inputs: tuple, needs: tuple, dy: torch.Tensor) -> list:

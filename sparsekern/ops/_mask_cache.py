@@ -1,5 +1,7 @@
 """Values derived from a mask (tile flags, block layouts, ``where(mask, weight, 0)``), cached on the
-mask tensor object.
+mask tensor object: the package's one version-keyed cache. Values derived from other tensors
+(torch's CSR/BSR tensor of a layer's values, a sparse layer's dense weight) are cached on those
+tensors the same way.
 
 A derived value is recomputed only when what it was computed from changes:
 
@@ -29,6 +31,7 @@ __all__ = [
     "drop_cache",
     "masked_copy",
     "stale_tags",
+    "tensor_key",
 ]
 
 # id(tensor) -> (weak ref to the tensor, {tag: (version, key, compute, value)})
@@ -75,6 +78,18 @@ class TensorRef:
         return isinstance(other, TensorRef) and self.ref() is not None and self.ref() is other.ref()
 
     __hash__ = None
+
+
+def tensor_key(*tensors: torch.Tensor) -> tuple:
+    """A ``key`` for :func:`cached_on_mask` naming tensors besides the one the value is cached on
+    (index buffers, say): per tensor its ``id``, version counter and data pointer, plain ints
+    compared at C speed (a :class:`TensorRef` per tensor costs a Python ``__eq__`` per lookup).
+    An ``id`` names one tensor only while it lives, so the entry must keep these tensors alive:
+    the ``compute`` passed with this key refers to them."""
+    key = []
+    for t in tensors:
+        key += (id(t), t._version, t.data_ptr())
+    return tuple(key)
 
 
 def masked_copy(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,6 @@ reference twin is ``csr_linear_reference``: ``F.linear(x, weight.to_dense(), bia
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 
@@ -42,6 +40,7 @@ from sparsekern.ops._launch import (
     out_tensor,
     twin_vjp,
 )
+from sparsekern.ops._mask_cache import cached_on_mask, tensor_key
 from sparsekern.ops._triton import require_triton, tl, triton
 
 __all__ = [
@@ -220,25 +219,18 @@ def csr_linear_launch(
 # ---------------------------------------------------------------------------------------------
 # Vendor path: torch's CSR (MKL / cuSPARSE), the torch tensor cached per values tensor.
 # ---------------------------------------------------------------------------------------------
-# id(values) -> (weak ref to values, key, torch sparse_csr tensor). One entry per values tensor;
-# it dies with the values tensor.
-_TORCH_CSR: dict[int, tuple] = {}
-
-
 def torch_csr(values, row_ptr, col_idx, rows: int, cols: int) -> torch.Tensor:
     """The torch ``sparse_csr`` tensor ``[rows, cols]`` of these parts (int32 indices, values
-    aliased), cached until any of them changes (object, version counter, data pointer). The cache
-    holds an int32 copy of the column indices (4 bytes per entry)."""
-    k = id(values)
-    key = (values._version, values.data_ptr(), values.dtype, rows, cols) + tuple(
-        (id(t), t._version, t.data_ptr()) for t in (row_ptr, col_idx)
+    aliased), cached on ``values`` (``_mask_cache``) until any of them changes (object, version
+    counter, data pointer). The cache holds an int32 copy of the column indices (4 bytes per
+    entry)."""
+    key = (values.data_ptr(), values.dtype, rows, cols) + tensor_key(row_ptr, col_idx)
+    return cached_on_mask(
+        values,
+        "torch_csr",
+        lambda v: CSRMatrix(v, row_ptr, col_idx, (rows, cols), validate=False).to_sparse_csr(),
+        key,
     )
-    hit = _TORCH_CSR.get(k)
-    if hit is not None and hit[0]() is values and hit[1] == key:
-        return hit[2]
-    t = CSRMatrix(values, row_ptr, col_idx, (rows, cols), validate=False).to_sparse_csr()
-    _TORCH_CSR[k] = (weakref.ref(values, lambda _r, k=k: _TORCH_CSR.pop(k, None)), key, t)
-    return t
 
 
 def torch_csr_product(w: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None):

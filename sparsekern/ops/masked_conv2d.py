@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from sparsekern.ops._checks import check_bias
 from sparsekern.ops._conv import conv_out_size, conv_pair, resolve_padding
 from sparsekern.ops._launch import autocast_to
 from sparsekern.ops._mask_pass import zero_pruned
@@ -121,15 +122,7 @@ def _check_inputs(x, weight, mask, bias, groups) -> None:
             f"{c_in_per_group} * {groups} = {c_in_per_group * groups} channels, got {c_in} "
             f"(x shape {_fmt_shape(x)})"
         )
-    if bias is not None:
-        if bias.shape != (c_out,):
-            raise ValueError(
-                f"masked_conv2d: expected bias of shape [{c_out}] (C_out), got {_fmt_shape(bias)}"
-            )
-        if bias.dtype != weight.dtype:
-            raise TypeError(
-                f"masked_conv2d: expected bias of weight's dtype {weight.dtype}, got {bias.dtype}"
-            )
+    check_bias("masked_conv2d", bias, c_out, weight, dim="C_out")  # device checked above
 
 
 def _check_output_size(padded, weight, stride, dilation) -> None:

@@ -36,6 +36,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from sparsekern.ops._checks import check_bias
 from sparsekern.ops._dispatch import use_kernels
 from sparsekern.ops._launch import (
     KERNEL_DTYPES,
@@ -285,17 +286,7 @@ def _check_inputs(x, weight, mask, bias) -> None:
         raise ValueError(
             f"masked_linear: expected x on the weight's device {weight.device}, got {x.device}"
         )
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],):
-            got = list(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
-            raise ValueError(
-                f"masked_linear: expected bias of shape [{weight.shape[0]}], got {got}"
-            )
-        if bias.dtype != x.dtype or bias.device != x.device:
-            raise TypeError(
-                f"masked_linear: expected bias as {x.dtype} on {x.device}, got {bias.dtype} on "
-                f"{bias.device}"
-            )
+    check_bias("masked_linear", bias, weight.shape[0], x)
 
 
 def masked_linear(

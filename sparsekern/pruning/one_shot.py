@@ -84,6 +84,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparsekern.nn._sparse_module import is_sparse_module
+from sparsekern.nn._swap import replace_module
 from sparsekern.nn.masks import set_mask, zero_optimizer_state
 from sparsekern.nn.sparse_attention import SparseConv1D, is_hf_conv1d
 from sparsekern.nn.sparse_conv2d import SparseConv2d, symmetric_zero_padding
@@ -162,13 +163,6 @@ def _sparse_version(module: nn.Module, kind: str) -> nn.Module:
     if kind == "conv2d":
         return SparseConv2d.from_dense(module)
     return SparseConv1D.from_dense(module)
-
-
-def _replace_everywhere(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
-    for parent in model.modules():
-        for key, child in list(parent._modules.items()):
-            if child is old:
-                parent._modules[key] = new
 
 
 def _tied(model: nn.Module, name: str, module: nn.Module) -> str | None:
@@ -406,7 +400,7 @@ class OneShotPruner(BasePruner):
             super().__init__(model, optimizer, sparsity=float(sparsity), layers=names)
         except Exception:
             for old, new in self._replaced:  # leave the model as it came
-                _replace_everywhere(model, new, old)
+                replace_module(model, new, old)
             raise
         self.report: list[dict] = []
 
@@ -446,7 +440,7 @@ class OneShotPruner(BasePruner):
                 continue
             new = _sparse_version(m, kind)
             if new is not m:
-                _replace_everywhere(model, m, new)
+                replace_module(model, m, new)
                 self._replaced.append((m, new))
             self.kinds[n] = kind
             names.append(n)

@@ -59,6 +59,24 @@ def test_linear_plain_cpu_path_matches_and_skips_autograd(monkeypatch):
     assert not called
 
 
+def test_cached_products_follow_in_place_index_edits(monkeypatch):
+    """The torch CSR tensor and the dense weight are cached on ``values``; an in-place edit of
+    the index buffers alone (values untouched) must still rebuild them."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    layer = SparseLinear(20, 6)
+    set_mask(layer, torch.eye(6, 20, dtype=torch.bool))  # one entry per row, at column r
+    csr = CSRLinear.from_sparse(layer, dense_above=4)
+    x_small, x_big = torch.randn(2, 20), torch.randn(8, 20)  # the CSR path, the dense path
+    with torch.no_grad():
+        csr(x_small), csr(x_big)  # both cached
+        csr.col_idx.add_(1)  # row r's entry moves to column r + 1
+        w = csr.weight.to_dense()
+        assert w[0, 1] != 0 and w[0, 0] == 0
+        for x in (x_small, x_big):
+            y = csr(x)
+            torch.testing.assert_close(y, x @ w.t() + csr.bias, rtol=1e-5, atol=1e-5)
+
+
 def test_linear_gradients_by_name(device):
     ref = _sparse_linear(30, 20, 0.3, device)
     csr = CSRLinear.from_sparse(ref)
@@ -83,7 +101,10 @@ def test_dense_above_runs_dense_and_caches_the_weight(device):
         assert csr._dense_weight() is w1  # cached
         csr.values.mul_(2)  # an in-place change is seen
         torch.testing.assert_close(csr(x), nn.functional.linear(x, 2 * ref.weight, ref.bias))
-    assert "_dense_cache" not in pickle.loads(pickle.dumps(csr)).__dict__
+    loaded = pickle.loads(pickle.dumps(csr))  # the cache stays with the original's values
+    with torch.no_grad():
+        assert loaded._dense_weight() is not csr._dense_weight()
+        torch.testing.assert_close(loaded._dense_weight(), csr._dense_weight())
     with pytest.raises(ValueError, match="dense_above: expected None or an int >= 0, got -1"):
         CSRLinear.from_sparse(ref, dense_above=-1)
 

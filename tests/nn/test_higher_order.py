@@ -18,7 +18,8 @@ from sparsekern.ops.block_sparse_conv2d import block_masked_conv2d, block_sparse
 from sparsekern.ops.block_sparse_linear import block_masked_linear, block_sparse_linear
 from sparsekern.ops.csr_linear import csr_linear
 
-bsl = importlib.import_module("sparsekern.ops.block_sparse_linear")  # the module, not the op
+bsl = importlib.import_module("sparsekern.ops.block_sparse_linear")  # the package, not the op
+bsl_op = importlib.import_module("sparsekern.ops.block_sparse_linear.op")  # reads the bounds
 
 
 def _prune_half(module):
@@ -170,7 +171,7 @@ def test_ops_double_backward_matches_the_twin(case, monkeypatch):
     compact conv kernels (CUDA) refuse, loudly. Never a silently wrong or missing value."""
     name, fn, ref, shape, params = case
     # 1 of the 6 blocks kept: the CPU's BSR path also for a step computing dW (its own bound is 10%)
-    monkeypatch.setattr(bsl, "CPU_BSR_MAX_DENSITY_TRAIN", bsl.CPU_BSR_MAX_DENSITY)
+    monkeypatch.setattr(bsl_op, "CPU_BSR_MAX_DENSITY_TRAIN", bsl.CPU_BSR_MAX_DENSITY)
     x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
     y = fn(x)
     if name == "block_masked_linear, sparse blocks":

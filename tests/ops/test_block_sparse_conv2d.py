@@ -20,6 +20,8 @@ from sparsekern.ops.block_sparse_conv2d import (
 )
 
 bsc = importlib.import_module("sparsekern.ops.block_sparse_conv2d")
+# where the autograd function looks the launchers up (what a spy must replace)
+bsc_ops = importlib.import_module("sparsekern.ops.block_sparse_conv2d.custom_ops")
 
 TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 
@@ -200,9 +202,9 @@ def test_poisoned_outputs_and_untouched_pruned_blocks(device):
 def test_kernels_run_and_reference_matches(device, monkeypatch):
     calls = []
     for name in ("bsc_fwd_launch", "bsc_dx_launch", "bsc_dw_launch"):
-        orig = getattr(bsc, name)
+        orig = getattr(bsc_ops, name)
         spy = lambda *a, _o=orig, _n=name, **k: calls.append(_n) or _o(*a, **k)  # noqa: E731
-        monkeypatch.setattr(bsc, name, spy)
+        monkeypatch.setattr(bsc_ops, name, spy)
     shape = (16, 16, 3, 3)
     w = torch.randn(shape, device=device, requires_grad=True)
     x = torch.randn(1, 16, 5, 5, device=device, requires_grad=True)

@@ -13,6 +13,10 @@ from sparsekern.nn import SparseLinear, check_masks
 from sparsekern.ops import block_masked_linear, block_sparse_linear
 
 bsl = importlib.import_module("sparsekern.ops.block_sparse_linear")
+# the modules where the CPU path's functions and bounds are looked up (what a patch must replace)
+bsl_cpu = importlib.import_module("sparsekern.ops.block_sparse_linear.cpu")  # _cpu_dw's callees
+bsl_ops = importlib.import_module("sparsekern.ops.block_sparse_linear.custom_ops")  # _cpu_fwd/dx
+bsl_op = importlib.import_module("sparsekern.ops.block_sparse_linear.op")  # the density bounds
 
 N_OUT, K_IN = 70, 50  # ragged for every block size
 
@@ -56,9 +60,9 @@ def _close(got, ref, n, name):
 @pytest.mark.parametrize("layout", ["random", "empty_rows_cols", "single", "full", "none"])
 def test_compact_forward_and_gradients(layout, block, monkeypatch):
     calls = []
-    for name in ("_cpu_fwd", "_cpu_dx", "_cpu_dvalues"):
-        real = getattr(bsl, name)
-        monkeypatch.setattr(bsl, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
+    for mod, name in ((bsl_ops, "_cpu_fwd"), (bsl_ops, "_cpu_dx"), (bsl_cpu, "_cpu_dvalues")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
     mask = _block_mask(layout, (N_OUT, K_IN), block)
     w = torch.randn(N_OUT, K_IN)
     W = BlockSparseMatrix.from_dense(w, block, mask=mask)
@@ -82,10 +86,10 @@ def test_compact_forward_and_gradients(layout, block, monkeypatch):
 @pytest.mark.parametrize("assume", [False, True], ids=["exact", "assume_pruned_zero"])
 def test_dense_storage(holes, assume, monkeypatch):
     # the training step's BSR path is under test, not its density bound
-    monkeypatch.setattr(bsl, "CPU_BSR_MAX_DENSITY_TRAIN", bsl.CPU_BSR_MAX_DENSITY)
+    monkeypatch.setattr(bsl_op, "CPU_BSR_MAX_DENSITY_TRAIN", bsl.CPU_BSR_MAX_DENSITY)
     calls = []
-    real = bsl._cpu_fwd
-    monkeypatch.setattr(bsl, "_cpu_fwd", lambda *a: calls.append(1) or real(*a))
+    real = bsl_ops._cpu_fwd
+    monkeypatch.setattr(bsl_ops, "_cpu_fwd", lambda *a: calls.append(1) or real(*a))
     block = (16, 16)
     mask = _block_mask("empty_rows_cols", (N_OUT, K_IN), block)
     if holes:
@@ -113,7 +117,7 @@ def test_dense_storage(holes, assume, monkeypatch):
 def test_dense_blocks_run_the_dense_gemm(monkeypatch):
     """Past CPU_BSR_MAX_DENSITY of the blocks the BSR product would cost: block mode runs the
     dense GEMM (masked_linear) with the same results."""
-    monkeypatch.setattr(bsl, "_cpu_fwd", lambda *a: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(bsl_ops, "_cpu_fwd", lambda *a: (_ for _ in ()).throw(AssertionError))
     mask = _block_mask("random", (N_OUT, K_IN), (16, 16), density=0.9)
     assert bsl.layout_of_mask(mask, 16).nnz > bsl.CPU_BSR_MAX_DENSITY * 20
     w = torch.where(mask, torch.randn(N_OUT, K_IN), 0).requires_grad_()
@@ -127,8 +131,8 @@ def test_training_bound_is_lower(monkeypatch, train):
     """Between CPU_BSR_MAX_DENSITY_TRAIN and CPU_BSR_MAX_DENSITY of the blocks: inference runs
     the BSR product, a step that computes dW runs the dense GEMM (dW's dense gradient costs)."""
     calls = []
-    real = bsl._cpu_fwd
-    monkeypatch.setattr(bsl, "_cpu_fwd", lambda *a: calls.append(1) or real(*a))
+    real = bsl_ops._cpu_fwd
+    monkeypatch.setattr(bsl_ops, "_cpu_fwd", lambda *a: calls.append(1) or real(*a))
     g = torch.Generator().manual_seed(0)
     occ = torch.zeros(20, dtype=torch.bool)  # the 5 x 4 grid of 16 x 16 blocks
     occ[torch.randperm(20, generator=g)[:4]] = True  # 20% of the blocks
@@ -144,14 +148,14 @@ def test_training_bound_is_lower(monkeypatch, train):
 
 
 def test_dvalues_chunks_over_the_batch(monkeypatch):
-    monkeypatch.setattr(bsl, "_CPU_DW_BYTES", 2000)  # a few rows per chunk
+    monkeypatch.setattr(bsl_cpu, "_CPU_DW_BYTES", 2000)  # a few rows per chunk
     block = (16, 16)
     mask = _block_mask("random", (N_OUT, K_IN), block, density=0.5)
     W = BlockSparseMatrix.from_dense(torch.randn(N_OUT, K_IN), block, mask=mask)
     x = torch.randn(37, K_IN, dtype=torch.float64)
     dy = torch.randn(37, N_OUT, dtype=torch.float64)
     lay = bsl.layout_of_matrix(W)
-    got = BlockSparseMatrix(bsl._cpu_dvalues(dy, x, lay), W.row_ptr, W.col_idx, W.shape, block)
+    got = BlockSparseMatrix(bsl_cpu._cpu_dvalues(dy, x, lay), W.row_ptr, W.col_idx, W.shape, block)
     torch.testing.assert_close(got.to_dense(), (dy.t() @ x) * W.to_mask())
 
 

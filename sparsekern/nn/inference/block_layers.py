@@ -6,6 +6,7 @@ above ``dense_above`` rows (see ``sparsekern.nn.csr_layers.DenseFallback``)."""
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from sparsekern.nn.sparse_conv2d import symmetric_zero_padding
 from sparsekern.ops._checks import nonfinite_conv, nonfinite_rows
 from sparsekern.ops._dispatch import use_kernels
 from sparsekern.ops._launch import as_rows
+from sparsekern.ops._mask_cache import cached_on_mask, tensor_key
 from sparsekern.ops.block_sparse_conv2d import (
     block_sparse_conv2d,
     conv_weight_from_gemm,
@@ -264,22 +266,20 @@ class BlockSparseLinear(_BlockSparseLayer):
 
     def _torch_bsr(self) -> torch.Tensor:
         """torch's BSR tensor of the stored blocks (padded size, int32 indices, values aliased),
-        cached until the values or the layout change."""
-        v = self.values
-        key = (id(v), v._version, v.data_ptr(), id(self.row_ptr), self.row_ptr._version,
-               id(self.col_idx), self.col_idx._version)  # fmt: skip
-        hit = self.__dict__.get("_bsr_cache")
-        if hit is not None and hit[0] == key:
-            return hit[1]
-        b = self.weight.to_sparse_bsr()
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-            t = torch.sparse_bsr_tensor(
-                b.crow_indices().int(), b.col_indices().int(), b.values(), b.shape,
-                check_invariants=False,
-            )  # fmt: skip
-        self.__dict__["_bsr_cache"] = (key, t)
-        return t
+        cached on ``values`` until the values or the layout change."""
+        v, rp, ci = self._parameters["values"], self._buffers["row_ptr"], self._buffers["col_idx"]
+        layer = weakref.ref(self)  # not self: the cache entry would keep the layer alive
+
+        def compute(_v, _index=(rp, ci)):  # _index keeps tensor_key's ids those tensors'
+            b = layer().weight.to_sparse_bsr()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+                return torch.sparse_bsr_tensor(
+                    b.crow_indices().int(), b.col_indices().int(), b.values(), b.shape,
+                    check_invariants=False,
+                )  # fmt: skip
+
+        return cached_on_mask(v, "torch_bsr", compute, (v.data_ptr(),) + tensor_key(rp, ci))
 
     def to_dense(self) -> torch.Tensor:
         """``[out_features, in_features]``: the dense weight (zeros outside stored blocks)."""

@@ -40,6 +40,7 @@ from typing import NamedTuple
 
 import torch
 
+from sparsekern.ops._checks import check_bias
 from sparsekern.ops._conv import conv_out_size
 from sparsekern.ops._ext import load_extension
 from sparsekern.ops._mask_cache import cached_on_mask
@@ -242,14 +243,10 @@ def _check(x, weight, mask, bias, stride, padding, dilation) -> None:
         raise TypeError(
             f"{who}: expected x of weight's floating dtype {weight.dtype}, got {x.dtype}"
         )
-    if bias is not None and (bias.shape != (weight.shape[0],) or bias.dtype != weight.dtype):
-        raise ValueError(
-            f"{who}: expected bias [{weight.shape[0]}] of dtype {weight.dtype}, "
-            f"got {list(bias.shape)} {bias.dtype}"
-        )
     for t, name in ((weight, "weight"), (mask, "mask"), (bias, "bias")):
-        if t is not None and t.device != x.device:
+        if isinstance(t, torch.Tensor) and t.device != x.device:
             raise ValueError(f"{who}: expected {name} on x's device {x.device}, got {t.device}")
+    check_bias(who, bias, weight.shape[0], weight, dim="C_out")
     for name, pair, lo in (
         ("stride", stride, 1),
         ("padding", padding, 0),
