@@ -38,6 +38,13 @@ _VIEWS: list[_View] = []
 
 #: pruner methods that decide or install masks: run in a gathered view when sharded
 _DECIDING = ("prune", "step", "compute_masks", "update", "_apply", "finalize")
+#: pruner attributes ``{layer: tensor of the weight's shape}`` kept sharded like the weights
+#: (SR-STE's and Gibbs's latent values of pruned weights: a DTensor of the weight's placement,
+#: ``new_latent`` builds them from the sharded weight): whole inside a decision and in the
+#: pruner's state dict, each rank's rows written back after
+_SHARDED_STATE = ("latent",)
+#: methods that move the pruner's state: run with the :data:`_SHARDED_STATE` whole
+_STATEFUL = ("state_dict", "load_state_dict")
 #: methods that read masks only: run with the masks gathered (a DTensor's count_nonzero is
 #: this rank's count, not the global one)
 _READING = ("kept_fractions", "current_sparsity")
@@ -71,6 +78,8 @@ class _View:
                 m._parameters["weight"] = full_w
             else:
                 full_w = sw
+            if full_w is not sw:  # the optimizer's Parameter, for its param group (param_lr)
+                full_w.__dict__["_sk_shard"] = sw
             self.entries[n] = (m, sw, dmask, full_w, full_m.clone())
             m._buffers["mask"] = full_m
             note_mask_synced(m)
@@ -133,6 +142,45 @@ class gathered:
             finally:
                 _VIEWS.pop()
         return False
+
+
+class _state_gathered:
+    """Context: the pruner's sharded state (:data:`_SHARDED_STATE`) whole on every rank (an
+    all-gather per tensor); each rank's rows copied back on exit. A no-op when nothing of it is
+    sharded (one process, or already gathered by an outer call)."""
+
+    def __init__(self, pruner):
+        self.pruner, self.saved = pruner, []
+
+    def __enter__(self):
+        for attr in _SHARDED_STATE:
+            d = self.pruner.__dict__.get(attr)
+            if isinstance(d, dict):
+                for n, t in list(d.items()):
+                    if is_dtensor(t):
+                        d[n] = t.full_tensor()
+                        self.saved.append((d, n, t))
+        return self
+
+    @torch.no_grad()
+    def __exit__(self, *exc):
+        for d, n, t in self.saved:
+            full = d[n]
+            if isinstance(full, torch.Tensor) and full.shape == t.shape:
+                t.to_local().copy_(local_like(full.to(t.dtype), t).to_local())
+            d[n] = t
+        self.saved = []
+        return False
+
+
+def _stateful(fn):
+    @functools.wraps(fn)
+    def method(self, *args, **kwargs):
+        with _state_gathered(self):
+            return fn(self, *args, **kwargs)
+
+    method.__dict__["_sk_sharded"] = True
+    return method
 
 
 class _suspended:
@@ -266,7 +314,8 @@ def _run(fn, name: str):
             return fn(self, *args, **kwargs)
         args = tuple(_wrap_closure(a) if callable(a) else a for a in args)
         kwargs = {k: (_wrap_closure(v) if k == "closure" else v) for k, v in kwargs.items()}
-        with gathered(layers, [getattr(self, "optimizer", None)], getattr(self, "model", None)):
+        opts = [getattr(self, "optimizer", None)]
+        with gathered(layers, opts, getattr(self, "model", None)), _state_gathered(self):
             return fn(self, *args, **kwargs)
 
     method.__dict__["_sk_sharded"] = True
@@ -289,8 +338,6 @@ def _regularization(fn):
 UNSUPPORTED = {
     "OneShotPruner": "its calibration forward passes run inside the mask decision, where FSDP "
     "would swap the gathered weights back",
-    "SRSTEPruner": "it keeps full-shape latent (dense) weights beside the sharded ones",
-    "GibbsPruner": "it keeps full-shape latent (dense) weights beside the sharded ones",
     "SCLPruner": "it keeps full-shape mask scores built from the unsharded weights",
     "OmniSparsity": "it builds its nested masks from the weights at construction",
 }
@@ -312,19 +359,58 @@ def _refuse_sharded(init, name: str):
     return __init__
 
 
+def _sync_generators(pruner) -> None:
+    """Every rank draws rank 0's random numbers: a pruner's CPU ``torch.Generator`` (Gibbs's
+    samples, RigL's ties, ...) gets rank 0's state (one broadcast). The decisions run on the
+    same full tensors on every rank; with the same draws they are the same decisions, and
+    those of one process seeded as rank 0 (the default generator is seeded from the global
+    RNG, which ranks may have seeded differently)."""
+    import torch.distributed as dist
+
+    gens = [(k, g) for k, g in vars(pruner).items() if isinstance(g, torch.Generator)]
+    if not gens or not (dist.is_available() and dist.is_initialized()):
+        return
+    states = [[g.get_state() for _, g in gens]]
+    dist.broadcast_object_list(states, src=0)
+    for (_, g), st in zip(gens, states[0]):
+        g.set_state(st)
+
+
+def _sharded_init(init, owner):
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        # the most derived class's __init__ only, once all of the pruner is built
+        if getattr(type(self).__init__, "_sk_owner", None) is owner and self.__dict__.get(
+            "_sk_fsdp"
+        ):
+            layers = self.__dict__.get("layers")
+            if isinstance(layers, dict) and is_sharded(layers):
+                _sync_generators(self)
+
+    __init__.__dict__.update(_sk_sharded=True, _sk_owner=owner)
+    return __init__
+
+
 def wrap_sharded(cls) -> None:
     """Make ``cls``'s own mask-deciding methods run in a gathered view when the pruner's layers
     are sharded (one ``is_dtensor`` check per call otherwise); refuse the :data:`UNSUPPORTED`
     ones on a sharded model."""
     init = cls.__dict__.get("__init__")
     if cls.__name__ == "BasePruner" and callable(init) and not init.__dict__.get("_sk_sharded"):
-        cls.__init__ = _base_init(init)
+        cls.__init__ = init = _base_init(init)
     if cls.__name__ in UNSUPPORTED and callable(init) and not init.__dict__.get("_sk_sharded"):
         cls.__init__ = _refuse_sharded(init, cls.__name__)
+    elif callable(init) and not init.__dict__.get("_sk_sharded"):
+        cls.__init__ = _sharded_init(init, cls)
     for name in _DECIDING + _READING:
         fn = cls.__dict__.get(name)
         if callable(fn) and not fn.__dict__.get("_sk_sharded"):
             setattr(cls, name, _run(fn, name))
+    for name in _STATEFUL:
+        fn = cls.__dict__.get(name)
+        if callable(fn) and not fn.__dict__.get("_sk_sharded"):
+            setattr(cls, name, _stateful(fn))
     fn = cls.__dict__.get("regularization_loss")
     if callable(fn) and not fn.__dict__.get("_sk_sharded"):
         cls.regularization_loss = _regularization(fn)

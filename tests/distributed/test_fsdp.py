@@ -83,6 +83,7 @@ def _pruner_cases(solo):
     from sparsekern.pruning import (
         BlockPruner,
         GaPPruner,
+        GibbsPruner,
         GlobalMagnitudePruner,
         GradualPruner,
         HanPruner,
@@ -91,10 +92,12 @@ def _pruner_cases(solo):
         NMPruner,
         RigLPruner,
         SNIPPruner,
+        SRSTEPruner,
         TaylorImportance,
     )
 
-    # (name, factory(model, opt, group), closure at prune time?); RigL updates every step
+    # (name, factory(model, opt, group), closure at prune time? (None: no prune)); RigL
+    # updates every step
     return [
         ("global_magnitude", lambda m, o, g: GlobalMagnitudePruner(m, o, sparsity=0.9), False),
         ("han", lambda m, o, g: HanPruner(m, o, sparsity=0.7), False),
@@ -143,6 +146,21 @@ def _pruner_cases(solo):
             lambda m, o, g: ImportancePruner(m, o, importance=TaylorImportance(), sparsity=0.7),
             True,
         ),
+        # latent values of pruned weights sharded like the weights; the mask every step from
+        # the dense weights; the decay moves the pruned (latent) ones
+        ("srste", lambda m, o, g: SRSTEPruner(m, o, n_m=(2, 4), decay=0.05, lr=3.0), False),
+        (  # every rank draws the one-process random numbers: rank 0's generator state (here
+            # each rank seeds its own differently), sampled on the full tensors
+            "gibbs",
+            lambda m, o, g: GibbsPruner(
+                m,
+                o,
+                sparsity=0.6,
+                total_steps=6,
+                generator=torch.Generator().manual_seed(4 + (dist.get_rank() if g is None else 0)),
+            ),
+            None,  # no prune(): it would freeze; samples at steps 1-3, the T = 0 mask at 4
+        ),
     ]
 
 
@@ -171,14 +189,15 @@ def _pruners_worker(rank: int, port: int) -> None:
             torch.manual_seed(11)
             p = make(model, opt, None)
             x0, y0 = batches[0]
-            ref_p.prune(
-                closure=(lambda r=ref, x=x0, y=y0: F.cross_entropy(r(x), y))
-                if closure_at_prune
-                else None
-            )
             xh, yh = _half(x0, rank), _half(y0, rank)
             c = lambda m=model, x=xh, y=yh: F.cross_entropy(m(x), y)  # noqa: E731
-            p.prune(closure=c if closure_at_prune else None)
+            if closure_at_prune is not None:
+                ref_p.prune(
+                    closure=(lambda r=ref, x=x0, y=y0: F.cross_entropy(r(x), y))
+                    if closure_at_prune
+                    else None
+                )
+                p.prune(closure=c if closure_at_prune else None)
             for x, y in batches:
                 for net, o, pr, xb, yb in (
                     (ref, ref_opt, ref_p, x, y),
@@ -209,6 +228,22 @@ def _pruners_worker(rank: int, port: int) -> None:
             assert p.current_sparsity() == ref_p.current_sparsity(), name
             if name == "rigl":  # the drop/grow really ran on gathered gradients
                 assert sum(p.last_update["moved"].values()) > 0
+            if hasattr(p, "latent"):  # sharded like the weights; whole in the state dict
+                for n, lat in p.latent.items():
+                    assert isinstance(lat, DTensor), (name, n)
+                    assert lat.placements == p.layers[n].weight.placements, (name, n)
+                sd, ref_sd = p.state_dict(), ref_p.state_dict()
+                assert any(t.any() for t in ref_sd["latent"].values()), name  # values kept
+                for n, t in ref_sd["latent"].items():
+                    assert type(sd["latent"][n]) is torch.Tensor, (name, n)
+                    torch.testing.assert_close(sd["latent"][n], t, rtol=0, atol=1e-5)
+                p.latent = {n: torch.zeros_like(t) for n, t in p.latent.items()}
+                p.load_state_dict(sd)  # each rank keeps its rows of the saved whole latent
+                for n, t in ref_sd["latent"].items():
+                    assert isinstance(p.latent[n], DTensor), (name, n)
+                    torch.testing.assert_close(_full(p.latent[n]), t, rtol=0, atol=1e-5)
+            if name in ("srste", "gibbs"):  # the masks moved during training
+                assert ref_p.rounds > 1 and p.rounds == ref_p.rounds, (name, p.rounds, ref_p.rounds)
             xt = batches[0][0]
             torch.testing.assert_close(model(xt), ref(xt), rtol=0, atol=1e-5)
             assert not check_masks(ref), name
@@ -246,10 +281,10 @@ def _issue_repro(rank: int) -> None:
             net(_batches(1)[0][0])
         GlobalMagnitudePruner(net, o, sparsity=0.9).prune()
     assert isinstance(model[0].mask, DTensor)
-    from sparsekern.pruning import SRSTEPruner
+    from sparsekern.pruning import OmniSparsity
 
-    with pytest.raises(NotImplementedError, match="SRSTEPruner: expected a model whose weights"):
-        SRSTEPruner(model, opt, n_m=(2, 4))  # latent dense weights: refused, model untouched
+    with pytest.raises(NotImplementedError, match="OmniSparsity: expected a model whose weights"):
+        OmniSparsity(model, opt)  # refused, model untouched
     assert isinstance(model[0].mask, DTensor)
     drop = torch.rand(ref[2].weight.shape, generator=torch.Generator().manual_seed(2)) > 0.5
     set_mask(ref[2], ref[2].mask & drop, ref_opt)
