@@ -39,10 +39,10 @@ _VIEWS: list[_View] = []
 #: pruner methods that decide or install masks: run in a gathered view when sharded
 _DECIDING = ("prune", "step", "compute_masks", "update", "_apply", "finalize")
 #: pruner attributes ``{layer: tensor of the weight's shape}`` kept sharded like the weights
-#: (SR-STE's and Gibbs's latent values of pruned weights: a DTensor of the weight's placement,
-#: ``new_latent`` builds them from the sharded weight): whole inside a decision and in the
+#: (the latent values of pruned weights of SR-STE, Gibbs and SCL, SCL's mask scores: DTensors of
+#: the weight's placement, built from the sharded weight): whole inside a decision and in the
 #: pruner's state dict, each rank's rows written back after
-_SHARDED_STATE = ("latent",)
+_SHARDED_STATE = ("latent", "scores")
 #: methods that move the pruner's state: run with the :data:`_SHARDED_STATE` whole
 _STATEFUL = ("state_dict", "load_state_dict")
 #: methods that read masks only: run with the masks gathered (a DTensor's count_nonzero is
@@ -338,7 +338,6 @@ def _regularization(fn):
 UNSUPPORTED = {
     "OneShotPruner": "its calibration forward passes run inside the mask decision, where FSDP "
     "would swap the gathered weights back",
-    "SCLPruner": "it keeps full-shape mask scores built from the unsharded weights",
     "OmniSparsity": "it builds its nested masks from the weights at construction",
 }
 

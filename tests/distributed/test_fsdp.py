@@ -91,6 +91,7 @@ def _pruner_cases(solo):
         NMDecayPruner,
         NMPruner,
         RigLPruner,
+        SCLPruner,
         SNIPPruner,
         SRSTEPruner,
         TaylorImportance,
@@ -161,6 +162,12 @@ def _pruner_cases(solo):
             ),
             None,  # no prune(): it would freeze; samples at steps 1-3, the T = 0 mask at 4
         ),
+        (  # mask scores (from the whole weight's mean) and latent values sharded; the STE
+            # gradient of the scores from the gathered dense gradient; a global top-k
+            "scl",
+            lambda m, o, g: SCLPruner(m, o, sparsity=0.7, end_step=4, mask_lr=0.5),
+            None,
+        ),
     ]
 
 
@@ -228,21 +235,24 @@ def _pruners_worker(rank: int, port: int) -> None:
             assert p.current_sparsity() == ref_p.current_sparsity(), name
             if name == "rigl":  # the drop/grow really ran on gathered gradients
                 assert sum(p.last_update["moved"].values()) > 0
-            if hasattr(p, "latent"):  # sharded like the weights; whole in the state dict
-                for n, lat in p.latent.items():
-                    assert isinstance(lat, DTensor), (name, n)
-                    assert lat.placements == p.layers[n].weight.placements, (name, n)
+            for attr in ("latent", "scores"):  # sharded like the weights; whole in state dicts
+                if name not in ("srste", "gibbs", "scl") or not hasattr(p, attr):
+                    continue  # (SNIP's scores: plain, computed whole inside the decision)
+                for n, t in getattr(p, attr).items():
+                    assert isinstance(t, DTensor), (name, attr, n)
+                    assert t.placements == p.layers[n].weight.placements, (name, attr, n)
                 sd, ref_sd = p.state_dict(), ref_p.state_dict()
-                assert any(t.any() for t in ref_sd["latent"].values()), name  # values kept
-                for n, t in ref_sd["latent"].items():
-                    assert type(sd["latent"][n]) is torch.Tensor, (name, n)
-                    torch.testing.assert_close(sd["latent"][n], t, rtol=0, atol=1e-5)
-                p.latent = {n: torch.zeros_like(t) for n, t in p.latent.items()}
-                p.load_state_dict(sd)  # each rank keeps its rows of the saved whole latent
-                for n, t in ref_sd["latent"].items():
-                    assert isinstance(p.latent[n], DTensor), (name, n)
-                    torch.testing.assert_close(_full(p.latent[n]), t, rtol=0, atol=1e-5)
-            if name in ("srste", "gibbs"):  # the masks moved during training
+                assert any(t.any() for t in ref_sd[attr].values()), name  # values kept
+                for n, t in ref_sd[attr].items():
+                    assert type(sd[attr][n]) is torch.Tensor, (name, attr, n)
+                    torch.testing.assert_close(sd[attr][n], t, rtol=0, atol=1e-5)
+                for t in getattr(p, attr).values():
+                    t.to_local().zero_()
+                p.load_state_dict(sd)  # each rank keeps its rows of the saved whole state
+                for n, t in ref_sd[attr].items():
+                    assert isinstance(getattr(p, attr)[n], DTensor), (name, attr, n)
+                    torch.testing.assert_close(_full(getattr(p, attr)[n]), t, rtol=0, atol=1e-5)
+            if name in ("srste", "gibbs", "scl"):  # the masks moved during training
                 assert ref_p.rounds > 1 and p.rounds == ref_p.rounds, (name, p.rounds, ref_p.rounds)
             xt = batches[0][0]
             torch.testing.assert_close(model(xt), ref(xt), rtol=0, atol=1e-5)
