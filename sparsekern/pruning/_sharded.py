@@ -28,7 +28,7 @@ import functools
 import torch
 from torch import nn
 
-from sparsekern.nn._dtensor import is_dtensor, local_like, shard_mask
+from sparsekern.nn._dtensor import is_dtensor, local_like, shard_mask, sharded_weight
 from sparsekern.nn.masks import note_mask_synced, zero_optimizer_state
 
 __all__ = ["dense_weight_grads", "gathered", "handles", "is_sharded", "wrap_sharded"]
@@ -39,12 +39,12 @@ _VIEWS: list[_View] = []
 #: pruner methods that decide or install masks: run in a gathered view when sharded
 _DECIDING = ("prune", "step", "compute_masks", "update", "_apply", "finalize")
 #: pruner attributes ``{layer: tensor of the weight's shape}`` kept sharded like the weights
-#: (the latent values of pruned weights of SR-STE, Gibbs and SCL, SCL's mask scores: DTensors of
-#: the weight's placement, built from the sharded weight): whole inside a decision and in the
-#: pruner's state dict, each rank's rows written back after
-_SHARDED_STATE = ("latent", "scores")
+#: (the latent values of pruned weights of SR-STE, Gibbs and SCL, SCL's mask scores, the
+#: per-level masks of OmniSparsity: DTensors of the weight's placement): whole inside a
+#: decision and in the pruner's state dict, each rank's rows written back after
+_SHARDED_STATE = ("latent", "scores", "masks")
 #: methods that move the pruner's state: run with the :data:`_SHARDED_STATE` whole
-_STATEFUL = ("state_dict", "load_state_dict")
+_STATEFUL = ("state_dict", "load_state_dict", "level_sparsity")
 #: methods that read masks only: run with the masks gathered (a DTensor's count_nonzero is
 #: this rank's count, not the global one)
 _READING = ("kept_fractions", "current_sparsity")
@@ -145,32 +145,52 @@ class gathered:
 
 
 class _state_gathered:
-    """Context: the pruner's sharded state (:data:`_SHARDED_STATE`) whole on every rank (an
-    all-gather per tensor); each rank's rows copied back on exit. A no-op when nothing of it is
-    sharded (one process, or already gathered by an outer call)."""
+    """Context: the pruner's sharded state (:data:`_SHARDED_STATE`: dicts ``{layer: tensor}``,
+    or ``{key: {layer: tensor}}``) whole on every rank (an all-gather per tensor). On exit every
+    tensor of those attributes, now whole (updated in place or replaced by the method), becomes
+    a DTensor sharded like its layer's weight again (each rank keeps its rows; nothing is
+    communicated). A no-op when nothing of it is sharded (one process, or already gathered by
+    an outer call)."""
 
     def __init__(self, pruner):
-        self.pruner, self.saved = pruner, []
+        self.pruner, self.attrs = pruner, []
 
     def __enter__(self):
         for attr in _SHARDED_STATE:
             d = self.pruner.__dict__.get(attr)
-            if isinstance(d, dict):
-                for n, t in list(d.items()):
-                    if is_dtensor(t):
-                        d[n] = t.full_tensor()
-                        self.saved.append((d, n, t))
+            if isinstance(d, dict) and _gather_dict(d):
+                self.attrs.append(attr)
         return self
 
     @torch.no_grad()
     def __exit__(self, *exc):
-        for d, n, t in self.saved:
-            full = d[n]
-            if isinstance(full, torch.Tensor) and full.shape == t.shape:
-                t.to_local().copy_(local_like(full.to(t.dtype), t).to_local())
-            d[n] = t
-        self.saved = []
+        layers = self.pruner.__dict__.get("layers") or {}
+        for attr in self.attrs:
+            d = self.pruner.__dict__.get(attr)
+            if isinstance(d, dict):
+                _shard_dict(d, layers)
+        self.attrs = []
         return False
+
+
+def _gather_dict(d: dict) -> bool:
+    found = False
+    for k, v in list(d.items()):
+        if is_dtensor(v):
+            d[k], found = v.full_tensor(), True
+        elif isinstance(v, dict):
+            found = _gather_dict(v) or found
+    return found
+
+
+def _shard_dict(d: dict, layers: dict) -> None:
+    for k, v in list(d.items()):
+        if isinstance(v, dict):
+            _shard_dict(v, layers)
+        elif isinstance(v, torch.Tensor) and not is_dtensor(v) and k in layers:
+            sw = sharded_weight(layers[k])
+            if sw is not None and v.shape == sw.shape:
+                d[k] = local_like(v, sw)
 
 
 def _stateful(fn):
@@ -338,7 +358,6 @@ def _regularization(fn):
 UNSUPPORTED = {
     "OneShotPruner": "its calibration forward passes run inside the mask decision, where FSDP "
     "would swap the gathered weights back",
-    "OmniSparsity": "it builds its nested masks from the weights at construction",
 }
 
 

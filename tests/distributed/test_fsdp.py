@@ -257,6 +257,7 @@ def _pruners_worker(rank: int, port: int) -> None:
             xt = batches[0][0]
             torch.testing.assert_close(model(xt), ref(xt), rtol=0, atol=1e-5)
             assert not check_masks(ref), name
+        _omni(rank)
         _loop_under_engines(rank)
         _issue_repro(rank)
         dist.barrier()
@@ -265,6 +266,56 @@ def _pruners_worker(rank: int, port: int) -> None:
         raise
     finally:
         dist.destroy_process_group()
+
+
+def _omni(rank: int) -> None:
+    """OmniSparsity: every level's nested masks ranked on the whole weights and sharded like
+    them; a level sampled per step, the same on every rank (rank 0's draw: here each rank's
+    generator is seeded differently); the supernet ends where one process ends."""
+    from torch.distributed.tensor import DTensor
+
+    from sparsekern.pruning import OmniSparsity
+    from sparsekern.training.distributed import shard_model
+
+    ref = _mlp()
+    model = shard_model(copy.deepcopy(ref))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    levels = (0.5, 0.75, 0.9)
+    ref_p = OmniSparsity(ref, ref_opt, levels=levels, generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7 + rank)
+    p = OmniSparsity(model, opt, levels=levels, generator=gen)
+    drawn = {}
+    for x, y in _batches(4, seed=13):
+        for key, net, o, pr, xb, yb in (
+            ("ref", ref, ref_opt, ref_p, x, y),
+            ("fsdp", model, opt, p, _half(x, rank), _half(y, rank)),
+        ):
+            with pr.sample() as s:
+                drawn.setdefault(key, []).append(s)
+                loss = F.cross_entropy(net(xb), yb)
+                o.zero_grad()
+                loss.backward()
+                o.step()
+            pr.step()
+    assert drawn["fsdp"] == drawn["ref"] and len(set(drawn["ref"])) > 1, drawn
+    for s in levels:
+        assert p.level_sparsity(s) == ref_p.level_sparsity(s), s
+        for n, mk in ref_p.masks[s].items():
+            assert isinstance(p.masks[s][n], DTensor), (s, n)
+            assert torch.equal(_full(p.masks[s][n]), mk), (s, n)
+    ref_layers = dict(ref.named_modules())
+    for n in p.layers:
+        torch.testing.assert_close(
+            _full(p.layers[n].weight.detach()), ref_layers[n].weight.detach(), rtol=0, atol=1e-5
+        )
+        assert torch.equal(_full(p.layers[n].mask), ref_layers[n].mask), n
+    sd = p.state_dict()
+    assert all(type(t) is torch.Tensor for d in sd["masks"].values() for t in d.values())
+    p.load_state_dict(sd)
+    assert all(isinstance(t, DTensor) for d in p.masks.values() for t in d.values())
+    with pytest.raises(NotImplementedError, match="at_sparsity: expected an unsharded"):
+        p.at_sparsity(0.5)
 
 
 def _issue_repro(rank: int) -> None:
@@ -291,10 +342,10 @@ def _issue_repro(rank: int) -> None:
             net(_batches(1)[0][0])
         GlobalMagnitudePruner(net, o, sparsity=0.9).prune()
     assert isinstance(model[0].mask, DTensor)
-    from sparsekern.pruning import OmniSparsity
+    from sparsekern.pruning import OneShotPruner
 
-    with pytest.raises(NotImplementedError, match="OmniSparsity: expected a model whose weights"):
-        OmniSparsity(model, opt)  # refused, model untouched
+    with pytest.raises(NotImplementedError, match="OneShotPruner: expected a model whose weights"):
+        OneShotPruner(model, calibration=[_batches(1)[0][0]], method="wanda", sparsity=0.5)
     assert isinstance(model[0].mask, DTensor)
     drop = torch.rand(ref[2].weight.shape, generator=torch.Generator().manual_seed(2)) > 0.5
     set_mask(ref[2], ref[2].mask & drop, ref_opt)
