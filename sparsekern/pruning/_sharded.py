@@ -356,8 +356,10 @@ def _regularization(fn):
 
 #: pruners that cannot run on sharded weights yet, and why: refused at construction
 UNSUPPORTED = {
-    "OneShotPruner": "its calibration forward passes run inside the mask decision, where FSDP "
-    "would swap the gathered weights back",
+    "OneShotPruner": "it swaps dense layers for sparse ones at construction and runs its "
+    "calibration forward passes layer by layer inside the mask decision, where FSDP would swap "
+    "the gathered weights back; prune an unsharded copy (full_state_dict) and load the result "
+    "with load_full_into_sharded",
 }
 
 
