@@ -3,6 +3,9 @@
     # CPU smoke runs: a synthetic ImageFolder (4 classes), 1/16-width nets (~15 s; 2 ranks ~35 s)
     python scripts/prune_imagenet.py --model alexnet --synthetic --tiny
     torchrun --nproc_per_node 2 scripts/prune_imagenet.py --model alexnet-caffe --synthetic --tiny
+    # FSDP2 (each rank a row shard of every weight, mask and momentum): --engine fsdp (or hsdp)
+    torchrun --nproc_per_node 2 scripts/prune_imagenet.py --model alexnet --synthetic --tiny \\
+        --engine fsdp
     # one GPU: torchvision's pretrained AlexNet (a local file) to Han's per-layer keep rates
     python scripts/prune_imagenet.py --model alexnet --data /data/imagenet --weights W.pth
     # one node, 8 GPUs (--batch-size is per GPU: 8 x 32 = 256 images a step, Caffe's batch)
@@ -21,11 +24,15 @@ targets reached geometrically, masks checked identical on every rank, retraining
 LR, FC first with conv frozen, then the reverse); rank 0 writes summary.json (Table 1, Table 4/5,
 every round, git commit) and the pruned model in Han's compressed format and in block-sparse form,
 both checked. Every epoch is checkpointed (atomic, every rank's RNG): --resume continues exactly.
+Under --engine fsdp / hsdp the run is the DDP run (same masks, weights within float rounding);
+the checkpoint (one file, the one-process layout), the sensitivity analysis and the exports
+all-gather the shards into a whole copy (the memory one DDP rank holds).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -85,6 +92,11 @@ def parse_args(argv=None):
     a("--val-images", type=nonneg_int, default=0, help="evaluate on N val images (0: all)")
     a("--no-amp", action="store_true", help="fp32 on CUDA too")
     a("--block-size", type=int, choices=[16, 32, 64, 128], default=32, help="block export")
+    a("--engine", choices=dist.ENGINES,
+      help="none: one process; ddp: every rank the whole model (default under torchrun); "
+      "fsdp: FSDP2, every rank a row shard of each weight, mask and momentum; hsdp: FSDP2 "
+      "within groups, groups replicated (docs/distributed.md)")  # fmt: skip
+    a("--hsdp-replicas", type=nonneg_int, default=0, help="--engine hsdp: replica groups (2)")
     a("--threads", type=nonneg_int, default=1, help="torch threads per process on CPU")
     a("--no-progress", action="store_true")
     a("--save-rank-masks", action="store_true", help="each rank: masks_rank<r>.pt (tests)")
@@ -119,6 +131,15 @@ def parse_args(argv=None):
         p.error("--targets sens: expected --sens-images > 0 (the analysis sets the targets)")
     if args.epochs == 0 and not (args.weights or args.start or args.resume):
         p.error("--epochs 0: expected --weights or --start (a dense net to prune), got neither")
+    world = int(os.environ.get("WORLD_SIZE", "1")) if "RANK" in os.environ else 1
+    args.engine = args.engine or ("ddp" if world > 1 else "none")  # today's behaviour
+    if args.engine == "none" and world > 1:
+        p.error(f"--engine none: expected one process, got {world} (torchrun): use ddp or fsdp")
+    if args.engine != "none" and "RANK" not in os.environ:
+        p.error(f"--engine {args.engine}: expected a run under torchrun, got one process")
+    if args.engine == "hsdp" and world % (args.hsdp_replicas or 2):
+        p.error(f"--hsdp-replicas: expected a divisor of the {world} ranks, got "
+                f"{args.hsdp_replicas or 2}")  # fmt: skip
     args.out = args.out or str(ROOT / "runs" / (args.model + "-tiny" * args.tiny))
     cli.check_out_dir(p, "--out", args.out)
     return args, p

@@ -17,6 +17,7 @@ from scripts._lib import checks, tables
 from sparsekern import pruning, training
 from sparsekern.formats._files import save_torch_checked
 from sparsekern.nn import sparse_modules
+from sparsekern.nn._dtensor import unshard_mask
 from sparsekern.training import distributed as dist
 from sparsekern.training import report
 from sparsekern.training.data import imagefolder_loaders, make_synthetic_imagefolder
@@ -27,7 +28,9 @@ SENS_QUALITIES = [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5]
 CKPT_FORMAT = "sparsekern/prune_imagenet/2"
 # settings a resumed run may change: they do not change the result
 RANK_MASKS_MAGIC = b"SKRMASK1"  # masks_rank<r>.pt: atomic, SHA-256 checked (load_torch_checked)
+# (the engine: every engine writes the same full checkpoint, like a change of world size)
 RESUME_FREE = {"resume", "no_progress", "workers", "save_rank_masks", "step_sleep"}
+RESUME_FREE |= {"engine", "hsdp_replicas"}
 
 
 class ImagenetRun:
@@ -37,6 +40,9 @@ class ImagenetRun:
         self.amp = env.device.type == "cuda" and not args.no_amp
         self.out, self.paper = Path(args.out), HAN_2015[args.model]
         self.ckpt, self.t = self.out / "ckpt.pt", time.time()
+        # FSDP2 / HSDP: each rank a row shard of every weight, mask and momentum; the parts of
+        # the run that need whole tensors (checkpoint, sensitivity analysis, exports) gather
+        self.sharded = args.engine in ("fsdp", "hsdp")
 
     def build(self, parser) -> None:
         """The model first (it needs only the class count): a bad checkpoint fails before any
@@ -97,8 +103,18 @@ class ImagenetRun:
 
     def restore(self) -> None:
         """The optimizer, pruner and ``st`` (what a resumed run needs besides the tensors):
-        fresh, from ``--resume``'s checkpoint or ``--start``'s weights and masks."""
-        args, env, model, ck = self.args, self.env, self.model, self.ck
+        fresh, from ``--resume``'s checkpoint or ``--start``'s weights and masks. The weights
+        load into the whole model, then it is sharded (``--engine fsdp/hsdp``), then the
+        optimizer and pruner are built on its parameters."""
+        args, env, ck = self.args, self.env, self.ck
+        if ck is not None:
+            self.model.load_state_dict(ck["model"])
+        elif self.start is not None:
+            self.model.load_state_dict(self.start["model"])  # weights and masks
+        self.model, self.net = dist.distribute(
+            self.model, "none" if args.engine == "ddp" else args.engine, env, args.hsdp_replicas
+        )  # ddp: wrap() (rebuilt at each freeze)
+        model = self.model
         self.opt = self.make_optimizer(args.lr)
         self.lr_dense = training.StepDecay(args.lr, every=args.lr_step * self.spe, gamma=0.1)
         self.lr_re = training.Constant(args.lr * args.retrain_lr_factor)  # Han: 1/100 AlexNet
@@ -111,8 +127,8 @@ class ImagenetRun:
             if st["phase"] == "prune" and st["pruned"]:  # mid-round: the retraining optimizer
                 self.opt = self.make_optimizer(self.lr_re.lr)
                 self.pruner.set_optimizer(self.opt)
-            model.load_state_dict(ck["model"])
             self.opt.load_state_dict(ck["opt"])
+            dist.shard_optimizer_state(self.opt)  # FSDP2: this rank's rows of the momentum
             self.pruner.load_state_dict(ck["pruner"])
             if len(ck["rng"]) == env.world:
                 training.set_rng_state(ck["rng"][env.rank], self.device)
@@ -120,7 +136,6 @@ class ImagenetRun:
                 n = len(ck["rng"])
                 print(f"warning: checkpoint of {n} ranks, now {env.world}: another data order")
         elif self.start is not None:
-            model.load_state_dict(self.start["model"])  # weights and masks
             st["phase"] = "prune"
         st.setdefault("commands", []).append(self.command)
         self.st = st
@@ -144,9 +159,11 @@ class ImagenetRun:
         rngs = dist.gather_objects(training.rng_state(self.device))  # each rank's own stream
         st["elapsed"] += time.time() - self.t
         self.t = time.time()
+        # one file, the one-process layout under every engine: sharded tensors all-gathered
+        model_sd, opt_sd = dist.full_state_dict(self.model), dist.full_optimizer_state(self.opt)
         if self.main0:
-            state = dict(self.expect, args=vars(self.args), model=self.model.state_dict(), st=st)
-            state |= dict(opt=self.opt.state_dict(), pruner=self.pruner.state_dict(), rng=rngs)
+            state = dict(self.expect, args=vars(self.args), model=model_sd, st=st)
+            state |= dict(opt=opt_sd, pruner=self.pruner.state_dict(), rng=rngs)
             training.save_checkpoint(self.ckpt, state, CKPT_FORMAT)
             where = {k: st[k] for k in ("phase", "round", "round_epoch")}
             self.log("checkpoint", st["step"], **where)
@@ -167,12 +184,23 @@ class ImagenetRun:
         return ep["loss"]
 
     def wrap(self):  # DDP over the parameters that need gradients now (rebuilt at freezes)
-        if not dist.is_dist():
-            return self.model
+        if self.args.engine != "ddp":  # one process, or FSDP2 (frozen: no gradient to reduce)
+            return self.net
         # no buffer sync: the masks are identical by construction (checked after each pruning);
         # broadcasting them every step would move 61M / 138M bytes
         ids = [self.env.local_rank] if self.device.type == "cuda" else None
         return DDP(self.model, device_ids=ids, forward_sync_buffers=False)
+
+    def full_model(self):
+        """Every rank: an unsharded copy of the model (FSDP2: its shards all-gathered, the
+        memory of one DDP rank), for what runs on whole layers; the model itself otherwise."""
+        if not self.sharded:
+            return self.model
+        args, rng = self.args, training.rng_state(self.device)
+        full = build_imagenet_model(args.model, self.classes, args.width).to(self.device)
+        training.set_rng_state(rng, self.device)  # its init must not shift the data / dropout
+        full.load_state_dict(dist.full_state_dict(self.model))
+        return full
 
     def evaluate(self, m, loader):  # top-1 / top-5 error, all ranks' counts
         return training.evaluate(m, loader, self.device, self.amp, topk=(1, 5))
@@ -212,7 +240,11 @@ class ImagenetRun:
         args, st = self.args, self.st
         if st["sens"] is None and args.sens_images > 0 and args.rounds > 0:
             acc = lambda m: 100.0 - self.evaluate(m, self.loaders["sens"])["top1_error"]  # noqa: E731
-            res = pruning.sensitivity_analysis(self.model, acc, SENS_QUALITIES)
+            # FSDP2: on a whole copy (its trials swap whole layers' masks and weights; each
+            # rank evaluates its share of the images on it, as under DDP)
+            full = self.full_model()
+            res = pruning.sensitivity_analysis(full, acc, SENS_QUALITIES)
+            del full
             t = pruning.sensitivity_targets(res, self.layers, args.max_drop)
             st["sens"] = dict(baseline=res.baseline, qualities=res.qualities, kept=res.kept)
             st["sens"] |= dict(accuracy=res.accuracy, sparsity=t.sparsity, images=args.sens_images)
@@ -295,9 +327,11 @@ class ImagenetRun:
         self.pruner.finalize()
         final = self.evaluate(model, self.loaders["val"])
         digests = dist.check_masks_identical(model, "at the end")
-        if args.save_rank_masks:  # each rank its own masks: the tests compare them
-            masks = {n: m.mask.cpu() for n, m in self.layers.items()}
+        if args.save_rank_masks:  # each rank its own (FSDP2: gathered) masks: the tests compare
+            masks = {n: unshard_mask(m).cpu() for n, m in self.layers.items()}
             save_torch_checked(masks, out / f"masks_rank{self.env.rank}.pt", RANK_MASKS_MAGIC)
+        if self.sharded:  # FSDP2: rank 0 reports and exports a whole copy
+            model = self.full_model()
         if not self.main0:  # the last collective was the digest check: rank 0 alone writes
             return None  # (no barrier: VGG-16's export takes minutes on CPU)
         val_set = self.loaders["val"].dataset  # this rank's share, eval transform

@@ -31,10 +31,12 @@ __all__ = [
 
 
 def param_lr(optimizer, param: torch.Tensor, who: str) -> float:
-    """The learning rate of the optimizer's param group holding ``param``."""
+    """The learning rate of the optimizer's param group holding ``param`` (FSDP2: inside a
+    pruner's gathered view ``param`` is the whole weight, the group holds its shard)."""
+    shard = param.__dict__.get("_sk_shard", param)
     if optimizer is not None:
         for g in optimizer.param_groups:
-            if any(p is param for p in g["params"]):
+            if any(p is param or p is shard for p in g["params"]):
                 return float(g["lr"])
     raise ValueError(
         f"{who}: expected lr= or an optimizer holding every pruned weight (its learning rate "

@@ -28,7 +28,7 @@ import functools
 import torch
 from torch import nn
 
-from sparsekern.nn._dtensor import is_dtensor, local_like, shard_mask
+from sparsekern.nn._dtensor import is_dtensor, local_like, shard_mask, sharded_weight
 from sparsekern.nn.masks import note_mask_synced, zero_optimizer_state
 
 __all__ = ["dense_weight_grads", "gathered", "handles", "is_sharded", "wrap_sharded"]
@@ -38,6 +38,13 @@ _VIEWS: list[_View] = []
 
 #: pruner methods that decide or install masks: run in a gathered view when sharded
 _DECIDING = ("prune", "step", "compute_masks", "update", "_apply", "finalize")
+#: pruner attributes ``{layer: tensor of the weight's shape}`` kept sharded like the weights
+#: (the latent values of pruned weights of SR-STE, Gibbs and SCL, SCL's mask scores, the
+#: per-level masks of OmniSparsity: DTensors of the weight's placement): whole inside a
+#: decision and in the pruner's state dict, each rank's rows written back after
+_SHARDED_STATE = ("latent", "scores", "masks")
+#: methods that move the pruner's state: run with the :data:`_SHARDED_STATE` whole
+_STATEFUL = ("state_dict", "load_state_dict", "level_sparsity")
 #: methods that read masks only: run with the masks gathered (a DTensor's count_nonzero is
 #: this rank's count, not the global one)
 _READING = ("kept_fractions", "current_sparsity")
@@ -71,6 +78,8 @@ class _View:
                 m._parameters["weight"] = full_w
             else:
                 full_w = sw
+            if full_w is not sw:  # the optimizer's Parameter, for its param group (param_lr)
+                full_w.__dict__["_sk_shard"] = sw
             self.entries[n] = (m, sw, dmask, full_w, full_m.clone())
             m._buffers["mask"] = full_m
             note_mask_synced(m)
@@ -133,6 +142,65 @@ class gathered:
             finally:
                 _VIEWS.pop()
         return False
+
+
+class _state_gathered:
+    """Context: the pruner's sharded state (:data:`_SHARDED_STATE`: dicts ``{layer: tensor}``,
+    or ``{key: {layer: tensor}}``) whole on every rank (an all-gather per tensor). On exit every
+    tensor of those attributes, now whole (updated in place or replaced by the method), becomes
+    a DTensor sharded like its layer's weight again (each rank keeps its rows; nothing is
+    communicated). A no-op when nothing of it is sharded (one process, or already gathered by
+    an outer call)."""
+
+    def __init__(self, pruner):
+        self.pruner, self.attrs = pruner, []
+
+    def __enter__(self):
+        for attr in _SHARDED_STATE:
+            d = self.pruner.__dict__.get(attr)
+            if isinstance(d, dict) and _gather_dict(d):
+                self.attrs.append(attr)
+        return self
+
+    @torch.no_grad()
+    def __exit__(self, *exc):
+        layers = self.pruner.__dict__.get("layers") or {}
+        for attr in self.attrs:
+            d = self.pruner.__dict__.get(attr)
+            if isinstance(d, dict):
+                _shard_dict(d, layers)
+        self.attrs = []
+        return False
+
+
+def _gather_dict(d: dict) -> bool:
+    found = False
+    for k, v in list(d.items()):
+        if is_dtensor(v):
+            d[k], found = v.full_tensor(), True
+        elif isinstance(v, dict):
+            found = _gather_dict(v) or found
+    return found
+
+
+def _shard_dict(d: dict, layers: dict) -> None:
+    for k, v in list(d.items()):
+        if isinstance(v, dict):
+            _shard_dict(v, layers)
+        elif isinstance(v, torch.Tensor) and not is_dtensor(v) and k in layers:
+            sw = sharded_weight(layers[k])
+            if sw is not None and v.shape == sw.shape:
+                d[k] = local_like(v, sw)
+
+
+def _stateful(fn):
+    @functools.wraps(fn)
+    def method(self, *args, **kwargs):
+        with _state_gathered(self):
+            return fn(self, *args, **kwargs)
+
+    method.__dict__["_sk_sharded"] = True
+    return method
 
 
 class _suspended:
@@ -266,7 +334,8 @@ def _run(fn, name: str):
             return fn(self, *args, **kwargs)
         args = tuple(_wrap_closure(a) if callable(a) else a for a in args)
         kwargs = {k: (_wrap_closure(v) if k == "closure" else v) for k, v in kwargs.items()}
-        with gathered(layers, [getattr(self, "optimizer", None)], getattr(self, "model", None)):
+        opts = [getattr(self, "optimizer", None)]
+        with gathered(layers, opts, getattr(self, "model", None)), _state_gathered(self):
             return fn(self, *args, **kwargs)
 
     method.__dict__["_sk_sharded"] = True
@@ -287,12 +356,10 @@ def _regularization(fn):
 
 #: pruners that cannot run on sharded weights yet, and why: refused at construction
 UNSUPPORTED = {
-    "OneShotPruner": "its calibration forward passes run inside the mask decision, where FSDP "
-    "would swap the gathered weights back",
-    "SRSTEPruner": "it keeps full-shape latent (dense) weights beside the sharded ones",
-    "GibbsPruner": "it keeps full-shape latent (dense) weights beside the sharded ones",
-    "SCLPruner": "it keeps full-shape mask scores built from the unsharded weights",
-    "OmniSparsity": "it builds its nested masks from the weights at construction",
+    "OneShotPruner": "it swaps dense layers for sparse ones at construction and runs its "
+    "calibration forward passes layer by layer inside the mask decision, where FSDP would swap "
+    "the gathered weights back; prune an unsharded copy (full_state_dict) and load the result "
+    "with load_full_into_sharded",
 }
 
 
@@ -312,19 +379,58 @@ def _refuse_sharded(init, name: str):
     return __init__
 
 
+def _sync_generators(pruner) -> None:
+    """Every rank draws rank 0's random numbers: a pruner's CPU ``torch.Generator`` (Gibbs's
+    samples, RigL's ties, ...) gets rank 0's state (one broadcast). The decisions run on the
+    same full tensors on every rank; with the same draws they are the same decisions, and
+    those of one process seeded as rank 0 (the default generator is seeded from the global
+    RNG, which ranks may have seeded differently)."""
+    import torch.distributed as dist
+
+    gens = [(k, g) for k, g in vars(pruner).items() if isinstance(g, torch.Generator)]
+    if not gens or not (dist.is_available() and dist.is_initialized()):
+        return
+    states = [[g.get_state() for _, g in gens]]
+    dist.broadcast_object_list(states, src=0)
+    for (_, g), st in zip(gens, states[0]):
+        g.set_state(st)
+
+
+def _sharded_init(init, owner):
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        # the most derived class's __init__ only, once all of the pruner is built
+        if getattr(type(self).__init__, "_sk_owner", None) is owner and self.__dict__.get(
+            "_sk_fsdp"
+        ):
+            layers = self.__dict__.get("layers")
+            if isinstance(layers, dict) and is_sharded(layers):
+                _sync_generators(self)
+
+    __init__.__dict__.update(_sk_sharded=True, _sk_owner=owner)
+    return __init__
+
+
 def wrap_sharded(cls) -> None:
     """Make ``cls``'s own mask-deciding methods run in a gathered view when the pruner's layers
     are sharded (one ``is_dtensor`` check per call otherwise); refuse the :data:`UNSUPPORTED`
     ones on a sharded model."""
     init = cls.__dict__.get("__init__")
     if cls.__name__ == "BasePruner" and callable(init) and not init.__dict__.get("_sk_sharded"):
-        cls.__init__ = _base_init(init)
+        cls.__init__ = init = _base_init(init)
     if cls.__name__ in UNSUPPORTED and callable(init) and not init.__dict__.get("_sk_sharded"):
         cls.__init__ = _refuse_sharded(init, cls.__name__)
+    elif callable(init) and not init.__dict__.get("_sk_sharded"):
+        cls.__init__ = _sharded_init(init, cls)
     for name in _DECIDING + _READING:
         fn = cls.__dict__.get(name)
         if callable(fn) and not fn.__dict__.get("_sk_sharded"):
             setattr(cls, name, _run(fn, name))
+    for name in _STATEFUL:
+        fn = cls.__dict__.get(name)
+        if callable(fn) and not fn.__dict__.get("_sk_sharded"):
+            setattr(cls, name, _stateful(fn))
     fn = cls.__dict__.get("regularization_loss")
     if callable(fn) and not fn.__dict__.get("_sk_sharded"):
         cls.regularization_loss = _regularization(fn)

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from sparsekern.nn._dtensor import is_dtensor, local_like
 from sparsekern.nn.masks import note_mask_synced
 from sparsekern.pruning.base import BasePruner
 
@@ -30,21 +31,33 @@ def nested_magnitude_masks(
     ``|w|``. One ranking per layer serves every level (ties broken by position), so the masks
     are nested: a weight kept at a higher sparsity is kept at every lower one.
 
+    An FSDP2-sharded weight (DTensor) is ranked whole (all-gathered, as one process ranks it)
+    and each mask sharded like it.
+
     Raises:
         ValueError: a NaN / inf weight, naming its layer.
     """
     levels = [float(s) for s in levels]
     out: dict[float, dict[str, torch.Tensor]] = {s: {} for s in levels}
     for n, m in layers.items():
-        w = m.weight.detach()
+        sw = m.weight.detach()
+        w = sw.full_tensor() if is_dtensor(sw) else sw
         if not bool(torch.isfinite(w).all()):
             raise ValueError(f"OmniSparsity: expected finite weights, got NaN/inf in {n}")
         order = torch.sort(w.abs().flatten(), descending=True, stable=True).indices
         for s in levels:
             mask = torch.zeros(w.numel(), dtype=torch.bool, device=w.device)
             mask[order[: round((1.0 - s) * w.numel())]] = True
-            out[s][n] = mask.view_as(w)
+            out[s][n] = local_like(mask.view_as(w), sw) if is_dtensor(sw) else mask.view_as(w)
     return out
+
+
+def _rank0_value(i: int) -> int:
+    import torch.distributed as dist
+
+    box = [i]
+    dist.broadcast_object_list(box, src=0)
+    return int(box[0])
 
 
 class OmniSparsity(BasePruner):
@@ -158,6 +171,8 @@ class OmniSparsity(BasePruner):
         """:meth:`use` at a level drawn uniformly from ``levels`` (the paper's per-step
         sampling); yields the level."""
         i = int(torch.randint(len(self.levels), (1,), generator=self.generator))
+        if any(is_dtensor(m.weight) for m in self.layers.values()):
+            i = _rank0_value(i)  # FSDP2: every rank trains one level (rank 0's draw)
         s = self.levels[i]
         self.counts[s] += 1
         with self.use(s):
@@ -186,7 +201,19 @@ class OmniSparsity(BasePruner):
 
     def at_sparsity(self, s: float) -> nn.Module:
         """An independent copy of the model at level ``s`` (its masks installed, the other
-        weights zero); the shared model is untouched."""
+        weights zero); the shared model is untouched.
+
+        Raises:
+            NotImplementedError: an FSDP2-sharded model (copy a whole model instead, e.g.
+                ``sparsekern.training.distributed.full_state_dict`` into a fresh one, and
+                ``use(s)`` it there).
+        """
+        if any(is_dtensor(m.weight) for m in self.layers.values()):
+            raise NotImplementedError(
+                "OmniSparsity.at_sparsity: expected an unsharded model, got FSDP2-sharded "
+                "weights: a deep copy of a sharded model is not an independent model; load "
+                "full_state_dict(model) into a fresh one and use at_sparsity there"
+            )
         with self.use(s):
             net = copy.deepcopy(self.model)
         names = set(self.layers)

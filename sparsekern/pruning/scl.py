@@ -36,6 +36,7 @@ import math
 import torch
 from torch import nn
 
+from sparsekern.nn._dtensor import is_dtensor, local_like
 from sparsekern.pruning._common import auto_min_density, check_fraction, dense_weight_grads
 from sparsekern.pruning._latent import (
     full_weight,
@@ -154,9 +155,12 @@ class SCLPruner(BasePruner):
         with torch.no_grad():
             self.scores = {}
             for n, m in self.layers.items():
-                a = m.weight.detach().abs().float()
+                w = m.weight.detach()
+                # FSDP2: the whole weight's mean (one process's value), each rank its rows
+                a = (w.full_tensor() if is_dtensor(w) else w).abs().float()
                 mean = a.mean()
-                self.scores[n] = a / mean if mean > 0 else torch.ones_like(a)
+                s = a / mean if mean > 0 else torch.ones_like(a)
+                self.scores[n] = local_like(s, w) if is_dtensor(w) else s
         self.latent = new_latent(self.layers)
 
     # ------------------------------------------------------------------ the target

@@ -28,6 +28,8 @@ __all__ = [
     "barrier",
     "check_masks_identical",
     "distribute",
+    "full_optimizer_state",
+    "full_state_dict",
     "gather_objects",
     "is_dist",
     "load_full_into_sharded",
@@ -36,6 +38,7 @@ __all__ = [
     "save_sharded",
     "setup_distributed",
     "shard_model",
+    "shard_optimizer_state",
     "shutdown",
     "state_digest",
 ]
@@ -122,6 +125,38 @@ def _sparse_layers(model: nn.Module):
 def _full(t: torch.Tensor) -> torch.Tensor:
     # a sharded (DTensor) value all-gathered: a collective, every rank calls it in the same order
     return t.full_tensor() if type(t).__name__ == "DTensor" else t
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` with every sharded (DTensor) value all-gathered: the one-process
+    state dict (same keys, full tensors), on every rank (a collective: every rank calls). A
+    no-op copy for an unsharded model."""
+    return {k: _full(v).detach() for k, v in model.state_dict().items()}
+
+
+def full_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
+    """``optimizer.state_dict()`` (keyed by parameter index, as one process saves it) with every
+    sharded state tensor (momentum, Adam moments of FSDP2 parameters) all-gathered; every rank
+    calls. Loads back with ``optimizer.load_state_dict`` then :func:`shard_optimizer_state`."""
+    sd = optimizer.state_dict()
+    state = {i: {k: _full(v) if isinstance(v, torch.Tensor) else v for k, v in s.items()}
+             for i, s in sd["state"].items()}  # fmt: skip
+    return {**sd, "state": state}
+
+
+def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After ``optimizer.load_state_dict`` of a full (one-process) state: every state tensor of
+    a sharded parameter's shape becomes a DTensor of its placement (this rank keeps its rows;
+    nothing is communicated), so the optimizer's step combines it with the sharded parameter.
+    Every rank must load the same full state."""
+    from sparsekern.nn._dtensor import is_dtensor, local_like
+
+    for p, s in optimizer.state.items():
+        if not is_dtensor(p):
+            continue
+        for k, v in s.items():
+            if isinstance(v, torch.Tensor) and not is_dtensor(v) and v.shape == p.shape:
+                s[k] = local_like(v, p)
 
 
 def mask_digest(model: nn.Module) -> str:

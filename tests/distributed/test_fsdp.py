@@ -83,6 +83,7 @@ def _pruner_cases(solo):
     from sparsekern.pruning import (
         BlockPruner,
         GaPPruner,
+        GibbsPruner,
         GlobalMagnitudePruner,
         GradualPruner,
         HanPruner,
@@ -90,11 +91,14 @@ def _pruner_cases(solo):
         NMDecayPruner,
         NMPruner,
         RigLPruner,
+        SCLPruner,
         SNIPPruner,
+        SRSTEPruner,
         TaylorImportance,
     )
 
-    # (name, factory(model, opt, group), closure at prune time?); RigL updates every step
+    # (name, factory(model, opt, group), closure at prune time? (None: no prune)); RigL
+    # updates every step
     return [
         ("global_magnitude", lambda m, o, g: GlobalMagnitudePruner(m, o, sparsity=0.9), False),
         ("han", lambda m, o, g: HanPruner(m, o, sparsity=0.7), False),
@@ -143,6 +147,27 @@ def _pruner_cases(solo):
             lambda m, o, g: ImportancePruner(m, o, importance=TaylorImportance(), sparsity=0.7),
             True,
         ),
+        # latent values of pruned weights sharded like the weights; the mask every step from
+        # the dense weights; the decay moves the pruned (latent) ones
+        ("srste", lambda m, o, g: SRSTEPruner(m, o, n_m=(2, 4), decay=0.05, lr=3.0), False),
+        (  # every rank draws the one-process random numbers: rank 0's generator state (here
+            # each rank seeds its own differently), sampled on the full tensors
+            "gibbs",
+            lambda m, o, g: GibbsPruner(
+                m,
+                o,
+                sparsity=0.6,
+                total_steps=6,
+                generator=torch.Generator().manual_seed(4 + (dist.get_rank() if g is None else 0)),
+            ),
+            None,  # no prune(): it would freeze; samples at steps 1-3, the T = 0 mask at 4
+        ),
+        (  # mask scores (from the whole weight's mean) and latent values sharded; the STE
+            # gradient of the scores from the gathered dense gradient; a global top-k
+            "scl",
+            lambda m, o, g: SCLPruner(m, o, sparsity=0.7, end_step=4, mask_lr=0.5),
+            None,
+        ),
     ]
 
 
@@ -171,14 +196,15 @@ def _pruners_worker(rank: int, port: int) -> None:
             torch.manual_seed(11)
             p = make(model, opt, None)
             x0, y0 = batches[0]
-            ref_p.prune(
-                closure=(lambda r=ref, x=x0, y=y0: F.cross_entropy(r(x), y))
-                if closure_at_prune
-                else None
-            )
             xh, yh = _half(x0, rank), _half(y0, rank)
             c = lambda m=model, x=xh, y=yh: F.cross_entropy(m(x), y)  # noqa: E731
-            p.prune(closure=c if closure_at_prune else None)
+            if closure_at_prune is not None:
+                ref_p.prune(
+                    closure=(lambda r=ref, x=x0, y=y0: F.cross_entropy(r(x), y))
+                    if closure_at_prune
+                    else None
+                )
+                p.prune(closure=c if closure_at_prune else None)
             for x, y in batches:
                 for net, o, pr, xb, yb in (
                     (ref, ref_opt, ref_p, x, y),
@@ -209,9 +235,29 @@ def _pruners_worker(rank: int, port: int) -> None:
             assert p.current_sparsity() == ref_p.current_sparsity(), name
             if name == "rigl":  # the drop/grow really ran on gathered gradients
                 assert sum(p.last_update["moved"].values()) > 0
+            for attr in ("latent", "scores"):  # sharded like the weights; whole in state dicts
+                if name not in ("srste", "gibbs", "scl") or not hasattr(p, attr):
+                    continue  # (SNIP's scores: plain, computed whole inside the decision)
+                for n, t in getattr(p, attr).items():
+                    assert isinstance(t, DTensor), (name, attr, n)
+                    assert t.placements == p.layers[n].weight.placements, (name, attr, n)
+                sd, ref_sd = p.state_dict(), ref_p.state_dict()
+                assert any(t.any() for t in ref_sd[attr].values()), name  # values kept
+                for n, t in ref_sd[attr].items():
+                    assert type(sd[attr][n]) is torch.Tensor, (name, attr, n)
+                    torch.testing.assert_close(sd[attr][n], t, rtol=0, atol=1e-5)
+                for t in getattr(p, attr).values():
+                    t.to_local().zero_()
+                p.load_state_dict(sd)  # each rank keeps its rows of the saved whole state
+                for n, t in ref_sd[attr].items():
+                    assert isinstance(getattr(p, attr)[n], DTensor), (name, attr, n)
+                    torch.testing.assert_close(_full(getattr(p, attr)[n]), t, rtol=0, atol=1e-5)
+            if name in ("srste", "gibbs", "scl"):  # the masks moved during training
+                assert ref_p.rounds > 1 and p.rounds == ref_p.rounds, (name, p.rounds, ref_p.rounds)
             xt = batches[0][0]
             torch.testing.assert_close(model(xt), ref(xt), rtol=0, atol=1e-5)
             assert not check_masks(ref), name
+        _omni(rank)
         _loop_under_engines(rank)
         _issue_repro(rank)
         dist.barrier()
@@ -220,6 +266,56 @@ def _pruners_worker(rank: int, port: int) -> None:
         raise
     finally:
         dist.destroy_process_group()
+
+
+def _omni(rank: int) -> None:
+    """OmniSparsity: every level's nested masks ranked on the whole weights and sharded like
+    them; a level sampled per step, the same on every rank (rank 0's draw: here each rank's
+    generator is seeded differently); the supernet ends where one process ends."""
+    from torch.distributed.tensor import DTensor
+
+    from sparsekern.pruning import OmniSparsity
+    from sparsekern.training.distributed import shard_model
+
+    ref = _mlp()
+    model = shard_model(copy.deepcopy(ref))
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    levels = (0.5, 0.75, 0.9)
+    ref_p = OmniSparsity(ref, ref_opt, levels=levels, generator=torch.Generator().manual_seed(7))
+    gen = torch.Generator().manual_seed(7 + rank)
+    p = OmniSparsity(model, opt, levels=levels, generator=gen)
+    drawn = {}
+    for x, y in _batches(4, seed=13):
+        for key, net, o, pr, xb, yb in (
+            ("ref", ref, ref_opt, ref_p, x, y),
+            ("fsdp", model, opt, p, _half(x, rank), _half(y, rank)),
+        ):
+            with pr.sample() as s:
+                drawn.setdefault(key, []).append(s)
+                loss = F.cross_entropy(net(xb), yb)
+                o.zero_grad()
+                loss.backward()
+                o.step()
+            pr.step()
+    assert drawn["fsdp"] == drawn["ref"] and len(set(drawn["ref"])) > 1, drawn
+    for s in levels:
+        assert p.level_sparsity(s) == ref_p.level_sparsity(s), s
+        for n, mk in ref_p.masks[s].items():
+            assert isinstance(p.masks[s][n], DTensor), (s, n)
+            assert torch.equal(_full(p.masks[s][n]), mk), (s, n)
+    ref_layers = dict(ref.named_modules())
+    for n in p.layers:
+        torch.testing.assert_close(
+            _full(p.layers[n].weight.detach()), ref_layers[n].weight.detach(), rtol=0, atol=1e-5
+        )
+        assert torch.equal(_full(p.layers[n].mask), ref_layers[n].mask), n
+    sd = p.state_dict()
+    assert all(type(t) is torch.Tensor for d in sd["masks"].values() for t in d.values())
+    p.load_state_dict(sd)
+    assert all(isinstance(t, DTensor) for d in p.masks.values() for t in d.values())
+    with pytest.raises(NotImplementedError, match="at_sparsity: expected an unsharded"):
+        p.at_sparsity(0.5)
 
 
 def _issue_repro(rank: int) -> None:
@@ -246,10 +342,10 @@ def _issue_repro(rank: int) -> None:
             net(_batches(1)[0][0])
         GlobalMagnitudePruner(net, o, sparsity=0.9).prune()
     assert isinstance(model[0].mask, DTensor)
-    from sparsekern.pruning import SRSTEPruner
+    from sparsekern.pruning import OneShotPruner
 
-    with pytest.raises(NotImplementedError, match="SRSTEPruner: expected a model whose weights"):
-        SRSTEPruner(model, opt, n_m=(2, 4))  # latent dense weights: refused, model untouched
+    with pytest.raises(NotImplementedError, match="OneShotPruner: expected a model whose weights"):
+        OneShotPruner(model, calibration=[_batches(1)[0][0]], method="wanda", sparsity=0.5)
     assert isinstance(model[0].mask, DTensor)
     drop = torch.rand(ref[2].weight.shape, generator=torch.Generator().manual_seed(2)) > 0.5
     set_mask(ref[2], ref[2].mask & drop, ref_opt)

@@ -49,11 +49,19 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
-def test_ddp_two_ranks_cpu(tmp_path, monkeypatch):
-    out = tmp_path / "ddp"
-    cfg = ["--model", "alexnet-caffe", "--synthetic", "--tiny", "--out", out, "--save-rank-masks"]
-    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    proc = run(*cfg, launcher=launcher)
+TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+TWO_RANKS = ["--model", "alexnet-caffe", "--synthetic", "--tiny", "--save-rank-masks"]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """The tiny Caffe AlexNet on 2 ranks, DDP (the default engine under torchrun)."""
+    out = tmp_path_factory.mktemp("ddp")
+    return out, run(*TWO_RANKS, "--out", out, launcher=TORCHRUN)
+
+
+def test_ddp_two_ranks_cpu(ddp_run, monkeypatch):
+    out, proc = ddp_run
     assert "Table 1 (Han et al. 2015)" in proc.stdout
     assert "2 rank(s) on cpu" in proc.stdout
 
@@ -98,14 +106,18 @@ def test_ddp_two_ranks_cpu(tmp_path, monkeypatch):
     events = [json.loads(line)["event"] for line in (out / "log.jsonl").read_text().splitlines()]
     assert events.count("dense_epoch") == 2 and events.count("retrain_epoch") == 4
     assert events[-1] == "done"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    check_exports(out, s, ck)
 
-    # the exports, checked here independently: Han's format and the block-sparse state dict
-    # give the checkpoint's logits
+
+def check_exports(out: Path, s: dict, ck: dict) -> None:
+    """The exports, checked here independently: Han's format and the block-sparse state dict
+    give the checkpoint's logits."""
     from models import build_imagenet_model
     from sparsekern.formats.relative_index import load_compressed
     from sparsekern.nn import BlockSparseConv2d, BlockSparseLinear, load_inference, to_inference
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    comp = out / s["compressed_file"]["path"]
     bs = s["block_sparse"]
     # FC layers and the groups=1 convs (Caffe's conv2/4/5 have 2 groups: they stay masked)
     assert bs["status"].startswith("ok")
@@ -121,6 +133,50 @@ def test_ddp_two_ranks_cpu(tmp_path, monkeypatch):
         y = ref.eval()(x)
         assert torch.equal(han.eval()(x), y)
         torch.testing.assert_close(blk.eval()(x), y, rtol=1e-4, atol=1e-5)
+
+
+def test_fsdp_two_ranks_ends_where_ddp_ends(tmp_path, ddp_run, monkeypatch):
+    """``--engine fsdp`` (FSDP2: each rank a row shard of every weight, mask and momentum): the
+    same run as the DDP one (the same data shares and random streams per rank; the gradients
+    averaged by a reduce-scatter instead of an all-reduce): the same masks bit for bit at every
+    round, the same weights and momentum within float rounding, and the same outputs (Han's
+    file and the block-sparse export, from a gathered copy on rank 0; the checkpoint in the
+    one-process layout). Not compared with a one-process run: each rank's dropout and crops
+    draw from its own stream, and one process draws once for the whole batch."""
+    ddp, _ = ddp_run
+    out = tmp_path / "fsdp"
+    proc = run(*TWO_RANKS, "--out", out, "--engine", "fsdp", launcher=TORCHRUN)
+    assert "2 rank(s) on cpu" in proc.stdout
+    a = json.loads((ddp / "summary.json").read_text())
+    b = json.loads((out / "summary.json").read_text())
+    assert b["args"]["engine"] == "fsdp" and a["args"]["engine"] == "ddp"
+    assert b["mask_sha256_per_rank"] == a["mask_sha256_per_rank"]  # both ranks, gathered
+    for ra, rb in zip(a["rounds"], b["rounds"], strict=True):
+        assert rb["mask_sha256"] == ra["mask_sha256"] and rb["kept"] == ra["kept"]
+        for ea, eb in zip(ra["epochs"], rb["epochs"], strict=True):
+            assert eb["frozen"] == ea["frozen"]
+            assert eb["loss"] == pytest.approx(ea["loss"], rel=1e-6)
+    for k in ("weights_kept", "kept_pct", "dense", "sensitivity", "targets"):
+        assert b[k] == a[k], k
+    ca, cb = load_checkpoint(ddp / "ckpt.pt", CKPT), load_checkpoint(out / "ckpt.pt", CKPT)
+    assert list(cb["model"]) == list(ca["model"])
+    for k, v in ca["model"].items():
+        assert type(cb["model"][k]) is torch.Tensor  # full tensors, not DTensors
+        if v.dtype == torch.bool:
+            assert torch.equal(cb["model"][k], v), k
+            assert not cb["model"][k[: -len("mask")] + "weight"][~v].any(), k  # pruned: 0
+        else:
+            torch.testing.assert_close(cb["model"][k], v, rtol=0, atol=1e-6)
+    for i, st in ca["opt"]["state"].items():
+        mb = cb["opt"]["state"][i]["momentum_buffer"]
+        assert type(mb) is torch.Tensor
+        torch.testing.assert_close(mb, st["momentum_buffer"], rtol=0, atol=1e-6)
+    m0 = load_torch_checked(out / "masks_rank0.pt", RANK_MASKS_MAGIC, "rank 0 masks")
+    m1 = load_torch_checked(out / "masks_rank1.pt", RANK_MASKS_MAGIC, "rank 1 masks")
+    for n in m0:  # each rank gathered the whole mask: its rows and the other rank's
+        assert torch.equal(m0[n], m1[n]) and torch.equal(m0[n], cb["model"][f"{n}.mask"]), n
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    check_exports(out, b, cb)
 
 
 def test_kill9_mid_round_then_resume_equals_uninterrupted(tmp_path, uninterrupted):
@@ -208,6 +264,7 @@ BAD = [  # each must end in argparse's usage error (exit 2) before anything runs
     "8"], ["--data", "/nonexistent"], [], ["--synthetic", "--data", "/tmp"],
     ["--synthetic", "--weights", "/nonexistent.pth"], ["--synthetic", "--resume", "--start", "x"],
     ["--synthetic", "--epochs", "0"], ["--synthetic", "--max-drop", "0"],
+    ["--synthetic", "--engine", "fsdp"], ["--synthetic", "--engine", "gloo"],
 ]  # fmt: skip
 
 
