@@ -69,6 +69,7 @@ bench: venv
 	$(VPY) benchmarks/bench_cpu_sparse_conv.py --out $(RESULTS)
 	$(VPY) benchmarks/bench_inference.py --out $(RESULTS)
 	$(VPY) benchmarks/bench_cpu_sparse_train.py --out $(RESULTS)
+	$(VPY) benchmarks/bench_epoch_lenet300.py --out $(RESULTS)
 
 # The static performance contract, without a GPU: every kernel compiled for sm_90 and sm_80 as the
 # JIT specialises it at its benchmark shape (registers, spills, shared memory, wgmma, overlap).

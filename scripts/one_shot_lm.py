@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import subprocess
 import sys
@@ -33,12 +32,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scripts._lib import checks  # noqa: E402
+from sparsekern.training.report import write_json  # noqa: E402
 
 DENSE_FORMAT = "sparsekern/one_shot_lm/dense/1"
 # label -> (method, options); "sparsegpt-block": one mask threshold per block of 128 columns, as
 # the reference code (the same as sparsegpt for N:M, where selection is per group anyway)
 VARIANTS = {
-    "sparsegpt": ("sparsegpt", {}),
+    "sparsegpt": ("sparsegpt", {}),  # the default: selection="auto", per layer
+    "sparsegpt-row": ("sparsegpt", {"selection": "row"}),
     "sparsegpt-block": ("sparsegpt", {"selection": "block"}),
     "sparsegpt-no-update": ("sparsegpt", {"compensate": False}),
     "wanda": ("wanda", {}),
@@ -196,7 +197,7 @@ def main(argv=None):
         "params": sum(p.numel() for p in model.parameters()), "dense_perplexity": dense_ppl,
         **info, "runs": runs,
     }  # fmt: skip
-    (out / "lm.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "lm.json", result)  # atomic, strict JSON
     write_table(result, out / "lm.md")
     plot(result, out / "lm.png")
     print(f"wrote {out / 'lm.json'}, lm.md, lm.png")
@@ -219,7 +220,7 @@ def write_table(result: dict, path: Path) -> None:
         "",
         "| pattern | "
         + " | ".join(LABELS)
-        + " | SparseGPT / magnitude increase | SparseGPT-block / magnitude |",
+        + " | SparseGPT (auto) / magnitude increase | SparseGPT-block / magnitude |",
         "|---|" + "---:|" * (len(LABELS) + 2),
     ]
     for pat in pats:
@@ -230,7 +231,9 @@ def write_table(result: dict, path: Path) -> None:
         ratio = get[("sparsegpt", pat)]["increase"] / mag if mag > 0 else float("nan")
         row = get[("sparsegpt-block", pat)]["increase"] / mag if mag > 0 else float("nan")
         lines.append(f"| {pat} | " + " | ".join(cells) + f" | {ratio:.2f} | {row:.2f} |")
-    path.write_text("\n".join(lines) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")  # atomic: a reader never sees half a table
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -253,7 +256,9 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title("Byte-level GPT-2 on pydoc_data.topics, one-shot")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.name}.tmp.png")  # atomic, as the table
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

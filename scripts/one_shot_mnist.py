@@ -38,7 +38,8 @@ DENSE_FORMAT = "sparsekern/one_shot_mnist/dense/1"
 # label -> (method, options); "sparsegpt-block": one mask threshold per block of 128 columns, as
 # the reference code (the same as sparsegpt for N:M, where selection is per group anyway)
 VARIANTS = {
-    "sparsegpt": ("sparsegpt", {}),
+    "sparsegpt": ("sparsegpt", {}),  # the default: selection="auto", per layer
+    "sparsegpt-row": ("sparsegpt", {"selection": "row"}),
     "sparsegpt-block": ("sparsegpt", {"selection": "block"}),
     "sparsegpt-no-update": ("sparsegpt", {"compensate": False}),
     "wanda": ("wanda", {}),
@@ -234,7 +235,7 @@ def write_table(result: dict, path: Path) -> None:
         "",
         "| pattern | "
         + " | ".join(labels)
-        + " | SparseGPT / magnitude excess | SparseGPT-block / magnitude |",
+        + " | SparseGPT (auto) / magnitude excess | SparseGPT-block / magnitude |",
         "|---|" + "---:|" * (len(labels) + 2),
     ]
     for pat in pats:
@@ -258,7 +259,9 @@ def write_table(result: dict, path: Path) -> None:
     if t:
         lines += ["", f"SparseGPT on one {t['n']}x{t['n']} layer, {t['dtype']}, 1 CPU thread: "
                   f"{t['50%']:.1f} s (50%), {t['2:4']:.1f} s (2:4)."]  # fmt: skip
-    path.write_text("\n".join(lines) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")  # atomic: a reader never sees half a table
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -282,7 +285,9 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title("LeNet-300-100, one-shot, no retraining")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    tmp = path.with_name(f".{path.name}.tmp.png")  # atomic, as the table
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

@@ -107,3 +107,35 @@ def test_static_rule_decisions_and_reasons():
     assert sparse_pays(16, 4096, 4096, 0.05, cpu, f32, compact=True)[0]
     assert "small step" in sparse_pays(64, 10, 10, 0.01, cpu, f32)[1]
     assert "assumed" in sparse_pays(None, 4096, 9216, 0.05, cpu, f32)[1]
+
+
+def test_cached_choice_follows_everything_it_depends_on():
+    """The forward's choice is cached on the mask: it must change with the mask (in place), the
+    batch, the grad mode, requires_grad and the block size, and the cache must not keep the
+    layer alive."""
+    import gc
+    import weakref
+
+    torch.manual_seed(0)
+    layer = SparseLinear(2048, 1024)
+    layer.mask.zero_()
+    layer.mask[:, :40] = True  # kept 0.02: sparse at 128 rows
+    with torch.no_grad():
+        layer.weight.mul_(layer.mask)
+    assert layer.execution_path((128, 2048)).path == "sparse"
+    assert layer.execution_path((128, 2048)).path == "sparse"  # the cached one
+    assert layer.execution_path((4, 2048)).path == "masked"  # batch < 16
+    with torch.no_grad():
+        assert layer.execution_path((128, 2048)).path == "dense"
+    layer.weight.requires_grad_(False)
+    assert layer.execution_path((128, 2048)).path == "dense"
+    layer.weight.requires_grad_(True)
+    layer.mask.fill_(True)  # in place: the version counter moves
+    choice = layer.execution_path((128, 2048))
+    assert choice.path == "masked" and choice.kept == 1.0
+    layer.set_block_size(16)
+    assert layer.execution_path((128, 2048)).path == "block"
+    ref = weakref.ref(layer)
+    del layer, choice
+    gc.collect()
+    assert ref() is None
