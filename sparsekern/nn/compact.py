@@ -26,6 +26,13 @@ An in-place edit of the ``mask`` buffer (``layer.mask[i] = False``) is seen at t
 (its version counter), which re-packs the values; optimizer state cannot be reached from there:
 use ``set_mask(layer, mask, optimizer)``. RigL's dense-gradient step needs a dense weight
 (``sparsekern.pruning._common.dense_weight_grads``): use dense storage with RigL.
+
+Under FSDP2 (``sparsekern.training.distributed.shard_model``) ``values`` is sharded on dim 0 (a
+contiguous chunk of the kept weights per rank, all-gathered for the forward and backward); the
+mask and its index stay whole on every rank. The mask is then fixed: ``set_mask``, an in-place
+edit of the mask and a state-dict load with another mask raise ``RuntimeError`` (a new mask
+would resize the sharded parameter); ``weight`` and ``state_dict`` all-gather the values (every
+rank calls). See ``docs/distributed.md``.
 """
 
 from __future__ import annotations
@@ -120,7 +127,10 @@ class CompactSparseLinear(nn.Module):
     def weight(self) -> torch.Tensor:
         """A dense ``[out_features, in_features]`` copy (no gradient), zero where pruned."""
         idx = self.__dict__["_packed"][2]
-        return idx.scatter(self.values.detach())
+        v = self.values.detach()
+        if _is_dtensor(v):  # FSDP2-sharded values: all-gathered (a collective)
+            v = v.full_tensor()
+        return idx.scatter(v)
 
     @property
     def density(self) -> float:
@@ -134,6 +144,18 @@ class CompactSparseLinear(nn.Module):
         )
 
     # --- mask changes ------------------------------------------------------------------------
+    def _refuse_sharded(self, what: str) -> None:
+        if self.__dict__.get("_sk_fsdp"):
+            raise RuntimeError(
+                f"{what}: expected a CompactSparseLinear whose values are not sharded, got one "
+                f"under FSDP2 (fully_shard; {self.values.numel()} kept weights): a mask change "
+                "changes the number of kept weights, i.e. the size of the sharded parameter, "
+                "which FSDP cannot re-register. Its mask is fixed while sharded. Decide masks on "
+                "dense storage (SparseLinear, which prunes under FSDP) and compact after, or "
+                "gather the model (training.distributed.full_state_dict), change the mask in "
+                "one process and shard again"
+            )
+
     def _note_packed(self) -> None:
         self.__dict__["_packed"] = (self.mask, self.mask._version, mask_index(self.mask))
 
@@ -171,6 +193,7 @@ class CompactSparseLinear(nn.Module):
             raise ValueError(
                 f"set_mask: mask: expected the layer's device {self.mask.device}, got {mask.device}"
             )
+        self._refuse_sharded("set_mask")
         self._sync(None)  # an unnoticed in-place edit first
         new = mask.clone()
         old_index = self.__dict__["_packed"][2]
@@ -184,6 +207,7 @@ class CompactSparseLinear(nn.Module):
         if mask is self.mask and version == self.mask._version:
             return
         # The buffer was edited in place (or replaced): keep the kept values, zero the rest.
+        self._refuse_sharded("an in-place edit of the mask buffer")
         _check_mask(self.mask, (self.out_features, self.in_features), "mask buffer")
         new_index = mask_index(self.mask)
         reset = ~self.mask.reshape(-1)
@@ -257,6 +281,20 @@ class CompactSparseLinear(nn.Module):
                 f"While loading {bkey!r}: expected shape [{self.out_features}], got {list(b.shape)}"
             )
             return
+        if self.__dict__.get("_sk_fsdp"):
+            mask = mask.to(self.mask.device)
+            if not torch.equal(mask, self.mask):
+                error_msgs.append(
+                    f"While loading {mkey!r}: expected the sharded compact layer's own mask "
+                    f"({self.values.numel()} kept weights; its mask is fixed under FSDP2), got "
+                    f"another ({int(mask.sum())} kept)"
+                )
+                return
+            with torch.no_grad():  # each rank keeps its chunk of the values
+                self._copy_into(self.values, self.index.gather(w.to(self.mask.device)))
+                if self.bias is not None and b is not None:
+                    self._copy_into(self.bias, b)
+            return
         with torch.no_grad():
             self.mask.copy_(mask.to(self.mask.device))
             index = mask_index(self.mask)
@@ -265,6 +303,18 @@ class CompactSparseLinear(nn.Module):
             if self.bias is not None and b is not None:
                 self.bias.copy_(b)
         self._note_packed()
+
+    @staticmethod
+    def _copy_into(param: torch.Tensor, full: torch.Tensor) -> None:
+        if _is_dtensor(param):
+            from sparsekern.nn._dtensor import local_like
+
+            full = local_like(full.to(param.dtype), param)
+        param.copy_(full)
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor"
 
 
 def _check_mask(mask, shape, what: str) -> None:

@@ -309,6 +309,16 @@ def _reshard(model) -> bool:
 def _base_init(init):
     @functools.wraps(init)
     def __init__(self, model, *args, **kwargs):
+        if isinstance(model, nn.Module):
+            compact = [n for n, m in model.named_modules() if m.__dict__.get("_sk_fsdp")]
+            if compact:  # refused before the pruner touches anything
+                raise NotImplementedError(
+                    f"{type(self).__name__}: expected sparse layers whose masks can change, got "
+                    f"compact-storage layers sharded by FSDP2 {compact[:4]}: their mask is fixed "
+                    "while sharded (a new mask resizes the sharded values). Prune dense storage "
+                    "(SparseLinear) under FSDP and compact after, or prune an unsharded copy "
+                    "(full_state_dict) and shard it again (docs/distributed.md)"
+                )
         fsdp = _reshard(model)
         init(self, model, *args, **kwargs)
         self.__dict__["_sk_fsdp"] = fsdp

@@ -207,32 +207,50 @@ def shard_model(model: nn.Module, mesh=None, *, reshard_after_forward: bool = Tr
         reshard_after_forward: FSDP2's flag for the sparse layers (True frees each gathered
             weight after its forward and gathers it again in the backward).
 
-    Raises:
-        TypeError: compact-storage layers (``CompactLinear`` ...): their kept values are a
-            1-D vector whose row boundaries vary per row, which FSDP's dim-0 sharding cannot
-            align with the mask; train the masked layer and compact it after (to_inference).
+    Compact-storage layers (``CompactSparseLinear``): FSDP shards their trainable ``values
+    [nnz]`` (rank r holds the chunk ``torch.chunk(range(nnz), world)[r]`` of the kept weights in
+    CSR order) and all-gathers it for the forward and backward; the ``mask`` and its CSR index
+    stay whole on every rank. Their mask is fixed while sharded (``set_mask``, a pruner, an
+    in-place mask edit and a state-dict load with another mask are refused; the number of kept
+    weights, hence the sharded parameter's size, would change).
     """
     from torch.distributed.fsdp import fully_shard
 
     from sparsekern.nn._dtensor import shard_mask
 
-    compact = [n for n, m in model.named_modules() if hasattr(m, "repack_mask")]
-    if compact:
-        raise TypeError(
-            "shard_model: expected sparse layers with a dense weight and a mask (SparseLinear, "
-            f"SparseConv2d), got compact-storage layers {compact[:4]}: FSDP2 shards dim 0 of "
-            "each parameter, and a compact layer's kept values (one 1-D vector, rows of varying "
-            "length) cannot be split so each rank's values match its mask rows. Train the masked "
-            "layers under FSDP and compact them after training (sparsekern.nn.to_inference)"
-        )
     kw = {} if mesh is None else {"mesh": mesh}
     for _, m in _sparse_layers(model):
         if m is not model:
             fully_shard(m, reshard_after_forward=reshard_after_forward, **kw)
     fully_shard(model, **kw)
+    compact = False
     for _, m in _sparse_layers(model):
-        shard_mask(m)
+        if hasattr(m, "repack_mask"):  # compact: values sharded, mask and index replicated
+            m.__dict__["_sk_fsdp"] = compact = True
+        else:
+            shard_mask(m)
+    if compact and "_sk_compact_load_hook" not in model.__dict__:
+        hook = model.register_load_state_dict_pre_hook(_refuse_compact_mask_change)
+        model.__dict__["_sk_compact_load_hook"] = hook
     return model
+
+
+def _refuse_compact_mask_change(module, state_dict, prefix, *args) -> None:
+    # before any layer loads: a layer-by-layer refusal would leave the layers before it loaded
+    for name, m in module.named_modules():
+        if not m.__dict__.get("_sk_fsdp"):
+            continue
+        key = f"{prefix}{name}.mask" if name else f"{prefix}mask"
+        mask = state_dict.get(key)
+        ok = not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
+        if ok or mask.shape != m.mask.shape or torch.equal(mask.to(m.mask.device), m.mask):
+            continue  # absent or malformed: the layer's own load reports it
+        raise RuntimeError(
+            f"load_state_dict: {key!r}: expected the sharded compact layer's own mask "
+            f"({m.values.numel()} kept weights; its mask is fixed under FSDP2: another one would "
+            f"resize the sharded values), got another ({int(mask.sum())} kept); nothing loaded. "
+            "Load into an unsharded model and shard it after"
+        )
 
 
 def distribute(model: nn.Module, engine: str, env: DistEnv | None = None, hsdp_replicas: int = 0):

@@ -483,7 +483,6 @@ def _paths_worker(rank: int, port: int) -> None:
         # HSDP: a 2 x 1 mesh (2 replicas of 1-rank shard groups) builds and trains on gloo
         from torch.distributed.tensor import Replicate, Shard
 
-        from sparsekern.nn import CompactSparseLinear
         from sparsekern.pruning import GlobalMagnitudePruner
         from sparsekern.training.distributed import distribute
 
@@ -508,20 +507,104 @@ def _paths_worker(rank: int, port: int) -> None:
             torch.testing.assert_close(_full(model[i].weight.detach()), ref[i].weight.detach(),
                                        rtol=0, atol=1e-5)  # fmt: skip
 
-        # compact storage cannot be row-sharded: refused before anything is wrapped
-        compact = nn.Sequential(CompactSparseLinear.from_dense(_mlp()[0]))
-        try:
-            distribute(compact, "fsdp")
-            raise AssertionError("a compact-storage model was sharded")
-        except TypeError as e:
-            assert "compact" in str(e), e
-        assert not any(type(p).__name__ == "DTensor" for p in compact.parameters())
+        _compact_under_fully_shard(rank)
         dist.barrier()
     except BaseException:
         traceback.print_exc()
         raise
     finally:
         dist.destroy_process_group()
+
+
+def _compact_model(seed: int = 0) -> nn.Module:
+    # compact storage: a 5%-dense 128 x 256 layer (the CSR ``sparse`` path at 128 rows) between
+    # two half-dense ones (dense rebuild + GEMM); masks drawn on dense storage, then loaded
+    from sparsekern import sparsify
+
+    def net():
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 256), nn.ReLU(),
+                             nn.Linear(256, 5))  # fmt: skip
+
+    dense = sparsify(net())
+    g = torch.Generator().manual_seed(seed + 1)
+    for i, keep in ((0, 0.5), (2, 0.05), (4, 0.5)):
+        dense[i].set_mask(torch.rand(dense[i].weight.shape, generator=g) < keep)
+    model = sparsify(net(), storage="compact")
+    model.load_state_dict(dense.state_dict())
+    return model
+
+
+def _compact_under_fully_shard(rank: int) -> None:
+    """Compact storage: FSDP shards ``values [nnz]`` (a contiguous chunk of the kept weights per
+    rank), the mask and its index stay whole; training matches one process; a mask change is
+    refused before anything changes."""
+    from torch.distributed.tensor import Shard
+
+    from sparsekern.nn import execution_plan, set_mask
+    from sparsekern.pruning import GlobalMagnitudePruner
+    from sparsekern.training.distributed import full_state_dict, shard_model
+
+    ref = _compact_model()
+    model = shard_model(copy.deepcopy(ref))
+    for i in (0, 2, 4):
+        v, nnz = model[i].values, ref[i].values.numel()
+        assert type(v).__name__ == "DTensor" and v.placements == (Shard(0),), i
+        assert v.shape == (nnz,)
+        assert v.to_local().shape[0] == len(torch.chunk(torch.arange(nnz), WORLD)[rank])
+        assert type(model[i].mask).__name__ == "Tensor" and torch.equal(model[i].mask, ref[i].mask)
+    ref_opt = torch.optim.Adam(ref.parameters(), lr=0.01)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(256, 32, generator=g), torch.randint(5, (256,), generator=g)
+    for _ in range(3):
+        for net, o, xb, yb in ((ref, ref_opt, x, y), (model, opt, _half(x, rank), _half(y, rank))):
+            o.zero_grad()
+            F.cross_entropy(net(xb), yb).backward()
+            o.step()
+    want = ["reference", "sparse", "reference"]
+    assert [e.path for e in execution_plan(ref)] == want
+    assert [e.path for e in execution_plan(model)] == want
+    sd, ref_sd = full_state_dict(model), ref.state_dict()
+    assert sd.keys() == ref_sd.keys()
+    for i in (0, 2, 4):
+        mask = ref_sd[f"{i}.mask"]
+        assert torch.equal(sd[f"{i}.mask"], mask)
+        assert not sd[f"{i}.weight"][~mask].any()  # pruned weights exactly zero
+        assert not torch.equal(sd[f"{i}.weight"], _compact_model().state_dict()[f"{i}.weight"])
+        for k in ("weight", "bias"):
+            torch.testing.assert_close(sd[f"{i}.{k}"], ref_sd[f"{i}.{k}"], rtol=0, atol=1e-5)
+        st = opt.state[model[i].values]["exp_avg"]
+        assert type(st).__name__ == "DTensor" and st.shape == model[i].values.shape
+    torch.testing.assert_close(model(x[:16]), ref(x[:16]), rtol=0, atol=1e-5)
+
+    # a mask change (set_mask, a pruner, a load with another mask, an in-place edit) would
+    # resize the sharded values: refused, nothing changed
+    before = (full_state_dict(model), [s["exp_avg"].to_local().clone() for s in opt.state.values()])
+    new = ~ref[2].mask
+    for attempt, err in (
+        (lambda: set_mask(model[2], new, opt), RuntimeError),
+        (lambda: GlobalMagnitudePruner(model, opt, sparsity=0.99), NotImplementedError),
+        (lambda: model.load_state_dict({**ref_sd, "2.mask": new}), RuntimeError),
+    ):
+        try:
+            attempt()
+            raise AssertionError("a mask change on sharded compact values was accepted")
+        except err as e:
+            assert "fixed" in str(e) and "FSDP" in str(e), e
+    after = (full_state_dict(model), [s["exp_avg"].to_local() for s in opt.state.values()])
+    assert all(torch.equal(before[0][k], after[0][k]) for k in before[0])
+    assert all(torch.equal(a, b) for a, b in zip(before[1], after[1]))
+    # a load with the same masks: each rank keeps its chunk of the values
+    model.load_state_dict(_compact_model().state_dict())
+    torch.testing.assert_close(model(x[:16]), _compact_model()(x[:16]), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        model[4].mask[0, :] = False
+    try:
+        model(x[:4])
+        raise AssertionError("an in-place mask edit of a sharded compact layer was accepted")
+    except RuntimeError as e:
+        assert "in-place edit" in str(e) and "FSDP" in str(e), e
 
 
 def test_execution_paths_under_fully_shard_give_the_one_process_result():
