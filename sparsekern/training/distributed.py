@@ -433,6 +433,7 @@ def load_sharded(path, model: nn.Module, optimizer=None, pruner=None) -> dict:
         raise CheckpointError(
             f"{path}: saved by {meta.get('world')} ranks, this run has {world}: expected the same"
         )
+    _check_compact_masks(path, model, sizes)
     if pruner is not None and meta.get("pruner") is not None:
         pruner.load_state_dict(meta["pruner"])  # refuses another configuration first
     if optimizer is not None:
@@ -451,6 +452,27 @@ def load_sharded(path, model: nn.Module, optimizer=None, pruner=None) -> dict:
         note_mask_synced(m)
     set_rng_state(_from_bytes(small[key]), _model_device(model))
     return meta.get("extra") or {}
+
+
+def _check_compact_masks(path: Path, model: nn.Module, sizes) -> None:
+    # a sharded compact layer's mask is fixed (its values' size is): the saved masks are read
+    # and compared before anything (optimizer state included) is loaded in place
+    import torch.distributed.checkpoint as dcp
+
+    from sparsekern.training.checkpoint import CheckpointError
+
+    layers = {f"model.{n}.mask": m for n, m in model.named_modules() if m.__dict__.get("_sk_fsdp")}
+    if not layers:
+        return
+    saved = {k: torch.empty_like(m.mask) for k, m in layers.items() if k in sizes}
+    dcp.load(saved, checkpoint_id=str(path))
+    bad = [k for k, m in layers.items() if k in saved and not torch.equal(saved[k], m.mask)]
+    if bad:
+        raise CheckpointError(
+            f"{path}: expected the masks of the sharded compact layers {bad[:4]} (fixed under "
+            "FSDP2: another mask resizes the sharded values), got others; nothing loaded. "
+            "Build the model with the checkpoint's masks before sharding it"
+        )
 
 
 def load_full_into_sharded(model: nn.Module, full_state: dict, optimizer=None) -> None:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 
@@ -543,7 +545,16 @@ def _compact_under_fully_shard(rank: int) -> None:
 
     from sparsekern.nn import execution_plan, set_mask
     from sparsekern.pruning import GlobalMagnitudePruner
-    from sparsekern.training.distributed import full_state_dict, shard_model
+    from sparsekern.training import CheckpointError
+    from sparsekern.training.distributed import (
+        full_optimizer_state,
+        full_state_dict,
+        gather_objects,
+        load_full_into_sharded,
+        load_sharded,
+        save_sharded,
+        shard_model,
+    )
 
     ref = _compact_model()
     model = shard_model(copy.deepcopy(ref))
@@ -577,6 +588,30 @@ def _compact_under_fully_shard(rank: int) -> None:
         st = opt.state[model[i].values]["exp_avg"]
         assert type(st).__name__ == "DTensor" and st.shape == model[i].values.shape
     torch.testing.assert_close(model(x[:16]), ref(x[:16]), rtol=0, atol=1e-5)
+
+    # a sharded checkpoint and a full (one-process) state dict load back bitwise
+    tmp = gather_objects(tempfile.mkdtemp() if rank == 0 else None)[0]
+    save_sharded(Path(tmp) / "ck", model, opt)
+    other = shard_model(_compact_model(seed=1))  # other masks: refused before any load
+    try:
+        load_sharded(Path(tmp) / "ck", other, torch.optim.Adam(other.parameters()))
+        raise AssertionError("a checkpoint with other masks loaded into sharded compact layers")
+    except CheckpointError as e:
+        assert "masks" in str(e) and "nothing loaded" in str(e), e
+    for full in (False, True):
+        back = shard_model(_compact_model())
+        back_opt = torch.optim.Adam(back.parameters(), lr=0.01)
+        if full:
+            load_full_into_sharded(back, dict(sd))
+        else:
+            load_sharded(Path(tmp) / "ck", back, back_opt)
+            a, b = full_optimizer_state(opt)["state"], full_optimizer_state(back_opt)["state"]
+            assert all(torch.equal(a[i][k], b[i][k]) for i in a for k in a[i])
+        got = full_state_dict(back)
+        assert all(torch.equal(got[k], sd[k]) for k in sd), full
+    dist.barrier()
+    if rank == 0:
+        shutil.rmtree(tmp)
 
     # a mask change (set_mask, a pruner, a load with another mask, an in-place edit) would
     # resize the sharded values: refused, nothing changed
