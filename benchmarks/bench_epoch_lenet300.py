@@ -1,14 +1,14 @@
 """End-to-end target of issue 24: LeNet-300-100 trained sparse from initialisation at 98% (SNIP)
 takes less time per epoch than the dense net, in the main loop of ``sparsekern.training``.
 
-    python benchmarks/bench_epoch_lenet300.py [--threads 1] [--repeats 5] [--images 60000]
+    python benchmarks/bench_epoch_lenet300.py [--threads 2] [--repeats 5] [--images 60000]
 
 Three nets, the same batches, interleaved epochs (the order rotates every repeat), medians:
 ``dense`` (plain ``nn.Linear``s), ``sparsify-dense`` (the sparse modules with all-True masks),
 ``snip98`` (sparse modules, SNIP masks at 98% from one batch at initialisation; the execution
 plan picks each layer's path). Each epoch is ``training.train_epoch`` with Nesterov SGD, batch
 128, over ``--images`` MNIST training images. The plan of ``snip98`` is printed and saved, with
-the ratios, to benchmarks/results/cpu_epoch_lenet300_<date>.json.
+the ratios, to benchmarks/results/cpu_epoch_lenet300_t<threads>_<date>.json.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from sparsekern.training.data import load_mnist, tensor_loader  # noqa: E402
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (the runs use 1)")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads (runs: 1)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--images", type=int, default=60000)
     ap.add_argument("--sparsity", type=float, default=0.98)
@@ -81,7 +81,8 @@ def main(argv=None) -> dict:
               f"(q1 {r['ratio_q1']:.3f}, q3 {r['ratio_q3']:.3f})")  # fmt: skip
     payload = {"env": cpu_environment(), "args": vars(args), "plan": plan, "epochs": res}
     day = dt.date.today().isoformat()
-    path = write_json(os.path.join(args.out, f"cpu_epoch_lenet300_{day}.json"), payload)
+    name = f"cpu_epoch_lenet300_t{args.threads}_{day}.json"
+    path = write_json(os.path.join(args.out, name), payload)
     print(f"wrote {path}")
     return payload
 
