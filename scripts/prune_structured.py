@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from scripts._lib import checks  # noqa: E402
+from scripts._lib.structured_report import plot, write_table  # noqa: E402
 from scripts._lib.torchvision_rows import TORCHVISION_NETS, torchvision_rows  # noqa: E402
 from sparsekern.nn import sparsify  # noqa: E402
 from sparsekern.pruning import GlobalMagnitudePruner  # noqa: E402
@@ -369,62 +370,8 @@ def main(argv=None):
     }
     write_json(out / "lenet5_mnist.json", summary)
     write_table(summary, out / "lenet5_mnist.md")
-    plot(summary, out / "lenet5_error_vs_flops.png")
+    plot(summary, out / "lenet5_error_vs_flops.png", [*METHODS, *EXTRA_METHODS])
     print(f"wrote {out}", flush=True)
-
-
-def write_table(summary, path):
-    base = next(r for r in summary["results"] if r["method"] == "dense")
-    lines = [
-        f"# LeNet-5 (+BN) on MNIST: structured pruning\n\n`{summary['command']}` at "
-        f"`{summary['git_commit']}`, {summary['seconds']:.0f} s. Dense: {base['error']:.2f}% "
-        f"error, {base['macs']:,} MACs, {base['params']:,} params.\n",
-        "| method | removed (weights: same params as) | error % | MACs | FLOP reduction | params "
-        "| widths conv1/conv2/fc1 |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in summary["results"]:
-        w = r["widths"]
-        red = base["macs"] / r["macs"]
-        kept_macs = (
-            f" ({r['kept_weight_macs']:,} at kept weights)" if "kept_weight_macs" in r else ""
-        )
-        lines.append(
-            f"| {r['method']} | {r['amount']:.0%} | {r['error']:.2f} | {r['macs']:,}{kept_macs} | "
-            f"{red:.2f}x | {r['params']:,} | {w['conv1']}/{w['conv2']}/{w['fc1']} |"
-        )
-    tmp = path.with_name(f".{path.name}.tmp")  # atomic: a reader never sees half a table
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
-
-
-def plot(summary, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    base = next(r for r in summary["results"] if r["method"] == "dense")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for method in [*METHODS, *EXTRA_METHODS]:
-        rs = sorted(
-            (r for r in summary["results"] if r["method"] == method), key=lambda r: r["macs"]
-        )
-        if rs:
-            ax.plot(
-                [r["macs"] / base["macs"] for r in rs], [r["error"] for r in rs], "o-", label=method
-            )
-    ax.axhline(base["error"], color="k", ls=":", label="dense")
-    ax.axhline(1.0, color="r", ls="--", lw=0.8, label="1% target")
-    ax.axvline(1 / 3, color="gray", ls="--", lw=0.8, label="3x fewer FLOPs")
-    ax.set_xlabel("kept FLOPs (MACs, fraction of dense)")
-    ax.set_ylabel("test error %")
-    ax.set_title("LeNet-5 (+BN), MNIST: channel / neuron removal")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")  # atomic, as the table
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
 
 
 if __name__ == "__main__":

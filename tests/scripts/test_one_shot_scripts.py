@@ -22,6 +22,7 @@ def test_one_shot_lm_smoke(tmp_path, monkeypatch):
             "--calib", "16"]  # fmt: skip
     one_shot_lm.main(args)
     result = json.loads((tmp_path / "lm.json").read_text())
-    assert len(result["runs"]) == 15
+    assert len(result["runs"]) == 3 * len(one_shot_lm.VARIANTS) == 18  # 3 patterns x 6 variants
+    assert {r["method"] for r in result["runs"]} == set(one_shot_lm.VARIANTS)
     assert all(r["perplexity"] > 1 for r in result["runs"])
     assert (tmp_path / "lm.md").exists() and (tmp_path / "lm.png").exists()

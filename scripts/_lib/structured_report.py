@@ -1,0 +1,59 @@
+"""The table and the figure of scripts/prune_structured.py's LeNet-5 summary."""
+
+from __future__ import annotations
+
+
+def write_table(summary, path):
+    """The markdown table of a prune_structured.py summary, written atomically."""
+    base = next(r for r in summary["results"] if r["method"] == "dense")
+    lines = [
+        f"# LeNet-5 (+BN) on MNIST: structured pruning\n\n`{summary['command']}` at "
+        f"`{summary['git_commit']}`, {summary['seconds']:.0f} s. Dense: {base['error']:.2f}% "
+        f"error, {base['macs']:,} MACs, {base['params']:,} params.\n",
+        "| method | removed (weights: same params as) | error % | MACs | FLOP reduction | params "
+        "| widths conv1/conv2/fc1 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in summary["results"]:
+        w = r["widths"]
+        red = base["macs"] / r["macs"]
+        kept_macs = (
+            f" ({r['kept_weight_macs']:,} at kept weights)" if "kept_weight_macs" in r else ""
+        )
+        lines.append(
+            f"| {r['method']} | {r['amount']:.0%} | {r['error']:.2f} | {r['macs']:,}{kept_macs} | "
+            f"{red:.2f}x | {r['params']:,} | {w['conv1']}/{w['conv2']}/{w['fc1']} |"
+        )
+    tmp = path.with_name(f".{path.name}.tmp")  # atomic: a reader never sees half a table
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+
+
+def plot(summary, path, methods):
+    """Test error against kept MACs, one line per method of ``methods``, written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    base = next(r for r in summary["results"] if r["method"] == "dense")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method in methods:
+        rs = sorted(
+            (r for r in summary["results"] if r["method"] == method), key=lambda r: r["macs"]
+        )
+        if rs:
+            ax.plot(
+                [r["macs"] / base["macs"] for r in rs], [r["error"] for r in rs], "o-", label=method
+            )
+    ax.axhline(base["error"], color="k", ls=":", label="dense")
+    ax.axhline(1.0, color="r", ls="--", lw=0.8, label="1% target")
+    ax.axvline(1 / 3, color="gray", ls="--", lw=0.8, label="3x fewer FLOPs")
+    ax.set_xlabel("kept FLOPs (MACs, fraction of dense)")
+    ax.set_ylabel("test error %")
+    ax.set_title("LeNet-5 (+BN), MNIST: channel / neuron removal")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")  # atomic, as the table
+    fig.savefig(tmp, dpi=120)
+    tmp.replace(path)
