@@ -6,6 +6,7 @@ the papers' figures beside each row (SNIP: LeNet-300-100 95% 1.6%, 98% 2.4%; LeN
     python scripts/methods_table.py                      # the full table (hours on 2 cores)
     python scripts/methods_table.py --quick              # CI: tiny budgets, runs/methods-quick
     python scripts/methods_table.py --table results/methods   # print the table of DIR/*.json
+    python scripts/methods_table.py --table results/methods --into results/methods.md  # rewrite
     python scripts/methods_table.py --models lenet300 --methods snip,rigl --dry-run
     python scripts/methods_table.py --methods nm,nmdecay,nmstruct,srste --nm-24   # + 2:4 rows
 
@@ -56,6 +57,9 @@ QUICK = dict(  # CI: every method and stage in seconds (LeNet-300-100 on 1,000 i
     flags=["--subset", "1000", "--test-subset", "500", "--val-images", "500", "--sens-n", "500"],
 )  # fmt: skip
 SPARSITIES = (0.9, 0.95, 0.98)
+# --into: the generated block of a markdown file (results/methods.md) lies between these lines
+BEGIN = "<!-- scripts/methods_table.py --table: begin -->"
+END = "<!-- scripts/methods_table.py --table: end -->"
 
 
 def parse_args(argv=None):
@@ -66,6 +70,7 @@ def parse_args(argv=None):
     )
     a = p.add_argument
     a("--table", metavar="DIR", help="print the table of DIR/*.json and exit")
+    a("--into", metavar="MD", help="with --table: rewrite the table between MD's markers")
     a("--models", type=checks.choices_list(MODELS), default=list(MODELS))
     a("--methods", type=checks.choices_list(recipes.METHODS), default=list(recipes.METHODS))
     a("--sparsities", type=checks.number_list(checks.fraction(lo_open=True, hi_open=True)),
@@ -87,6 +92,17 @@ def parse_args(argv=None):
             p.error(f"argument --table: expected a folder of run summaries (*.json), got {d}")
         if args.quick or args.dry_run or args.results or args.runs:
             p.error("argument --table: prints a table only; expected no other option")
+        if args.into is not None:
+            md = Path(args.into)
+            if (
+                not md.is_file()
+                or md.read_text().count(BEGIN) != 1
+                or md.read_text().count(END) != 1
+            ):
+                p.error(f"argument --into: expected a markdown file with one {BEGIN!r} and one "
+                        f"{END!r} line, got {md}")  # fmt: skip
+    elif args.into is not None:
+        p.error("argument --into: expected --table DIR with it")
     if args.nm_24 and not set(args.methods) & set(recipes.NM_METHODS):
         p.error(f"argument --nm-24: expected an N:M method {recipes.NM_METHODS} among --methods, "
                 f"got {','.join(args.methods)}")  # fmt: skip
@@ -128,15 +144,32 @@ def commands(args) -> list[tuple[str, list[str]]]:
 def print_table(folder) -> str:
     runs = [json.loads(f.read_text()) for f in sorted(Path(folder).glob("*.json"))]
     names = {k: v["name"] for k, v in HAN_2015.items()}
-    text = tables.methods_table(runs, names, METHOD_FIGURES)
+    commits = sorted({r["run"]["commit"][:7] for r in runs})
+    dirty = sorted({bool(r["run"].get("dirty")) for r in runs})
+    where = Path(folder).resolve()
+    where = where.relative_to(ROOT) if where.is_relative_to(ROOT) else where
+    text = f"{len(runs)} runs of `{where}`, commits {', '.join(commits)} (dirty: {dirty}).\n\n"
+    text += tables.methods_table(runs, names, METHOD_FIGURES)
     print(text)
     return text
+
+
+def write_into(md: Path, text: str) -> None:
+    """Replace what lies between :data:`BEGIN` and :data:`END` in ``md`` by ``text`` (atomic)."""
+    head, rest = md.read_text().split(BEGIN + "\n", 1)
+    tail = rest.split(END, 1)[1]
+    tmp = md.with_name(f".{md.name}.tmp")
+    tmp.write_text(f"{head}{BEGIN}\n{text}\n{END}{tail}")
+    os.replace(tmp, md)
 
 
 def main(argv=None):
     args = parse_args(argv)
     if args.table is not None:
-        return print_table(args.table)
+        text = print_table(args.table)
+        if args.into is not None:
+            write_into(Path(args.into), text)
+        return text
     todo = commands(args)
     if args.dry_run:
         return print("\n".join("python scripts/prune_mnist.py " + " ".join(a) for _, a in todo))

@@ -3,6 +3,7 @@
 cases are the adversarial pass's (issue 27, items 6 and 7)."""
 
 import json
+import sys
 
 import pytest
 
@@ -91,9 +92,25 @@ def test_methods_table(tmp_path, a_file):
         ["--table", str(tmp_path / "empty")], ["--table", a_file],
         ["--table", str(ROOT / "results" / "methods"), "--quick"], ["--runs", a_file],
         ["--results", a_file], ["--methods", "han,snip", "--nm-24"],
-        ["--methods", "srste,scl,bogus", "--nm-24"],
+        ["--methods", "srste,scl,bogus", "--nm-24"], ["--into", a_file],
+        ["--table", str(ROOT / "results" / "methods"), "--into", a_file],
     ]  # fmt: skip
     check_rejected("methods_table.py", cases, tmp_path)
+
+
+def test_methods_table_into(tmp_path):
+    """--into rewrites only the block between the markers, and results/methods.md holds exactly
+    what the committed summaries give."""
+    sys.path.insert(0, str(ROOT))
+    from scripts import methods_table as mt
+
+    md = tmp_path / "m.md"
+    md.write_text(f"head\n{mt.BEGIN}\nold\n{mt.END}\ntail\n")
+    mt.write_into(md, "new")
+    assert md.read_text() == f"head\n{mt.BEGIN}\nnew\n{mt.END}\ntail\n"
+    committed = (ROOT / "results" / "methods.md").read_text()
+    text = mt.print_table(ROOT / "results" / "methods")
+    assert f"{mt.BEGIN}\n{text}\n{mt.END}" in committed
 
 
 def test_search_mnist(tmp_path, a_file):
