@@ -25,20 +25,25 @@ demo: venv
 
 # The results committed in results/, one command each: the validation searches (the presets'
 # "searched" knobs come from results/search/*.json), the two Table 1 rows (LeNet-5 ~25 min on 2
-# cores) and the small summary CI reproduces exactly (tests/scripts/test_prune_mnist.py).
+# cores), the small summary CI reproduces exactly (tests/scripts/test_prune_mnist.py), then the
+# README's results table from the summaries.
 mnist: venv
 	$(VPY) scripts/search_mnist.py --preset lenet300 --jobs 2
+	$(VPY) scripts/search_mnist.py --preset lenet5 --jobs 2
 	$(VPY) scripts/prune_mnist.py --preset lenet300 --overwrite --no-progress
 	$(VPY) scripts/prune_mnist.py --preset lenet5 --overwrite --no-progress
 	$(VPY) scripts/prune_mnist.py --model lenet300 --subset 2000 --test-subset 1000 --sens-n 1000 \
 		--epochs 2 --rounds 2 --retrain-epochs 1 --no-figures --no-progress --overwrite \
 		--out results/ci/lenet300-tiny
+	$(VPY) scripts/readme_results.py
 
 # The methods after Han on MNIST (results/methods.md): every method at 90 / 95 / 98% sparsity on
-# both LeNets at one budget per model (LeNet-300-100 60 epochs, LeNet-5 40; hours on 2 cores),
-# then the table with the papers' figures (results/methods/table.md). methods-quick: the same pipeline at CI budgets.
+# both LeNets at one budget per model (LeNet-300-100 40 epochs, LeNet-5 2; hours on 2 cores),
+# then the table with the papers' figures (results/methods/table.md, and results/methods.md's
+# table). methods-quick: the same pipeline at CI budgets.
 methods: venv
-	$(VPY) scripts/methods_table.py
+	$(VPY) scripts/methods_table.py --nm-24
+	$(VPY) scripts/methods_table.py --table results/methods --into results/methods.md
 
 methods-quick: venv
 	$(VPY) scripts/methods_table.py --quick --models lenet300 --sparsities 0.9

@@ -1,0 +1,39 @@
+"""The README's results table is what the committed summaries say (scripts/readme_results.py)."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+from tests.helpers import ROOT
+
+sys.path.insert(0, str(ROOT))
+from scripts import readme_results as rr  # noqa: E402
+
+
+def test_readme_matches_the_summaries():
+    readme = (ROOT / "README.md").read_text()
+    assert rr.render(readme, rr.block()) == readme, "run python scripts/readme_results.py"
+    assert rr.main(["--check"]) == 0
+
+
+def test_rows_come_from_the_files(tmp_path):
+    """A changed summary changes the row: nothing in the block is typed by hand."""
+    import json
+    import shutil
+
+    for m in rr.MODELS:
+        shutil.copytree(ROOT / "results" / m, tmp_path / "results" / m)
+    f = tmp_path / "results" / "lenet5" / "summary.json"
+    s = json.loads(f.read_text())
+    s["error_pct"], s["compression_weights"], s["val_images"] = 0.7, 30.0, 5000
+    f.write_text(json.dumps(s))
+    text = rr.block(tmp_path)
+    assert "| **LeNet-5, sparsekern** | **0.74% -> 0.70%** |" in text and "**30.0x**" in text
+    assert "5,000 held out" in text.split("- LeNet-5:")[1]
+
+
+def test_markers_required():
+    with pytest.raises(ValueError, match="expected one"):
+        rr.render("no markers here", "x")
