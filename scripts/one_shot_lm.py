@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from scripts._lib import checks  # noqa: E402
+from scripts._lib.figures import save_figure  # noqa: E402
+from sparsekern.formats._files import atomic_write  # noqa: E402
 from sparsekern.training.report import write_json  # noqa: E402
 
 DENSE_FORMAT = "sparsekern/one_shot_lm/dense/1"
@@ -231,9 +233,7 @@ def write_table(result: dict, path: Path) -> None:
         ratio = get[("sparsegpt", pat)]["increase"] / mag if mag > 0 else float("nan")
         row = get[("sparsegpt-block", pat)]["increase"] / mag if mag > 0 else float("nan")
         lines.append(f"| {pat} | " + " | ".join(cells) + f" | {ratio:.2f} | {row:.2f} |")
-    tmp = path.with_name(f".{path.name}.tmp")  # atomic: a reader never sees half a table
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    atomic_write(path, ("\n".join(lines) + "\n").encode())  # a reader never sees half a table
 
 
 def plot(result: dict, path: Path) -> None:
@@ -256,9 +256,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title("Byte-level GPT-2 on pydoc_data.topics, one-shot")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")  # atomic, as the table
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=120)  # atomic, as the table
 
 
 if __name__ == "__main__":

@@ -27,7 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 from models.lenet import LeNet300100  # noqa: E402
 from scripts._lib import checks  # noqa: E402
+from scripts._lib.figures import save_figure  # noqa: E402
 from sparsekern import training  # noqa: E402
+from sparsekern.formats._files import atomic_write  # noqa: E402
 from sparsekern.pruning import one_shot  # noqa: E402
 from sparsekern.pruning._sparsegpt import sparsegpt_prune  # noqa: E402
 from sparsekern.pruning._wanda import magnitude_layer_mask, row_keep  # noqa: E402
@@ -259,9 +261,7 @@ def write_table(result: dict, path: Path) -> None:
     if t:
         lines += ["", f"SparseGPT on one {t['n']}x{t['n']} layer, {t['dtype']}, 1 CPU thread: "
                   f"{t['50%']:.1f} s (50%), {t['2:4']:.1f} s (2:4)."]  # fmt: skip
-    tmp = path.with_name(f".{path.name}.tmp")  # atomic: a reader never sees half a table
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    atomic_write(path, ("\n".join(lines) + "\n").encode())  # a reader never sees half a table
 
 
 def plot(result: dict, path: Path) -> None:
@@ -285,9 +285,7 @@ def plot(result: dict, path: Path) -> None:
     ax.set_title("LeNet-300-100, one-shot, no retraining")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")  # atomic, as the table
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=120)  # atomic, as the table
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from scripts._lib import checks  # noqa: E402
+from scripts._lib.flops import layer_positions  # noqa: E402
 from scripts._lib.structured_report import plot, write_table  # noqa: E402
 from scripts._lib.torchvision_rows import TORCHVISION_NETS, torchvision_rows  # noqa: E402
 from sparsekern.nn import sparsify  # noqa: E402
@@ -268,27 +269,12 @@ def prune_weights(args, data, gen, start, amount):
 
 
 def kept_weight_macs(model, x1) -> int:
-    """MACs of conv + linear counting kept (nonzero) weights only: a conv weight is used once per
-    output position, a linear weight once per input row."""
-    total = 0
-
-    def hook(m, inp, out):
-        nonlocal total
-        nz = int(m.weight.count_nonzero())
-        total += nz * (out.shape[-1] * out.shape[-2] if m.weight.dim() == 4 else 1)
-
-    hs = [
-        m.register_forward_hook(hook)
-        for m in model.modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    try:
-        with torch.no_grad():
-            model.eval()(x1)
-    finally:
-        for h in hs:
-            h.remove()
-    return total
+    """MACs of conv + linear counting kept (nonzero) weights only: each kept weight once per
+    output position of its layer (``flops.layer_positions``: ``H_out x W_out`` for a conv, 1 for
+    a linear on ``[B, in]``), for one example ``x1`` ``[1, 1, 28, 28]``."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    positions = layer_positions(layers, model, x1)
+    return sum(int(layers[n].weight.count_nonzero()) * p for n, p in positions.items())
 
 
 def from_scratch(args, data, gen, arch):

@@ -1,20 +1,50 @@
 """Han et al.'s figures for the LeNet runs (PNG, matplotlib): Fig 4 (LeNet-300-100's fc1
 sparsity pattern), Fig 5 (accuracy vs parameters pruned: L1 / L2, with and without retraining,
-iterative), Fig 6 (per-layer sensitivity), Fig 7 (weight histograms before / after).
-matplotlib is imported only when a figure is drawn."""
+iterative), Fig 6 (per-layer sensitivity), Fig 7 (weight histograms before / after); and
+:func:`save_figure`, which every figure of scripts/ is written through (atomically). matplotlib is
+imported only when a figure is drawn."""
 
 from __future__ import annotations
 
 import copy
+import io
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from sparsekern.formats._files import atomic_write
 from sparsekern.training.loops import evaluate, train_epoch
 from sparsekern.training.lr import WarmupCosine
 
-__all__ = ["fig5_curves", "han_figures", "plot_fig4", "plot_fig5", "plot_fig6", "plot_fig7"]
+__all__ = [
+    "fig5_curves",
+    "han_figures",
+    "plot_fig4",
+    "plot_fig5",
+    "plot_fig6",
+    "plot_fig7",
+    "save_figure",
+]
+
+
+def save_figure(fig, path, **savefig_kwargs) -> Path:
+    """``fig.savefig(path, **savefig_kwargs)``, atomically: the image is rendered in memory, then
+    written by ``atomic_write`` (a temporary file in ``path``'s folder, then ``os.replace``), so a
+    reader sees the old figure or the new one, never a part; on failure the temporary file is
+    removed and the error names ``path``. The format is ``format=`` if given, else ``path``'s
+    suffix (as ``savefig`` picks it). The figure stays open. Returns ``path``."""
+    path = Path(path)
+    fmt = savefig_kwargs.pop("format", None) or path.suffix[1:]
+    if not fmt:
+        raise ValueError(
+            f"save_figure: expected a path with an image suffix (.png, .pdf, ...) or format=, "
+            f"got {str(path)!r}"
+        )
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, **savefig_kwargs)
+    atomic_write(path, buf.getvalue())
+    return path
 
 
 def plot_fig4(mask: torch.Tensor, path) -> str:
@@ -34,7 +64,7 @@ def plot_fig4(mask: torch.Tensor, path) -> str:
     b.axis("off")
     fig.colorbar(im, ax=b, fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return Path(path).name
 
@@ -56,7 +86,7 @@ def plot_fig6(sens: dict, path, title: str, n_images: int) -> str:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return Path(path).name
 
@@ -83,7 +113,7 @@ def plot_fig7(before: dict, after: dict, path, title: str) -> str:
         ax.set_ylabel("count")
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return Path(path).name
 
@@ -109,7 +139,7 @@ def plot_fig5(fig5: dict, path, title: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
     return Path(path).name
 

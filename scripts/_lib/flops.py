@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsekern.pruning._hooks import hooked_forward
+
 __all__ = ["early_prune_compute", "layer_positions"]
 
 PASSES = 3  # forward, input gradient, weight gradient
@@ -32,15 +34,8 @@ def layer_positions(layers: dict[str, nn.Module], model: nn.Module, x: torch.Ten
         def hook(m, inp, y, name=name, rows=rows):
             out[name] = y.numel() // (y.shape[0] * rows)
 
-        hooks.append(mod.register_forward_hook(hook))
-    was = model.training
-    try:
-        model.eval()
-        model(x)
-    finally:
-        model.train(was)
-        for h in hooks:
-            h.remove()
+        hooks.append((mod, hook))
+    hooked_forward(model, hooks, x)  # eval mode, no grad, training mode restored
     return out
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from scripts._lib.figures import save_figure
+from sparsekern.formats._files import atomic_write
+
 
 def write_table(summary, path):
     """The markdown table of a prune_structured.py summary, written atomically."""
@@ -24,9 +27,7 @@ def write_table(summary, path):
             f"| {r['method']} | {r['amount']:.0%} | {r['error']:.2f} | {r['macs']:,}{kept_macs} | "
             f"{red:.2f}x | {r['params']:,} | {w['conv1']}/{w['conv2']}/{w['fc1']} |"
         )
-    tmp = path.with_name(f".{path.name}.tmp")  # atomic: a reader never sees half a table
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(path)
+    atomic_write(path, ("\n".join(lines) + "\n").encode())  # a reader never sees half a table
 
 
 def plot(summary, path, methods):
@@ -54,6 +55,4 @@ def plot(summary, path, methods):
     ax.set_title("LeNet-5 (+BN), MNIST: channel / neuron removal")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")  # atomic, as the table
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    save_figure(fig, path, dpi=120)  # atomic, as the table

@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsekern.pruning._hooks import hooked_forward
+
 __all__ = ["layer_report", "format_report"]
 
 
@@ -52,7 +54,6 @@ def layer_report(model: nn.Module, example_input: torch.Tensor) -> list[dict]:
     batch = example_input.shape[0]
     stats: dict[str, dict] = {}
     order: list[str] = []
-    hooks = []
 
     def hook(name: str):
         def fn(module, inputs, output):
@@ -72,17 +73,8 @@ def layer_report(model: nn.Module, example_input: torch.Tensor) -> list[dict]:
         return fn
 
     modules = dict(model.named_modules())
-    for name, m in modules.items():
-        if _is_layer(m):
-            hooks.append(m.register_forward_hook(hook(name)))
-    was_training = model.training
-    try:
-        model.eval()
-        model(example_input)
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
+    hooks = [(m, hook(name)) for name, m in modules.items() if _is_layer(m)]
+    hooked_forward(model, hooks, example_input)  # eval mode, no grad, training mode restored
 
     rows = []
     for i, name in enumerate(order):

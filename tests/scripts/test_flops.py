@@ -42,3 +42,10 @@ def test_early_prune_compute_matches_a_hand_count():
     assert got["macs_sparse_step"] == 3 * batch * sparse
     assert got["macs_training"] == want_train and got["macs_prune_after"] == want_after
     assert got["flops_saved"] == pytest.approx(1 - want_train / want_after)
+
+
+def test_layer_positions_restores_the_model_when_the_forward_raises():
+    model = Tiny().train()
+    with pytest.raises(RuntimeError):
+        layer_positions({"conv": model.conv}, model, torch.randn(1, 1, 6, 6))  # 1 channel, not 2
+    assert model.training and not model.conv._forward_hooks
