@@ -69,13 +69,15 @@ def _cpu_name() -> str:
 
 
 def run_info(root=None, device: torch.device | None = None) -> dict:
-    """Where and with what a run ran: git commit, torch / Python versions, CPU, threads, GPU,
-    the UTC date."""
+    """Where and with what a run ran: git commit, torch / Python versions, CPU, the vector ISA
+    torch's CPU kernels dispatch to (``cpu_capability``: ``"AVX2"``, ``"AVX512"``, ...; float sums
+    differ in their last bits between them), threads, GPU, the UTC date."""
     info = {
         **git_commit(root),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu": _cpu_name(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -130,16 +130,29 @@ def test_bad_command_lines_are_rejected_before_any_work(tmp_path):
 
 
 def test_ci_summary_reproduces_exactly(tmp_path):
-    """results/ci/lenet300-tiny/summary.json came from its recorded command on this 2-core CPU (1
-    thread, deterministic algorithms); the same command must give the same run, bit for bit:
-    every phase's losses and errors, the kept counts, the masks' and the state's SHA-256."""
+    """results/ci/lenet300-tiny/summary.json came from its recorded command on a 2-core CPU (1
+    thread, deterministic algorithms); the same command must give the same run, bit for bit on a
+    CPU whose torch kernels dispatch to the same vector ISA (``cpu_capability``): every phase's
+    losses and errors, the kept counts, the masks' and the state's SHA-256. On another ISA (AVX2
+    against AVX-512: MKL and ATen sum in other orders) the float sums differ in their last bits:
+    measured, the losses by at most 6e-8 relative with the same masks, kept counts and errors; there
+    the losses are compared to 1e-6 and the rest exactly, the weights' digest not at all."""
     ref = json.loads((ROOT / "results" / "ci" / "lenet300-tiny" / "summary.json").read_text())
     argv = ref["command"].split()[2:]
     i = argv.index("--out")
     argv[i + 1] = str(tmp_path)
     run(*argv)
     got = json.loads((tmp_path / "summary.json").read_text())
-    cpu = f"committed on {ref['run']['cpu']!r}, running on {got['run']['cpu']!r}"
-    for key in ("phases", "prunes", "weights_kept", "kept_pct", "error_pct", "mask_sha256"):
+    same_isa = ref["run"]["cpu_capability"] == got["run"]["cpu_capability"]
+    cpu = f"committed on {ref['run']['cpu']!r} {ref['run']['cpu_capability']}, running on "
+    cpu += f"{got['run']['cpu']!r} {got['run']['cpu_capability']}"
+    for key in ("prunes", "weights_kept", "kept_pct", "error_pct", "mask_sha256"):
         assert got[key] == ref[key], f"{key} differs ({cpu})"
-    assert got["state_sha256"] == ref["state_sha256"], f"weights differ ({cpu})"
+    if same_isa:
+        assert got["phases"] == ref["phases"], f"phases differ ({cpu})"
+        assert got["state_sha256"] == ref["state_sha256"], f"weights differ ({cpu})"
+        return
+    for a, b in zip(got["phases"], ref["phases"], strict=True):
+        assert a["losses"] == pytest.approx(b["losses"], rel=1e-6), f"{a['name']} ({cpu})"
+        rest = {k: v for k, v in a.items() if k != "losses"}
+        assert rest == {k: v for k, v in b.items() if k != "losses"}, f"{a['name']} ({cpu})"
