@@ -9,11 +9,16 @@ from sparsekern.formats._files import atomic_write
 def write_table(summary, path):
     """The markdown table of a prune_structured.py summary, written atomically."""
     base = next(r for r in summary["results"] if r["method"] == "dense")
+    # the "weights" control removes weights, not channels: its row's amount names the channel row
+    # whose parameter count it matches
+    removed = "removed" + " (weights: same params as)" * any(
+        r["method"] == "weights" for r in summary["results"]
+    )
     lines = [
         f"# LeNet-5 (+BN) on MNIST: structured pruning\n\n`{summary['command']}` at "
         f"`{summary['git_commit']}`, {summary['seconds']:.0f} s. Dense: {base['error']:.2f}% "
         f"error, {base['macs']:,} MACs, {base['params']:,} params.\n",
-        "| method | removed (weights: same params as) | error % | MACs | FLOP reduction | params "
+        f"| method | {removed} | error % | MACs | FLOP reduction | params "
         "| widths conv1/conv2/fc1 |",
         "|---|---|---|---|---|---|---|",
     ]
