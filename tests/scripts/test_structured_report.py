@@ -1,4 +1,4 @@
-"""Every committed structured-pruning table is what its JSON gives (scripts/_lib/structured_report)."""
+"""Every committed structured-pruning table is what its JSON gives (structured_report.py)."""
 
 from __future__ import annotations
 
