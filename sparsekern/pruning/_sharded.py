@@ -31,7 +31,7 @@ from torch import nn
 from sparsekern.nn._dtensor import is_dtensor, local_like, shard_mask, sharded_weight
 from sparsekern.nn.masks import note_mask_synced, zero_optimizer_state
 
-__all__ = ["dense_weight_grads", "gathered", "handles", "is_sharded", "wrap_sharded"]
+__all__ = ["dense_weight_grads", "gathered", "handles", "is_sharded", "shard_state", "wrap_sharded"]
 
 #: the views open now, innermost last (methods calling methods: only the outermost gathers)
 _VIEWS: list[_View] = []
@@ -40,9 +40,10 @@ _VIEWS: list[_View] = []
 _DECIDING = ("prune", "step", "compute_masks", "update", "_apply", "finalize")
 #: pruner attributes ``{layer: tensor of the weight's shape}`` kept sharded like the weights
 #: (the latent values of pruned weights of SR-STE, Gibbs and SCL, SCL's mask scores, the
-#: per-level masks of OmniSparsity: DTensors of the weight's placement): whole inside a
-#: decision and in the pruner's state dict, each rank's rows written back after
-_SHARDED_STATE = ("latent", "scores", "masks")
+#: per-level masks of OmniSparsity, N:M mask decay's factors, applied to each rank's shards of
+#: the weight and gradient by its optimizer hooks: DTensors of the weight's placement): whole
+#: inside a decision and in the pruner's state dict, each rank's rows written back after
+_SHARDED_STATE = ("latent", "scores", "masks", "factor")
 #: methods that move the pruner's state: run with the :data:`_SHARDED_STATE` whole
 _STATEFUL = ("state_dict", "load_state_dict", "level_sparsity")
 #: methods that read masks only: run with the masks gathered (a DTensor's count_nonzero is
@@ -191,6 +192,14 @@ def _shard_dict(d: dict, layers: dict) -> None:
             sw = sharded_weight(layers[k])
             if sw is not None and v.shape == sw.shape:
                 d[k] = local_like(v, sw)
+
+
+def shard_state(d: dict, layers: dict[str, nn.Module]) -> None:
+    """Make every whole tensor of ``d`` (``{layer: tensor of its weight's shape}``) a DTensor
+    sharded like its layer's weight, each rank keeping its rows (nothing communicated): for
+    state a method creates (not gathered on the way in, so not re-sharded on the way out). A
+    no-op for layers FSDP does not shard."""
+    _shard_dict(d, layers)
 
 
 def _stateful(fn):

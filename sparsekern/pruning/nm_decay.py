@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from sparsekern.pruning._sharded import shard_state
 from sparsekern.pruning._vocab import n_m_pair
 from sparsekern.pruning.base import BasePruner, Closure
 from sparsekern.pruning.importance import check_finite
@@ -54,13 +55,31 @@ class NMDecayPruner(BasePruner):
             pruner.step()                   # decays on the schedule; exact N:M from end_step
         summary = pruner.finalize()
 
-    Deviation (mask decay), and why: the paper keeps a dense latent ``W`` and computes
-    ``W_eff = W * (M + beta (1 - M))`` in every forward; here the model's weight *is* ``W_eff``
-    (the kernels run it as they run any weight), and at each decay step the weights are rescaled to
-    the new factor (``factor`` records each weight's current one, so ``W = W_eff / factor``). The
-    gradient a decaying weight receives is that of ``W_eff``, not ``beta`` times it. Structure
-    decay uses hard N_k:M masks (pruned weights exactly zero from their stage on) rather than
-    letting the gradient reach pruned weights.
+    Mask decay trains the paper's latent dense ``W`` with ``W_eff = W * f``, ``f = M + beta (1 -
+    M)`` each weight's factor, while the model's weight holds ``W_eff`` (the kernels run it as
+    any weight). Two optimizer hooks, installed while a factor is below 1, make the optimizer
+    step the latent ``W``: before ``optimizer.step()`` the decaying weights are divided by ``f``
+    (the latent ``W``) and their gradient multiplied by it (autograd's ``dL/dW = f dL/dW_eff``);
+    after it both are mapped back. The optimizer state (momentum, Adam moments) is thus the
+    latent one, and a decay step only rescales the weights (``W_eff *= f' / f``). This is the
+    latent form exactly, up to rounding (one division and one product by ``f`` per step), for
+    every elementwise optimizer: SGD with (Nesterov) momentum, Adam, AdamW, and their
+    ``weight_decay``, which acts on the latent ``W``, as in the paper's training. (Scaling the
+    gradient by ``f ** 2`` in ``W_eff`` space with the momentum rescaled by ``f' / f`` at each
+    decay step is the same for SGD; for Adam, invariant to the gradient's scale, it would change
+    nothing: the latent form moves ``W_eff`` by ``f`` times Adam's step, which the hooks give.)
+    :meth:`regularization_loss` penalises the latent ``W`` too (L2: ``s/2 sum (W_eff / f)^2``,
+    latent gradient ``s W``), so the pruner's term and an optimizer's ``weight_decay`` agree.
+    Needs: the optimizer passed to the pruner (a decay step without one is refused) and
+    ``optimizer.step()`` without a closure (refused: the closure would run on the latent
+    weights). A gradient clipped before the step is clipped in ``W_eff`` space (the latent
+    gradient is ``f`` times it). At ``beta = 0`` (and at :meth:`prune`) the weights return to
+    the latent ``W`` (a weight that decayed until then may be in the final mask), the N:M mask is
+    installed (``set_mask``: pruned weights and their optimizer state exactly zero) and the hooks
+    are removed: the kept weights' optimizer state is the latent one already.
+    ``load_state_dict`` re-installs the hooks on the pruner's optimizer, :meth:`set_optimizer`
+    moves them. Structure decay uses hard N_k:M masks (pruned weights exactly zero from their
+    stage on) rather than letting the gradient reach pruned weights.
 
     Args:
         model, optimizer, base keywords (``layers``, ``regularization``, ``reg_strength``): see
@@ -113,6 +132,8 @@ class NMDecayPruner(BasePruner):
         self.beta = 1.0
         self.stage_n = m
         self.factor: dict[str, torch.Tensor] = {}
+        self._hooks: list = []  # the optimizer's step pre / post hooks while a factor is < 1
+        self._latent_now: list[str] = []  # layers holding the latent W inside optimizer.step
 
     # ------------------------------------------------------------------ the schedule
     def event_steps(self) -> list[int]:
@@ -156,9 +177,23 @@ class NMDecayPruner(BasePruner):
 
         Returns:
             True if a mask changed (the end of mask decay, or a structure stage).
+
+        Raises:
+            RuntimeError: mask decay reaching a factor in (0, 1) without an optimizer.
         """
-        self.steps += 1
-        t = self.steps
+        t = self.steps + 1
+        if (
+            self.recipe == "mask"
+            and self.optimizer is None
+            and t in self.event_steps()
+            and self.beta_at(t) > 0
+        ):
+            raise RuntimeError(
+                "NMDecayPruner.step: expected the optimizer (mask decay steps the latent "
+                "weights through its hooks: NMDecayPruner(model, optimizer, ...) or "
+                "set_optimizer), got None"
+            )
+        self.steps = t
         if t not in self.event_steps():
             return False
         if self.recipe == "structure":
@@ -168,11 +203,12 @@ class NMDecayPruner(BasePruner):
         beta = self.beta_at(t)
         if beta > 0:
             self._decay_to(beta)
+            self._sync_hooks()
             self.history.append({"step": t, "event": "decay", "beta": beta})
             return False
         masks = self.compute_masks(self.sparsity)
         self.beta = 0.0
-        self.factor = {}
+        self._drop_factors()
         return self._apply(masks, event="decay", beta=0.0)
 
     @torch.no_grad()
@@ -185,14 +221,94 @@ class NMDecayPruner(BasePruner):
             new = torch.where(keep, 1.0, beta).to(mod.weight.dtype)
             mod.weight.mul_(new if old is None else new / old)
             self.factor[name] = new
+        shard_state(self.factor, self.layers)  # FSDP2: the hooks scale each rank's shards
         self.beta = beta
 
     def prune(self, sparsity=None, closure: Closure | None = None) -> dict:
         """Skip the decay: install the final N:M mask now (the factors are dropped)."""
         masks = self.compute_masks(self.sparsity)
-        self.factor, self.beta, self.stage_n = {}, 0.0, self.n
+        self.beta, self.stage_n = 0.0, self.n
+        self._drop_factors()
         self._apply(masks, event="prune")
         return self.kept_fractions()
+
+    @torch.no_grad()
+    def _drop_factors(self) -> None:
+        """The weights back to the latent ``W`` (factor 1: a weight that decayed at the last
+        step can be in the final mask, whose weights are ``W``, not ``beta W``), no hooks."""
+        for name, f in self.factor.items():
+            self.layers[name].weight.div_(f)
+        self.factor = {}
+        self._sync_hooks()
+
+    # ------------------------------------------------------------------ the latent W
+    def set_optimizer(self, optimizer: torch.optim.Optimizer | None) -> None:
+        """:meth:`BasePruner.set_optimizer`; during mask decay the hooks move to ``optimizer``."""
+        super().set_optimizer(optimizer)
+        if "_hooks" in self.__dict__:  # BasePruner.__init__ calls this before they exist
+            self._sync_hooks()
+
+    def _sync_hooks(self) -> None:
+        """The step hooks on :attr:`optimizer` while any factor is below 1, none otherwise."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+        if self.factor and self.optimizer is not None:
+            self._hooks = [
+                self.optimizer.register_step_pre_hook(self._to_latent),
+                self.optimizer.register_step_post_hook(self._from_latent),
+            ]
+
+    @torch.no_grad()
+    def _to_latent(self, optimizer, args, kwargs) -> None:
+        """Before ``optimizer.step()``: weight ``W_eff -> W = W_eff / f``, gradient ``dL/dW_eff
+        -> dL/dW = f dL/dW_eff``."""
+        # args: (optimizer, closure?) as optimizer.step received them
+        if any(a is not None for a in args[1:]) or kwargs.get("closure") is not None:
+            raise ValueError(
+                "NMDecayPruner: expected optimizer.step() without a closure during mask decay "
+                "(it would run the model on the latent weights), got a closure"
+            )
+        self._latent_now = []
+        for name, mod in self.layers.items():
+            f, w = self.factor.get(name), mod._parameters["weight"]
+            if f is None or w.grad is None:  # no gradient: the optimizer leaves it alone
+                continue
+            w.div_(f)
+            w.grad.mul_(f)
+            self._latent_now.append(name)
+
+    @torch.no_grad()
+    def _from_latent(self, optimizer, args, kwargs) -> None:
+        """After ``optimizer.step()``: the latent ``W`` back to ``W_eff = W f`` (and the
+        gradient back to ``dL/dW_eff``)."""
+        for name in self._latent_now:
+            f, w = self.factor[name], self.layers[name]._parameters["weight"]
+            w.mul_(f)
+            if w.grad is not None:
+                w.grad.div_(f)
+        self._latent_now = []
+
+    def regularization_loss(self) -> torch.Tensor:
+        """:meth:`BasePruner.regularization_loss` of the latent weights: during mask decay the
+        penalty is over ``W = W_eff / f`` (L2 ``s/2 sum W^2``), as an optimizer's
+        ``weight_decay`` is under the step hooks."""
+        if not self.factor or self.regularization == "none" or self.reg_strength == 0:
+            return super().regularization_loss()
+        total = None
+        for name, mod in self.layers.items():
+            w = mod.weight
+            if not w.requires_grad:
+                continue
+            f = self.factor.get(name)
+            if f is not None:
+                w = w / f
+            term = w.abs().sum() if self.regularization == "l1" else w.pow(2).sum()
+            total = term if total is None else total + term.to(total.device)
+        if total is None:
+            return next(iter(self.layers.values())).weight.new_zeros(())
+        s = self.reg_strength
+        return total * (s if self.regularization == "l1" else s / 2)
 
     # ------------------------------------------------------------------ resume
     def _config(self) -> dict:
@@ -217,3 +333,5 @@ class NMDecayPruner(BasePruner):
         self.factor = {
             n: f.to(self.layers[n].weight.device).clone() for n, f in state["factor"].items()
         }
+        shard_state(self.factor, self.layers)
+        self._sync_hooks()
