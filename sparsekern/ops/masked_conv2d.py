@@ -34,7 +34,7 @@ from sparsekern.ops._checks import check_bias
 from sparsekern.ops._conv import conv_out_size, conv_pair, resolve_padding
 from sparsekern.ops._launch import autocast_to
 from sparsekern.ops._mask_pass import zero_pruned
-from sparsekern.ops.masked_weight import masked_weight
+from sparsekern.ops.masked_weight import masked_weight_checked
 
 __all__ = ["masked_conv2d", "masked_conv2d_reference"]
 
@@ -188,7 +188,5 @@ def masked_conv2d(
     if torch.compiler.is_compiling() and not assume_pruned_zero:
         w = zero_pruned(weight, mask)  # the masked-copy cache is not traceable
     else:
-        w = masked_weight(
-            weight, mask, assume_pruned_zero=assume_pruned_zero, inplace_grad=needs_dw
-        )
+        w = masked_weight_checked(weight, mask, assume_pruned_zero, needs_dw)
     return F.conv2d(x, w, bias, stride, padding, dilation, groups)

@@ -57,7 +57,7 @@ from sparsekern.ops._tiles import (
     tile_kept_blocks,
 )
 from sparsekern.ops._triton import require_triton, tl, triton
-from sparsekern.ops.masked_weight import check_mask, masked_weight
+from sparsekern.ops.masked_weight import check_mask, masked_weight_checked
 
 __all__ = [
     "DW_BACKENDS",
@@ -322,9 +322,7 @@ def masked_linear(
     if torch.compiler.is_compiling() and not assume_pruned_zero:
         w = zero_pruned(weight, mask)  # the cache is not traceable; inductor fuses this
     else:
-        w = masked_weight(
-            weight, mask, assume_pruned_zero=assume_pruned_zero, inplace_grad=needs_dw
-        )
+        w = masked_weight_checked(weight, mask, assume_pruned_zero, needs_dw)
     return F.linear(x, w, bias)
 
 

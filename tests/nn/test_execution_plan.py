@@ -132,7 +132,9 @@ def test_cached_choice_follows_everything_it_depends_on():
     layer.weight.requires_grad_(True)
     layer.mask.fill_(True)  # in place: the version counter moves
     choice = layer.execution_path((128, 2048))
-    assert choice.path == "masked" and choice.kept == 1.0
+    assert choice.path == "dense" and choice.kept == 1.0 and "all True" in choice.why
+    layer.mask[0, 0] = False  # one entry pruned in place: the masked dW is needed again
+    assert layer.execution_path((128, 2048)).path == "masked"
     layer.set_block_size(16)
     assert layer.execution_path((128, 2048)).path == "block"
     ref = weakref.ref(layer)
