@@ -32,6 +32,7 @@ from sparsekern.nn.masks import (
     register_weight_user,
 )
 from sparsekern.nn.masks import set_mask as install_mask
+from sparsekern.ops.masked_weight import check_mask
 
 
 class SparseModuleMixin:
@@ -86,6 +87,8 @@ class SparseModuleMixin:
             if mask.dtype != torch.bool:
                 raise TypeError(f"{type(self).__name__}: expected the mask buffer as torch.bool, "
                                 f"got {mask.dtype} (install masks with set_mask)")  # fmt: skip
+            # Checked here, once per mask change, so the masked path need not check per call.
+            check_mask(mask, self.weight, f"{type(self).__name__}: the mask buffer")
             with torch.no_grad():
                 pruned = ~mask
                 self.weight.masked_fill_(pruned, 0)

@@ -21,7 +21,7 @@ from sparsekern.ops._conv import resolve_padding
 from sparsekern.ops._ext import ext_disabled
 from sparsekern.ops._mask_cache import cached_on_mask
 from sparsekern.ops.block_sparse_conv2d import block_masked_conv2d
-from sparsekern.ops.masked_conv2d import masked_conv2d
+from sparsekern.ops.masked_conv2d import masked_conv2d_trusted
 from sparsekern.ops.sparse_train import conv2d as sparse_conv_op
 
 __all__ = ["SPARSE_CONV_MAX_KEPT", "SparseConv2d", "conv_path", "symmetric_zero_padding"]
@@ -162,10 +162,9 @@ class SparseConv2d(SparseModuleMixin, nn.Conv2d):
                 )  # fmt: skip
                 return y.squeeze(0) if unbatched else y
         if path == "masked":
-            return masked_conv2d(
-                x, weight, mask, bias, self.stride, padding, self.dilation, self.groups,
-                assume_pruned_zero=True,
-            )  # fmt: skip
+            return masked_conv2d_trusted(
+                x, weight, mask, bias, self.stride, padding, self.dilation, self.groups
+            )
         return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:

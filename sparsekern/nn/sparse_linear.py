@@ -10,7 +10,7 @@ from torch import nn
 from sparsekern.nn._sparse_module import SparseModuleMixin, adopt_parameters, check_convertible
 from sparsekern.nn.execution_plan import PathChoice, linear_path
 from sparsekern.ops.block_sparse_linear import block_masked_linear
-from sparsekern.ops.masked_linear import masked_linear
+from sparsekern.ops.masked_linear import masked_linear_trusted
 from sparsekern.ops.sparse_train import sparse_linear
 
 __all__ = ["SparseLinear"]
@@ -84,7 +84,7 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
             bs = self.block_size
             return block_masked_linear(input, weight, mask, self.bias, bs, assume_pruned_zero=True)
         if path == "masked":
-            return masked_linear(input, weight, mask, self.bias, assume_pruned_zero=True)
+            return masked_linear_trusted(input, weight, mask, self.bias)
         if path == "sparse":
             return sparse_linear(input, weight, mask, self.bias)
         return F.linear(input, weight, self.bias)  # "reference" is not chosen for this layer
