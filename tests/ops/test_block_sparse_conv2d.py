@@ -290,3 +290,39 @@ def test_compact_layout_is_recomputed_after_in_place_index_edits(edit, device):
     _close(xg.grad, dxr, torch.float32, 32 * 9, "dx")
     g = BlockSparseMatrix(W.values.grad, W.row_ptr, W.col_idx, W.shape, W.block_size)
     _close(conv_weight_from_gemm(g.to_dense(), shape, 16), dwr, torch.float32, 60, "dvalues")
+
+
+def test_block_sparse_conv2d_layer_follows_in_place_edits_of_its_index_buffers(device):
+    """BlockSparseConv2d assembles its matrix (derived lists included) and the kernels' layout
+    from its buffers: in-place edits of ``row_ptr`` and ``col_idx`` (the same tensor objects)
+    must rebuild both, never reuse them."""
+    from sparsekern.nn.inference import BlockSparseConv2d
+
+    shape = (32, 16, 3, 3)
+    old, new = [(0, 0), (0, 3), (1, 4)], [(0, 2), (1, 6), (1, 7)]  # 2 + 1 blocks -> 1 + 2
+    x = torch.randn(2, 16, 5, 6, device=device)
+
+    def matrix(mask):
+        w = torch.randn(shape, device=device) * mask
+        g = conv_weight_to_gemm(w, 16)
+        return w, BlockSparseMatrix.from_dense(g, (16, 16), mask=conv_weight_to_gemm(mask, 16))
+
+    _, W_old = matrix(_tap_mask(shape, old).to(device))
+    layer = BlockSparseConv2d(W_old, shape, None, (1, 1), (1, 1), (1, 1))
+    layer(x)  # builds and caches the matrix and its layout
+    mask = _tap_mask(shape, new).to(device)
+    w_new, W_new = matrix(mask)
+    with torch.no_grad():
+        layer.row_ptr.copy_(W_new.row_ptr)
+        layer.col_idx.copy_(W_new.col_idx)
+        layer.values.copy_(W_new.values)
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    b = torch.zeros(32, device=device)
+    yr, dxr, dwr, _ = _reference(xg, w_new, mask, b, dy, ((1, 1), (1, 1), (1, 1)))
+    _close(y, yr, torch.float32, 16 * 9, "y after the in-place edit")
+    _close(xg.grad, dxr, torch.float32, 32 * 9, "dx after the in-place edit")
+    g = BlockSparseMatrix(layer.values.grad, W_new.row_ptr, W_new.col_idx, W_new.shape, (16, 16))
+    _close(conv_weight_from_gemm(g.to_dense(), shape, 16), dwr, torch.float32, 60, "dvalues")
