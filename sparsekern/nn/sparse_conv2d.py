@@ -219,7 +219,7 @@ def conv_path(module: SparseConv2d, input_shape, training: bool | None) -> PathC
         # The mask's nnz is data-dependent (no graph guard on it) and the C++ kernels are opaque
         # to the compiler: a compiled forward runs the traceable vendor/block paths, and the kept
         # fraction is not computed (nan).
-        pad = symmetric_zero_padding(module)
+        pad = (0, 0) if module.padding_mode != "zeros" else symmetric_zero_padding(module)
         if bs is not None and pad is not None:
             return PathChoice("block", float("nan"), "block mode under torch.compile")
         grad = _needs_weight_grad(module, training)
@@ -249,8 +249,11 @@ def _conv_choice(
     """The choice for these arguments; None when it depends on the C++ extension and ``ext`` is
     None (the caller asks again with ``ext=True``, keyed on the extension's state)."""
     padding_mode, padding, stride, dilation, groups = geometry
-    shape = torch.empty(wshape, device="meta")  # resolve_padding reads the kernel size
-    pad = _symmetric_pad(padding_mode, padding, shape, stride, dilation)
+    # A non-zero padding mode pads the input explicitly, then convolves unpadded
+    pad = (0, 0)
+    if padding_mode == "zeros":
+        shape = torch.empty(wshape, device="meta")  # resolve_padding reads the kernel size
+        pad = _symmetric_pad(padding_mode, padding, shape, stride, dilation)
     if bs is not None and pad is not None:
         return PathChoice("block", kept, f"block mode {bs}: all-pruned blocks are skipped")
     if not needs:
