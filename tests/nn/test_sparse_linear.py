@@ -262,3 +262,21 @@ def test_set_mask_between_an_all_true_forward_and_its_backward_keeps_the_invaria
     layer(x)
     assert bool((layer.weight[~mask] == 0).all())
     assert bool((layer.weight.grad[~mask] == 0).all())
+
+
+def test_masked_path_under_cpu_autocast_matches_the_masked_reference():
+    """The module's masked path leaves autocast to F.linear (no explicit casts of its own): the
+    output is bf16 as nn.Linear's, the weight gradient fp32 and exactly zero at pruned entries."""
+    layer = pruned_layer("cpu", 16, 8)
+    x = torch.randn(4, 16)
+    w = layer.weight.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        ref = F.linear(x, w * layer.mask, layer.bias.detach())
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref)
+    y.float().square().sum().backward()
+    ref.float().square().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32
+    assert bool((layer.weight.grad[~layer.mask] == 0).all())
+    torch.testing.assert_close(layer.weight.grad, w.grad * layer.mask)
