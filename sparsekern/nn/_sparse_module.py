@@ -8,8 +8,11 @@ optimizer state), by the masked weight gradient, by ``load_state_dict``, and by 
 forward compares the mask buffer (object and version counter) with the one it last saw; after an
 in-place edit (``layer.mask[3] = False``, ``layer.mask &= m``) or a new buffer
 (``layer.mask = m``), it zeroes the weight (and its ``.grad``) where the mask is now False
-before running. It cannot reach an optimizer: to zero momentum and Adam moments too, change masks
-with ``set_mask(layer, mask, optimizer)``.
+before running. A forward with an all-True mask runs the dense op, whose dW is not masked; the
+mask it ran under is recorded, and after any change of it (``set_mask`` included, which may come
+between that forward and its backward) the next forward zeroes weight and ``.grad`` again. The
+guard cannot reach an optimizer: to zero momentum and Adam moments too, change masks with
+``set_mask(layer, mask, optimizer)`` after the backward (between steps, as the pruners do).
 
 What no guard can see (writes that bypass version counters), and ``sparsekern.check_masks(model)``
 finds afterwards: writes through ``.data`` or ``.numpy()`` (of the weight or of the mask),
@@ -29,6 +32,7 @@ from sparsekern.nn.masks import (
     register_weight_user,
 )
 from sparsekern.nn.masks import set_mask as install_mask
+from sparsekern.ops.masked_weight import check_mask
 
 
 class SparseModuleMixin:
@@ -70,17 +74,34 @@ class SparseModuleMixin:
         if "_mask_every_gradient" in self.__dict__:
             ensure_every_gradient_hook(self)
         synced = self.__dict__.get("_mask_synced")
-        if synced is None or synced[0] is not mask or synced[1] != mask._version:
+        # After an all-True forward, whose dW is not masked, also a mask change that was noted as
+        # synced (set_mask, a load) resyncs: that dW may land after the change (set_mask between
+        # a forward and its backward), so weight and .grad are zeroed again at the next forward.
+        unmasked = self.__dict__.get("_unmasked_forward")
+        if (
+            synced is None
+            or synced[0] is not mask
+            or synced[1] != mask._version
+            or (unmasked is not None and (unmasked[0] is not mask or unmasked[1] != mask._version))
+        ):
             if mask.dtype != torch.bool:
                 raise TypeError(f"{type(self).__name__}: expected the mask buffer as torch.bool, "
                                 f"got {mask.dtype} (install masks with set_mask)")  # fmt: skip
+            # Checked here, once per mask change, so the masked path need not check per call.
+            check_mask(mask, self.weight, f"{type(self).__name__}: the mask buffer")
             with torch.no_grad():
                 pruned = ~mask
                 self.weight.masked_fill_(pruned, 0)
                 if self.weight.grad is not None:
                     self.weight.grad.masked_fill_(pruned, 0)
             note_mask_synced(self)
+            self.__dict__.pop("_unmasked_forward", None)
         return mask
+
+    def _note_unmasked_forward(self, mask: torch.Tensor) -> None:
+        """Record that this forward runs the dense op on an all-True ``mask`` (no masked dW), so
+        that any later change of the mask makes :meth:`checked_mask` resync."""
+        self.__dict__["_unmasked_forward"] = (mask, mask._version)
 
     @property
     def density(self) -> float:

@@ -10,8 +10,11 @@ Protocol (every sparse module implements it; ``SparseLinear`` and ``SparseConv2d
   and the weight requires grad).
 * ``path`` (a string), one of:
 
-  - ``"dense"``:  ``F.linear`` / ``F.conv2d`` on the weight, no mask work (no weight gradient
-    needed, e.g. ``no_grad`` or a frozen weight; the mask invariant makes it exact);
+  - ``"dense"``:  ``F.linear`` / ``F.conv2d`` on the weight, no mask work: no weight gradient
+    needed (``no_grad``, a frozen weight; the mask invariant makes it exact), or a mask that is
+    all True (nothing to zero in dW: exactly what ``nn.Linear`` / ``nn.Conv2d`` run, with no
+    autograd node and no mask pass; decided on the mask's version counter, so an in-place edit
+    that prunes an entry switches the next forward back to ``"masked"``);
   - ``"masked"``: the vendor GEMM/conv on the weight for forward and dX, dW masked afterwards
     (today's default: the dense work, every pruned zero included);
   - ``"block"``:  the block-sparse kernels (``block_size`` set): skip all-pruned blocks;
@@ -100,16 +103,30 @@ def execution_plan(model: nn.Module, *, training: bool | None = None) -> list[Pl
 def _kept(module: nn.Module) -> float:
     # Cached on the mask until it changes: the forward asks on every call (~1 us on a hit
     # instead of a pass over the mask: ~4 ms for a 9216 x 4096 mask on this CPU).
-    mask = module.mask
+    mask = _mask_of(module)
     if type(mask).__name__ == "DTensor":  # FSDP2, outside the forward: the global count
         return int(mask.count_nonzero().full_tensor()) / mask.numel() if mask.numel() else 0.0
     return _kept_of(mask)
 
 
-def _needs_weight_grad(module: nn.Module, training: bool | None) -> bool:
+def _needs_weight_grad(module: nn.Module, training: bool | None, weight=None) -> bool:
     if training is not None:
         return bool(training)
-    return module.weight.requires_grad and torch.is_grad_enabled()
+    weight = _weight_of(module) if weight is None else weight
+    return weight.requires_grad and torch.is_grad_enabled()
+
+
+def _weight_of(module: nn.Module) -> torch.Tensor:
+    # The forward asks on every call: nn.Module.__getattr__ costs ~0.5-1.7 us per attribute
+    # (measured, loaded 2-core machine), the dict lookup ~0.1 us. `weight` is a registered
+    # Parameter (FSDP2 swaps it there too); anything else takes the slow lookup.
+    w = module._parameters.get("weight")
+    return module.weight if w is None else w
+
+
+def _mask_of(module: nn.Module) -> torch.Tensor:
+    m = module._buffers.get("mask")
+    return module.mask if m is None else m
 
 
 def linear_path(module: nn.Module, input_shape, training: bool | None) -> PathChoice:
@@ -121,21 +138,36 @@ def linear_path(module: nn.Module, input_shape, training: bool | None) -> PathCh
             return PathChoice("block", float("nan"), "torch.compile: block mode")
         path = "masked" if _needs_weight_grad(module, training) else "dense"
         return PathChoice(path, float("nan"), "torch.compile: vendor path (traceable)")
-    needs = _needs_weight_grad(module, training)
+    weight, mask = _weight_of(module), _mask_of(module)
+    needs = _needs_weight_grad(module, training, weight)
     rows = None
     if input_shape is not None:
         rows = math.prod(input_shape[:-1]) if len(input_shape) > 1 else 1
-    weight, mask = module.weight, module.mask
     block = module.__dict__.get("block_size")
     args = (rows, module.out_features, module.in_features, weight.device, weight.dtype)
     args += (block, needs)
     if type(mask).__name__ == "DTensor":
-        return _linear_choice(_kept(module), *args)
+        return _linear_choice(_kept(module), *args, ext=True)
     # The forward asks on every call: the choice is cached on the mask with everything else it
     # depends on as the key (~2 us on a hit; deciding and wording it took ~0.4 ms, 11% of a
     # LeNet-300-100 step). The closure holds no module: the entry must not keep its mask alive.
+    # Whether the C++ extension is disabled (an environment read, ~1-2 us) matters only where the
+    # sparse path would pay with it: only those layers key on it, in a second entry.
+    choice = cached_on_mask(mask, "linear_path", lambda m: _linear_choice(_kept_of(m), *args), args)
+    if choice is not None:
+        return choice
     key = (*args, ext_disabled())
-    return cached_on_mask(mask, "linear_path", lambda m: _linear_choice(_kept_of(m), *args), key)
+    return cached_on_mask(
+        mask, "linear_path_ext", lambda m: _linear_choice(_kept_of(m), *args, ext=True), key
+    )
+
+
+#: Why an all-True mask runs the dense op in training: its masked dW would equal the dense dW.
+#: (``kept == 1.0`` exactly iff every entry is kept: ``nnz / numel`` rounds to 1.0 only at
+#: ``nnz == numel`` below 2**53 weights.)
+_ALL_KEPT_WHY = (
+    "mask all True (kept 1.000): nothing to zero in dW, so {op} as {twin} runs it (no mask pass)"
+)
 
 
 def _kept_of(mask: torch.Tensor) -> float:
@@ -143,15 +175,21 @@ def _kept_of(mask: torch.Tensor) -> float:
     return nnz / mask.numel() if mask.numel() else 0.0
 
 
-def _linear_choice(kept, rows, n, k, device, dtype, block, needs) -> PathChoice:
+def _linear_choice(kept, rows, n, k, device, dtype, block, needs, ext=None) -> PathChoice | None:
+    """The choice; None when it depends on the C++ extension's state and ``ext`` is None (the
+    caller then asks again with ``ext=True``, keyed on that state)."""
     if block is not None:
         return PathChoice("block", kept, f"block mode {block}: all-pruned blocks are skipped")
     if not needs:
         return PathChoice(
             "dense", kept, "no weight gradient needed: F.linear on the weight (pruned entries 0)"
         )
+    if kept == 1.0:
+        return PathChoice("dense", kept, _ALL_KEPT_WHY.format(op="F.linear", twin="nn.Linear"))
     args = (rows, n, k, kept, device, dtype)
     pays, why = sparse_pays(*args)
+    if pays and ext is None:
+        return None
     if pays and _kernels_backend() != "cpp":
         # Asked only now, so a layer that stays dense never triggers the extension's build.
         pays, why = sparse_pays(*args, extension=False)

@@ -8,10 +8,20 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 from sparsekern.nn._sparse_module import SparseModuleMixin, adopt_parameters, check_convertible
-from sparsekern.nn.execution_plan import PathChoice, _kept, _needs_weight_grad
+from sparsekern.nn.execution_plan import (
+    _ALL_KEPT_WHY,
+    PathChoice,
+    _kept,
+    _kept_of,
+    _mask_of,
+    _needs_weight_grad,
+    _weight_of,
+)
 from sparsekern.ops._conv import resolve_padding
+from sparsekern.ops._ext import ext_disabled
+from sparsekern.ops._mask_cache import cached_on_mask
 from sparsekern.ops.block_sparse_conv2d import block_masked_conv2d
-from sparsekern.ops.masked_conv2d import masked_conv2d
+from sparsekern.ops.masked_conv2d import masked_conv2d_trusted
 from sparsekern.ops.sparse_train import conv2d as sparse_conv_op
 
 __all__ = ["SPARSE_CONV_MAX_KEPT", "SparseConv2d", "conv_path", "symmetric_zero_padding"]
@@ -31,9 +41,15 @@ def symmetric_zero_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
     """``conv``'s padding as a symmetric pair of zero paddings (what the block-sparse conv
     kernels take), or None when it is not one: a ``padding_mode`` other than ``'zeros'``, or a
     ``'same'`` padding whose total is odd."""
-    if conv.padding_mode != "zeros":
+    w = conv.weight
+    return _symmetric_pad(conv.padding_mode, conv.padding, w, conv.stride, conv.dilation)
+
+
+def _symmetric_pad(padding_mode, padding, weight, stride, dilation) -> tuple[int, int] | None:
+    # ``weight``: anything with the weight's ``shape`` (a meta tensor will do)
+    if padding_mode != "zeros":
         return None
-    pad, extra = resolve_padding(conv.padding, conv.weight, conv.stride, conv.dilation)
+    pad, extra = resolve_padding(padding, weight, stride, dilation)
     return None if extra is not None else pad
 
 
@@ -123,7 +139,9 @@ class SparseConv2d(SparseModuleMixin, nn.Conv2d):
             padding = _pair(0)
         mask = self.checked_mask()
         self.__dict__["_last_input_shape"] = tuple(input.shape)
-        path = self.execution_path(tuple(input.shape)).path
+        path, kept, _ = self.execution_path(tuple(input.shape))
+        if path == "dense" and kept == 1.0:  # no masked dW: a later mask change must resync
+            self._note_unmasked_forward(mask)
         bs = getattr(self, "block_size", None)  # None for modules pickled before block mode
         if path == "sparse":
             unbatched = x.dim() == 3
@@ -144,10 +162,9 @@ class SparseConv2d(SparseModuleMixin, nn.Conv2d):
                 )  # fmt: skip
                 return y.squeeze(0) if unbatched else y
         if path == "masked":
-            return masked_conv2d(
-                x, weight, mask, bias, self.stride, padding, self.dilation, self.groups,
-                assume_pruned_zero=True,
-            )  # fmt: skip
+            return masked_conv2d_trusted(
+                x, weight, mask, bias, self.stride, padding, self.dilation, self.groups
+            )
         return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
@@ -192,31 +209,67 @@ class SparseConv2d(SparseModuleMixin, nn.Conv2d):
 
 def conv_path(module: SparseConv2d, input_shape, training: bool | None) -> PathChoice:
     """:meth:`SparseConv2d.execution_path`'s rule: ``block`` in block mode (symmetric zero
-    padding); ``dense`` when no weight gradient is needed; ``sparse`` on the CPU, groups=1, no
-    autocast, the C++ extension loaded, at least 16 channels each side, and a kept fraction at most
-    ``SPARSE_CONV_MAX_KEPT * N / ceil16(N)`` (the kernels vectorise over the batch in 16 lanes);
-    ``masked`` (vendor conv, masked dW) otherwise; under ``torch.compile`` the vendor paths.
-    The forward runs what this returns."""
+    padding); ``dense`` when no weight gradient is needed or the mask is all True; ``sparse`` on
+    the CPU, groups=1, no autocast, the C++ extension loaded, at least 16 channels each side, and
+    a kept fraction at most ``SPARSE_CONV_MAX_KEPT * N / ceil16(N)`` (the kernels vectorise over
+    the batch in 16 lanes); ``masked`` (vendor conv, masked dW) otherwise; under
+    ``torch.compile`` the vendor paths. The forward runs what this returns."""
     bs = module.__dict__.get("block_size")
-    pad = (0, 0) if module.padding_mode != "zeros" else symmetric_zero_padding(module)
     if torch.compiler.is_compiling():
         # The mask's nnz is data-dependent (no graph guard on it) and the C++ kernels are opaque
         # to the compiler: a compiled forward runs the traceable vendor/block paths, and the kept
         # fraction is not computed (nan).
+        pad = (0, 0) if module.padding_mode != "zeros" else symmetric_zero_padding(module)
         if bs is not None and pad is not None:
             return PathChoice("block", float("nan"), "block mode under torch.compile")
         grad = _needs_weight_grad(module, training)
         return PathChoice("masked" if grad else "dense", float("nan"), "torch.compile: vendor conv")
-    kept = _kept(module)
+    weight, mask = _weight_of(module), _mask_of(module)
+    needs = _needs_weight_grad(module, training, weight)
+    n = 1 if input_shape is None or len(input_shape) == 3 else int(input_shape[0])
+    geometry = (module.padding_mode, module.padding, module.stride, module.dilation, module.groups)
+    args = (n, bs, needs, geometry, tuple(weight.shape), weight.device, weight.dtype)
+    args += (torch.is_autocast_enabled("cpu"),)
+    if type(mask).__name__ == "DTensor":
+        return _conv_choice(_kept(module), *args, ext=True)
+    # Cached on the mask as linear_path's is (the rule and its wording cost ~10-20 us a call);
+    # only layers the C++ kernels could run key on the extension's state (an environment read).
+    choice = cached_on_mask(mask, "conv_path", lambda m: _conv_choice(_kept_of(m), *args), args)
+    if choice is not None:
+        return choice
+    key = (*args, ext_disabled())
+    return cached_on_mask(
+        mask, "conv_path_ext", lambda m: _conv_choice(_kept_of(m), *args, ext=True), key
+    )
+
+
+def _conv_choice(
+    kept, n, bs, needs, geometry, wshape, device, dtype, autocast, ext=None
+) -> PathChoice | None:
+    """The choice for these arguments; None when it depends on the C++ extension and ``ext`` is
+    None (the caller asks again with ``ext=True``, keyed on the extension's state)."""
+    padding_mode, padding, stride, dilation, groups = geometry
+    # A non-zero padding mode pads the input explicitly, then convolves unpadded
+    pad = (0, 0)
+    if padding_mode == "zeros":
+        shape = torch.empty(wshape, device="meta")  # resolve_padding reads the kernel size
+        pad = _symmetric_pad(padding_mode, padding, shape, stride, dilation)
     if bs is not None and pad is not None:
         return PathChoice("block", kept, f"block mode {bs}: all-pruned blocks are skipped")
-    if not _needs_weight_grad(module, training):
+    if not needs:
         return PathChoice(
             "dense", kept, "no weight gradient needed: F.conv2d on the weight (pruned entries 0)"
         )
-    why_not = _sparse_blocker(module, pad)
+    if kept == 1.0:
+        return PathChoice("dense", kept, _ALL_KEPT_WHY.format(op="F.conv2d", twin="nn.Conv2d"))
+    c_out, c_in = wshape[0], wshape[1] * groups
+    why_not = _sparse_blocker(device, groups, pad, dtype, autocast, c_in, c_out)
     if why_not is None:
-        n = 1 if input_shape is None or len(input_shape) == 3 else int(input_shape[0])
+        if ext is None:
+            return None
+        if not sparse_conv_op.extension_available():
+            why_not = "the C++ extension is unavailable"
+    if why_not is None:
         lanes = -(-n // 16) * 16
         limit = SPARSE_CONV_MAX_KEPT * n / lanes
         if kept <= limit:
@@ -235,21 +288,18 @@ def conv_path(module: SparseConv2d, input_shape, training: bool | None) -> PathC
     )
 
 
-def _sparse_blocker(module: SparseConv2d, pad) -> str | None:
-    """Why the sparse kernels cannot run this layer, or None."""
-    w = module.weight
-    if w.device.type != "cpu":
-        return f"on {w.device.type}: the sparse kernels are CPU only, no GPU benchmark yet"
-    if module.groups != 1:
-        return f"groups={module.groups}: the sparse kernels take groups=1"
+def _sparse_blocker(device, groups, pad, dtype, autocast, c_in, c_out) -> str | None:
+    """Why the sparse kernels cannot run this layer (the extension aside), or None."""
+    if device.type != "cpu":
+        return f"on {device.type}: the sparse kernels are CPU only, no GPU benchmark yet"
+    if groups != 1:
+        return f"groups={groups}: the sparse kernels take groups=1"
     if pad is None:
         return "asymmetric 'same' padding"
-    if w.dtype not in sparse_conv_op._KERNEL_DTYPES:
-        return f"dtype {w.dtype}: the sparse kernels compute in fp32"
-    if torch.is_autocast_enabled("cpu"):
+    if dtype not in sparse_conv_op._KERNEL_DTYPES:
+        return f"dtype {dtype}: the sparse kernels compute in fp32"
+    if autocast:
         return "autocast is on: the vendor path applies it"
-    if min(module.in_channels, module.out_channels) < _MIN_CHANNELS:
+    if min(c_in, c_out) < _MIN_CHANNELS:
         return f"fewer than {_MIN_CHANNELS} channels: layout passes not repaid"
-    if not sparse_conv_op.extension_available():
-        return "the C++ extension is unavailable"
     return None

@@ -10,7 +10,7 @@ from torch import nn
 from sparsekern.nn._sparse_module import SparseModuleMixin, adopt_parameters, check_convertible
 from sparsekern.nn.execution_plan import PathChoice, linear_path
 from sparsekern.ops.block_sparse_linear import block_masked_linear
-from sparsekern.ops.masked_linear import masked_linear
+from sparsekern.ops.masked_linear import masked_linear_trusted
 from sparsekern.ops.sparse_train import sparse_linear
 
 __all__ = ["SparseLinear"]
@@ -32,7 +32,10 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
     benchmark exists): pruned weights are exactly zero (the mask invariant), so ``x @ (W*M)^T`` is
     ``x @ W^T``: the forward and dX are ``F.linear``'s own (cuBLAS, MKL/oneDNN), with no mask and
     no copy, exactly what ``nn.Linear`` runs. Without a weight gradient to compute (``no_grad``,
-    ``inference_mode``, a frozen weight) the forward is ``F.linear`` itself. With one, the only
+    ``inference_mode``, a frozen weight) or with a mask that is all True (a fresh layer, RigL's
+    dense-gradient pass) the forward is ``F.linear`` itself: nothing to mask, so the step is
+    ``nn.Linear``'s (the all-True fact is keyed on the mask's version counter: an in-place edit
+    that prunes an entry brings the masked dW back at the next forward). With one, the only
     addition is :func:`sparsekern.ops.masked_linear`'s masked dW: ``weight.grad`` is exactly zero
     where the mask is False (one pass over the gradient, or a fused Triton kernel where whole tiles
     are pruned). An in-place edit of the mask buffer is seen at the next forward, which zeroes the
@@ -72,15 +75,19 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
         mask = self.checked_mask()
         weight = self.weight
         self.__dict__["_last_input_shape"] = tuple(input.shape)
-        path = self.execution_path(tuple(input.shape)).path
+        path, kept, _ = self.execution_path(tuple(input.shape))
+        if path == "dense":
+            if kept == 1.0:  # no masked dW: a later mask change must resync (checked_mask)
+                self._note_unmasked_forward(mask)
+            return F.linear(input, weight, self.bias)
         if path == "block":
             bs = self.block_size
             return block_masked_linear(input, weight, mask, self.bias, bs, assume_pruned_zero=True)
         if path == "masked":
-            return masked_linear(input, weight, mask, self.bias, assume_pruned_zero=True)
+            return masked_linear_trusted(input, weight, mask, self.bias)
         if path == "sparse":
             return sparse_linear(input, weight, mask, self.bias)
-        return F.linear(input, weight, self.bias)
+        return F.linear(input, weight, self.bias)  # "reference" is not chosen for this layer
 
     def execution_path(
         self, input_shape: tuple[int, ...] | None = None, *, training: bool | None = None

@@ -34,9 +34,9 @@ from sparsekern.ops._checks import check_bias
 from sparsekern.ops._conv import conv_out_size, conv_pair, resolve_padding
 from sparsekern.ops._launch import autocast_to
 from sparsekern.ops._mask_pass import zero_pruned
-from sparsekern.ops.masked_weight import masked_weight
+from sparsekern.ops.masked_weight import masked_weight_checked
 
-__all__ = ["masked_conv2d", "masked_conv2d_reference"]
+__all__ = ["masked_conv2d", "masked_conv2d_reference", "masked_conv2d_trusted"]
 
 _IntOrPair = int | Sequence[int]
 
@@ -188,7 +188,16 @@ def masked_conv2d(
     if torch.compiler.is_compiling() and not assume_pruned_zero:
         w = zero_pruned(weight, mask)  # the masked-copy cache is not traceable
     else:
-        w = masked_weight(
-            weight, mask, assume_pruned_zero=assume_pruned_zero, inplace_grad=needs_dw
-        )
+        w = masked_weight_checked(weight, mask, assume_pruned_zero, needs_dw)
+    return F.conv2d(x, w, bias, stride, padding, dilation, groups)
+
+
+def masked_conv2d_trusted(x, weight, mask, bias, stride, padding, dilation, groups) -> torch.Tensor:
+    """:func:`masked_conv2d` with ``assume_pruned_zero=True`` for a caller that owns ``weight``,
+    ``mask`` and ``bias`` and has checked them (``SparseConv2d``: the mask is checked against the
+    weight whenever it changes); ``x`` and the conv arguments are checked by ``F.conv2d``, as
+    ``nn.Conv2d``'s are, and autocast is ``F.conv2d``'s own. Same values and gradients, without
+    the public op's per-call checks and padding resolution."""
+    needs_dw = torch.is_grad_enabled() and weight.requires_grad
+    w = masked_weight_checked(weight, mask, True, needs_dw) if needs_dw else weight
     return F.conv2d(x, w, bias, stride, padding, dilation, groups)

@@ -30,7 +30,7 @@ import torch
 from sparsekern.ops._mask_cache import masked_copy
 from sparsekern.ops._mask_pass import zero_pruned, zero_pruned_
 
-__all__ = ["check_mask", "masked_weight", "masked_weight_reference"]
+__all__ = ["check_mask", "masked_weight", "masked_weight_checked", "masked_weight_reference"]
 
 
 class _MaskedWeightFunction(torch.autograd.Function):
@@ -117,6 +117,14 @@ def masked_weight(
         the cached masked copy, with no autograd node.
     """
     check_mask(mask, weight, "masked_weight")
+    return masked_weight_checked(weight, mask, assume_pruned_zero, inplace_grad)
+
+
+def masked_weight_checked(
+    weight: torch.Tensor, mask: torch.Tensor, assume_pruned_zero: bool, inplace_grad: bool
+) -> torch.Tensor:
+    """:func:`masked_weight` for a ``mask`` its caller has already checked against ``weight``
+    (``masked_linear``, ``masked_conv2d``): the check runs once per call, not twice."""
     if not (torch.is_grad_enabled() and weight.requires_grad):
         return weight if assume_pruned_zero else masked_copy(weight, mask)
     # Training (or gradcheck, which perturbs inputs through .data, invisibly to version counters):

@@ -132,10 +132,34 @@ def test_cached_choice_follows_everything_it_depends_on():
     layer.weight.requires_grad_(True)
     layer.mask.fill_(True)  # in place: the version counter moves
     choice = layer.execution_path((128, 2048))
-    assert choice.path == "masked" and choice.kept == 1.0
+    assert choice.path == "dense" and choice.kept == 1.0 and "all True" in choice.why
+    layer.mask[0, 0] = False  # one entry pruned in place: the masked dW is needed again
+    assert layer.execution_path((128, 2048)).path == "masked"
     layer.set_block_size(16)
     assert layer.execution_path((128, 2048)).path == "block"
     ref = weakref.ref(layer)
     del layer, choice
     gc.collect()
     assert ref() is None
+
+
+def test_cached_choice_follows_the_extension_switch(monkeypatch):
+    """Only layers the C++ kernels could run key their cached choice on SPARSEKERN_NO_EXT; for
+    those, the same layer must answer as a fresh one does after the switch flips, both ways."""
+    from sparsekern.nn import SparseConv2d
+
+    def fresh(cls):
+        torch.manual_seed(0)
+        if cls is SparseLinear:
+            layer = SparseLinear(2048, 1024)
+            layer.set_mask(torch.rand(1024, 2048) < 0.02)
+            return layer, (128, 2048)
+        layer = SparseConv2d(16, 16, 3, padding=1)
+        layer.set_mask(torch.rand(layer.weight.shape) < 0.05)
+        return layer, (32, 16, 6, 6)
+
+    for cls in (SparseLinear, SparseConv2d):
+        layer, shape = fresh(cls)
+        for env in ("0", "1", "0"):
+            monkeypatch.setenv("SPARSEKERN_NO_EXT", env)
+            assert layer.execution_path(shape) == fresh(cls)[0].execution_path(shape), (cls, env)

@@ -167,3 +167,17 @@ def test_torch_func_grad_vmap_and_per_sample_gradients(device):
     model.zero_grad()
     loss(ref, x, y).backward()
     torch.testing.assert_close(g["4.weight"], lin.weight.grad)
+
+
+@pytest.mark.parametrize("cls, shape", [("linear", (4, 8)), ("conv", (4, 3, 3, 3))])
+def test_a_new_mask_buffer_of_another_shape_is_a_clear_error_before_any_change(cls, shape):
+    """The masked path no longer checks the mask per call: the guard checks a new (or edited)
+    buffer against the weight once, before zeroing anything, naming expected vs got."""
+    layer = SparseLinear(8, 4) if cls == "linear" else SparseConv2d(3, 4, 3)
+    layer.set_mask(torch.rand(shape) < 0.5)
+    x = torch.randn(2, 8) if cls == "linear" else torch.randn(2, 3, 5, 5)
+    before = layer.weight.detach().clone()
+    layer.mask = torch.zeros(shape[0], 1, *shape[2:], dtype=torch.bool)  # would broadcast
+    with pytest.raises(ValueError, match=r"the mask buffer: expected mask of the weight's shape"):
+        layer(x)
+    assert torch.equal(layer.weight.detach(), before)

@@ -295,3 +295,28 @@ def test_block_mode_needs_groups_1_and_copies():
     assert pickle.loads(pickle.dumps(conv)).block_size == (16, 32)
     assert SparseConv2d.from_dense(conv).block_size == (16, 32)
     assert SparseConv2d.from_dense(nn.Conv2d(4, 4, 3), block_size=16).block_size == (16, 16)
+
+
+def test_all_true_mask_trains_as_nn_conv2d_then_masks_after_an_in_place_edit():
+    """As for SparseLinear: an all-True mask runs F.conv2d itself (gradients equal nn.Conv2d's);
+    an in-place edit brings the masked dW back at the next forward."""
+    from sparsekern.nn import execution_plan
+
+    dense = nn.Conv2d(4, 6, 3, padding=1)
+    sparse = SparseConv2d.from_dense(copy.deepcopy(dense))
+    x = torch.randn(2, 4, 5, 5)
+    for m in (dense, sparse):
+        m(x).square().sum().backward()
+    assert execution_plan(sparse)[0].path == "dense" and "all True" in execution_plan(sparse)[0].why
+    assert torch.equal(sparse.weight.grad, dense.weight.grad)
+    assert torch.equal(sparse.bias.grad, dense.bias.grad)
+    sparse.mask[:3] = False
+    sparse.weight.grad = None
+    sparse(x).square().sum().backward()
+    pruned = ~sparse.mask
+    assert execution_plan(sparse)[0].path == "masked"
+    assert bool((sparse.weight[pruned] == 0).all())
+    assert bool((sparse.weight.grad[pruned] == 0).all())
+    w = sparse.weight.detach().clone().requires_grad_()
+    F.conv2d(x, w * sparse.mask, sparse.bias.detach(), padding=1).square().sum().backward()
+    torch.testing.assert_close(sparse.weight.grad, w.grad * sparse.mask)

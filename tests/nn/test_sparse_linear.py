@@ -213,3 +213,70 @@ def test_block_mode_construction_copy_and_errors():
     with pytest.raises(BlockSparseFormatError, match="got"):
         sparsify(model, block_size=(16, 20))
     assert type(model[0]) is nn.Linear, "a failed sparsify changed the model"
+
+
+def test_all_true_mask_trains_as_nn_linear_then_masks_after_an_in_place_edit():
+    """An all-True mask runs F.linear itself (nothing to mask): output and every gradient are
+    nn.Linear's, bit for bit, double backward included. The all-True fact follows the mask's
+    version: after an in-place edit the next forward zeroes the newly pruned weights and their
+    stale .grad, and dW is again exactly zero there."""
+    from sparsekern.nn import execution_plan
+
+    dense = nn.Linear(16, 9)
+    sparse = SparseLinear.from_dense(copy.deepcopy(dense))
+    x = torch.randn(5, 16)
+    for m in (dense, sparse):
+        xg = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(m(xg).square().sum(), xg, create_graph=True)
+        gx.square().sum().backward()  # a gradient penalty: second order through the layer
+    assert execution_plan(sparse)[0].path == "dense" and "all True" in execution_plan(sparse)[0].why
+    assert torch.equal(sparse.weight.grad, dense.weight.grad)
+    assert torch.equal(sparse.bias.grad, dense.bias.grad)
+    assert bool((sparse.weight.grad[:, :4] != 0).all())  # a dense gradient, before the edit
+
+    sparse.mask[:, :4] = False  # in place, with a dense .grad still there
+    y = sparse(x)
+    pruned = ~sparse.mask
+    assert execution_plan(sparse)[0].path == "masked"
+    assert bool((sparse.weight[pruned] == 0).all())
+    assert bool((sparse.weight.grad[pruned] == 0).all())
+    sparse.weight.grad = None
+    y.square().sum().backward()
+    assert bool((sparse.weight.grad[pruned] == 0).all())
+    w = sparse.weight.detach().clone().requires_grad_()
+    F.linear(x, w * sparse.mask, sparse.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(sparse.weight.grad, w.grad * sparse.mask)
+
+
+def test_set_mask_between_an_all_true_forward_and_its_backward_keeps_the_invariant():
+    """The all-True forward's dW is not masked; a set_mask before its backward lets dense dW land
+    on newly pruned entries (and an optimizer step move them): the next forward zeroes them."""
+    layer = SparseLinear(8, 6)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    x = torch.randn(4, 8)  # no grad for x: F.linear does not save the weight, so no autograd error
+    loss = layer(x).square().sum()
+    mask = torch.rand(6, 8) < 0.5
+    layer.set_mask(mask, opt)
+    loss.backward()
+    opt.step()
+    layer(x)
+    assert bool((layer.weight[~mask] == 0).all())
+    assert bool((layer.weight.grad[~mask] == 0).all())
+
+
+def test_masked_path_under_cpu_autocast_matches_the_masked_reference():
+    """The module's masked path leaves autocast to F.linear (no explicit casts of its own): the
+    output is bf16 as nn.Linear's, the weight gradient fp32 and exactly zero at pruned entries."""
+    layer = pruned_layer("cpu", 16, 8)
+    x = torch.randn(4, 16)
+    w = layer.weight.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+        ref = F.linear(x, w * layer.mask, layer.bias.detach())
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref)
+    y.float().square().sum().backward()
+    ref.float().square().sum().backward()
+    assert layer.weight.grad.dtype == torch.float32
+    assert bool((layer.weight.grad[~layer.mask] == 0).all())
+    torch.testing.assert_close(layer.weight.grad, w.grad * layer.mask)

@@ -237,3 +237,92 @@ def test_gemm_view_round_trip_and_errors(device):
         )
     with pytest.raises(ValueError, match=r"expected stride >= 1, got 0"):
         block_masked_conv2d(x, w, torch.ones_like(w, dtype=torch.bool), stride=0)
+
+
+def _tap_mask(shape, blocks):
+    """A 4-D mask keeping the tap-major 16 x 16 blocks ``blocks`` ((block row, block col))."""
+    occ = conv_block_occupancy(torch.zeros(shape, dtype=torch.bool), (16, 16))
+    for r, c in blocks:
+        occ[r, c] = True
+    g = occ.repeat_interleave(16, 0).repeat_interleave(16, 1)[: shape[0]]
+    return conv_weight_from_gemm(g.to(torch.uint8), shape, 16).bool()
+
+
+@pytest.mark.parametrize("edit", ["col_idx", "row_ptr_and_col_idx"])
+def test_compact_layout_is_recomputed_after_in_place_index_edits(edit, device):
+    """The conv layout of a BlockSparseMatrix (dX block lists included) is cached on its index
+    tensors; editing them in place (the same tensor objects, so identity alone cannot tell) must
+    never leave the old layout in use: output and every gradient match the new structure."""
+    shape = (32, 16, 3, 3)  # tap-major view: 2 block rows x 9 block columns
+    old = [(0, 0), (0, 3), (1, 4)]
+    new = [(0, 1), (0, 5), (1, 8)] if edit == "col_idx" else [(0, 2), (1, 6), (1, 7)]
+    x = torch.randn(2, 16, 5, 6, device=device)
+
+    def gemm(mask):
+        w = torch.randn(shape, device=device) * mask
+        W = BlockSparseMatrix.from_dense(
+            conv_weight_to_gemm(w, 16), (16, 16), mask=conv_weight_to_gemm(mask, 16)
+        )
+        return w, W
+
+    w_old, W = gemm(_tap_mask(shape, old).to(device))
+    W.values.requires_grad_()
+    block_sparse_conv2d(x, W, shape, None, 1, 1, 1).sum().backward()  # caches the old layout
+    mask = _tap_mask(shape, new).to(device)
+    w_new, W_new = gemm(mask)
+    with torch.no_grad():
+        W.values.copy_(W_new.values)
+        W.values.grad = None
+    if edit == "col_idx":
+        assert torch.equal(W.row_ptr, W_new.row_ptr)  # same rows: only the columns move
+    else:
+        assert not torch.equal(W.row_ptr, W_new.row_ptr)
+        W.row_ptr.copy_(W_new.row_ptr)
+    W.col_idx.copy_(W_new.col_idx)
+    W._derive()  # the matrix's own transposed lists, as its constructor makes them
+    xg = x.clone().requires_grad_()
+    y = block_sparse_conv2d(xg, W, shape, None, 1, 1, 1)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    b = torch.zeros(32, device=device)
+    yr, dxr, dwr, _ = _reference(xg, w_new, mask, b, dy, ((1, 1), (1, 1), (1, 1)))
+    _close(y, yr, torch.float32, 16 * 9, "y")
+    _close(xg.grad, dxr, torch.float32, 32 * 9, "dx")
+    g = BlockSparseMatrix(W.values.grad, W.row_ptr, W.col_idx, W.shape, W.block_size)
+    _close(conv_weight_from_gemm(g.to_dense(), shape, 16), dwr, torch.float32, 60, "dvalues")
+
+
+def test_block_sparse_conv2d_layer_follows_in_place_edits_of_its_index_buffers(device):
+    """BlockSparseConv2d assembles its matrix (derived lists included) and the kernels' layout
+    from its buffers: in-place edits of ``row_ptr`` and ``col_idx`` (the same tensor objects)
+    must rebuild both, never reuse them."""
+    from sparsekern.nn.inference import BlockSparseConv2d
+
+    shape = (32, 16, 3, 3)
+    old, new = [(0, 0), (0, 3), (1, 4)], [(0, 2), (1, 6), (1, 7)]  # 2 + 1 blocks -> 1 + 2
+    x = torch.randn(2, 16, 5, 6, device=device)
+
+    def matrix(mask):
+        w = torch.randn(shape, device=device) * mask
+        g = conv_weight_to_gemm(w, 16)
+        return w, BlockSparseMatrix.from_dense(g, (16, 16), mask=conv_weight_to_gemm(mask, 16))
+
+    _, W_old = matrix(_tap_mask(shape, old).to(device))
+    layer = BlockSparseConv2d(W_old, shape, None, (1, 1), (1, 1), (1, 1))
+    layer(x)  # builds and caches the matrix and its layout
+    mask = _tap_mask(shape, new).to(device)
+    w_new, W_new = matrix(mask)
+    with torch.no_grad():
+        layer.row_ptr.copy_(W_new.row_ptr)
+        layer.col_idx.copy_(W_new.col_idx)
+        layer.values.copy_(W_new.values)
+    xg = x.clone().requires_grad_()
+    y = layer(xg)
+    dy = torch.randn_like(y)
+    y.backward(dy)
+    b = torch.zeros(32, device=device)
+    yr, dxr, dwr, _ = _reference(xg, w_new, mask, b, dy, ((1, 1), (1, 1), (1, 1)))
+    _close(y, yr, torch.float32, 16 * 9, "y after the in-place edit")
+    _close(xg.grad, dxr, torch.float32, 32 * 9, "dx after the in-place edit")
+    g = BlockSparseMatrix(layer.values.grad, W_new.row_ptr, W_new.col_idx, W_new.shape, (16, 16))
+    _close(conv_weight_from_gemm(g.to_dense(), shape, 16), dwr, torch.float32, 60, "dvalues")

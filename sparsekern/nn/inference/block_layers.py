@@ -93,20 +93,21 @@ class _BlockSparseLayer(DenseFallback, nn.Module):
 
     @property
     def weight(self) -> BlockSparseMatrix:
-        """The layer's ``BlockSparseMatrix``; its ``values`` is the ``values`` Parameter."""
-        m = self._matrix
-        if m is None or m.values is not self.values or m.row_ptr is not self.row_ptr:
-            # Rebuilt after .to(), a load or a cast (derived metadata costs a few small ops).
-            m = BlockSparseMatrix(
-                self.values,
-                self.row_ptr,
-                self.col_idx,
-                self._matrix_shape,
-                self.block_size,
-                validate=False,
-            )
-            self._matrix = m
-        return m
+        """The layer's ``BlockSparseMatrix``; its ``values`` is the ``values`` Parameter.
+
+        Cached on ``row_ptr`` (``_mask_cache``), rebuilt with its derived lists (a few small ops)
+        after ``.to()``, a load or a cast, and after an in-place edit of ``row_ptr`` or
+        ``col_idx`` (version counters), which identity alone would miss."""
+        values = self._parameters["values"]
+        rp, ci = self._buffers["row_ptr"], self._buffers["col_idx"]
+        shape, block = self._matrix_shape, self.block_size
+        key = (id(values), shape, block) + tensor_key(ci)  # the closure keeps both ids valid
+        return cached_on_mask(
+            rp,
+            "block_layer.weight",
+            lambda r: BlockSparseMatrix(values, r, ci, shape, block, validate=False),
+            key,
+        )
 
     @property
     def density(self) -> float:
@@ -174,7 +175,6 @@ class _BlockSparseLayer(DenseFallback, nn.Module):
             self.row_ptr = m.row_ptr.to(dev)
             self.col_idx = m.col_idx.to(dev)
             self.block_size = m.block_size
-            self._matrix = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )

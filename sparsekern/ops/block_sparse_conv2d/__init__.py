@@ -27,7 +27,8 @@ Files, from the bottom up:
 
 * ``layout``: the tap-major view (``conv_weight_to_gemm`` / ``conv_weight_from_gemm``,
   ``conv_block_occupancy``) and the block layouts (``conv_layout_of_mask``, cached on the mask;
-  ``conv_layout_of_matrix``);
+  ``conv_layout_of_matrix``, cached on the matrix's index tensors by
+  ``cached_conv_layout_of_matrix``);
 * ``kernels``: the ``@triton.jit`` kernels, their autotune configs and launchers
   (``bsc_{fwd,dx,dw}_launch``);
 * ``custom_ops``: one implementation per (storage, GEMM), the ``torch.library`` custom ops that

@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from sparsekern.formats.block_sparse import BlockSparseMatrix, block_size_pair
 from sparsekern.ops._block_kernels import Layout, layout_from_occupancy
 from sparsekern.ops._conv import conv_pair
-from sparsekern.ops._mask_cache import cached_on_mask
+from sparsekern.ops._mask_cache import cached_on_mask, tensor_key
 
 __all__ = [
     "ConvLayout",
+    "cached_conv_layout_of_matrix",
     "conv_block_occupancy",
     "conv_layout_of_mask",
     "conv_layout_of_matrix",
@@ -109,12 +110,34 @@ def conv_layout_of_mask(mask: torch.Tensor, block_size) -> ConvLayout:
 
 def conv_layout_of_matrix(w: BlockSparseMatrix, weight_shape) -> ConvLayout:
     """Layout of compact values: ``w`` is the BlockSparseMatrix of the tap-major view."""
-    c_out, c_in, kh, kw = weight_shape
-    base = Layout(
-        tuple(weight_shape), w.block_size, w.nnz_blocks, w.row_ptr, w.col_idx, w.block_row,
-        w.col_ptr, w.t_row, w.t_perm, False, None,
+    return _layout_of_indices(
+        tuple(weight_shape), w.block_size, w.nnz_blocks, w.row_ptr,
+        (w.col_idx, w.block_row, w.col_ptr, w.t_row, w.t_perm),
     )  # fmt: skip
-    return _with_dx_lists(base, kh, kw, _cdiv(c_in, w.block_size[1]))
+
+
+def _layout_of_indices(weight_shape, block, nnz, row_ptr, rest) -> ConvLayout:
+    c_out, c_in, kh, kw = weight_shape
+    col_idx, block_row, col_ptr, t_row, t_perm = rest
+    base = Layout(
+        weight_shape, block, nnz, row_ptr, col_idx, block_row, col_ptr, t_row, t_perm, False, None
+    )
+    return _with_dx_lists(base, kh, kw, _cdiv(c_in, block[1]))
+
+
+def cached_conv_layout_of_matrix(w: BlockSparseMatrix, weight_shape) -> ConvLayout:
+    """:func:`conv_layout_of_matrix`, cached on ``w.row_ptr`` until any index tensor of ``w``
+    changes (edited in place, or another tensor: object, version counter, data pointer), the
+    block count or ``weight_shape`` does; the values are not part of the layout. What the
+    forward asks on every call (the dX lists cost an argsort and a bincount over the blocks)."""
+    shape = tuple(int(s) for s in weight_shape)
+    rest = (w.col_idx, w.block_row, w.col_ptr, w.t_row, w.t_perm)
+    key = (shape, w.block_size, w.nnz_blocks) + tensor_key(*rest)
+    block, nnz = w.block_size, w.nnz_blocks
+    # The closure holds the index tensors the key names by id (never the values).
+    return cached_on_mask(
+        w.row_ptr, "bsc_matrix", lambda rp: _layout_of_indices(shape, block, nnz, rp, rest), key
+    )
 
 
 def _compact_conv_layout(values, meta, weight_shape) -> ConvLayout:

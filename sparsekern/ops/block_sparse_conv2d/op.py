@@ -21,6 +21,7 @@ from sparsekern.ops.block_sparse_conv2d.layout import (
     _cdiv,
     _conv_meta,
     _geometry_of,
+    cached_conv_layout_of_matrix,
     conv_layout_of_mask,
     conv_layout_of_matrix,
 )
@@ -142,12 +143,11 @@ def block_sparse_conv2d(
             )  # fmt: skip
         return block_sparse_conv2d_reference(x, weight, weight_shape, bias, *geometry)
     require_triton("block_sparse_conv2d on this device")
-    lay = getattr(weight, "_conv_layout", None)
-    if lay is None or lay.base.row_ptr is not weight.row_ptr or lay.base.shape != (
-        c_out, c_in, kh, kw,
-    ):  # fmt: skip
-        lay = conv_layout_of_matrix(weight, (c_out, c_in, kh, kw))
-        weight._conv_layout = lay  # derived metadata, rebuilt when the matrix changes
+    shape = (c_out, c_in, kh, kw)
+    if torch.compiler.is_compiling():  # the cache reads version counters and data pointers
+        lay = conv_layout_of_matrix(weight, shape)
+    else:
+        lay = cached_conv_layout_of_matrix(weight, shape)
     values = values if values.is_contiguous() else values.contiguous()
     bias = None if bias is None else bias.contiguous()
     return _BlockSparseConvFunction.apply(
