@@ -7,6 +7,11 @@ preset's values are then set to the choice (tests/scripts/test_presets.py checks
 
     python scripts/search_mnist.py --preset lenet300            # 8 runs, ~2-4 min each
     python scripts/search_mnist.py --preset lenet300 --jobs 2   # two at a time (1 thread each)
+    python scripts/search_mnist.py --preset lenet5 --reuse      # keep finished runs that match
+
+--reuse keeps a grid point's finished run (its summary.json) when its recorded command is this
+search's command for that point and its arguments agree with the preset's fixed values; the JSON
+marks it ``reused`` and keeps its own commit.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--runs", default="runs/search", help="the runs' folders (from the root)")
     p.add_argument("--out", help="the JSON (default results/search/<preset>.json)")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
+    p.add_argument("--reuse", action="store_true", help="keep finished runs that match")
     args = p.parse_args(argv)
     try:
         args.settings = presets.load_preset(args.preset)
@@ -63,15 +69,34 @@ def command(args, point: dict) -> list[str]:
     return ["scripts/prune_mnist.py", "--preset", args.preset, *flags, *FIXED, "--out", str(out)]
 
 
-def run_one(cmd: list[str]) -> dict:
+def reusable(cmd: list[str], fixed: dict) -> dict | None:
+    """The finished run of ``cmd`` if its summary records exactly this command and the preset's
+    fixed values, else None."""
+    f = ROOT / cmd[cmd.index("--out") + 1] / "summary.json"
+    if not f.is_file():
+        return None
+    s = json.loads(f.read_text())
+    same = s.get("command") == "python " + " ".join(cmd) and s.get("test_images") == 0
+    same = same and all(s["args"].get(k) == v for k, v in fixed.items())
+    return s if same else None
+
+
+def run_one(cmd: list[str], fixed: dict | None = None) -> dict:
+    """Run ``cmd`` (or, with ``fixed``, keep its finished run when :func:`reusable`)."""
     t = time.time()
-    proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    s = json.loads((ROOT / cmd[cmd.index("--out") + 1] / "summary.json").read_text())
+    s = reusable(cmd, fixed) if fixed is not None else None
+    reused = s is not None
+    if not reused:
+        proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+        s = json.loads((ROOT / cmd[cmd.index("--out") + 1] / "summary.json").read_text())
     assert s["test_images"] == 0  # --no-test: the search never saw the test set
     keys = ("val_error_pct", "val_error_dense_pct", "compression_weights", "kept_pct")
-    return {k: s[k] for k in keys} | {"seconds": time.time() - t, "commit": s["run"]["commit"]}
+    out = {k: s[k] for k in keys} | {"commit": s["run"]["commit"]}
+    if reused:
+        return out | {"seconds": s["wall_time_s"], "reused": True}
+    return out | {"seconds": time.time() - t}
 
 
 def main(argv=None):
@@ -80,8 +105,10 @@ def main(argv=None):
     cmds = [command(args, pt) for pt in points]
     if args.dry_run:
         return print("\n".join("python " + " ".join(c) for c in cmds))
+    fixed = {k: v for k, v in presets.run_settings(args.settings).items()
+             if k not in args.settings["search"]} if args.reuse else None  # fmt: skip
     with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(run_one, cmds))
+        results = list(pool.map(lambda c: run_one(c, fixed), cmds))
     floor = args.settings.get("search_min_compression", 1.0)
     runs = [{"settings": pt, "command": "python " + " ".join(c), **r}
             for pt, c, r in zip(points, cmds, results)]  # fmt: skip
