@@ -1,11 +1,17 @@
 """SparseGPT with its default settings never loses to magnitude pruning (issue 25, item 5): on an
-MLP trained on MNIST, pruned one-shot to 90% unstructured, the default (``selection="auto"``:
-per layer the lowest held-out reconstruction error among SparseGPT's row / block selections and
-the magnitude mask) has a test error no higher than magnitude pruning's.
+MLP trained on MNIST, pruned one-shot to 90% unstructured, the default (``selection="auto"``: per
+layer the candidate among SparseGPT's row / block selections and the magnitude mask with the
+lowest model-output KL on held-out calibration batches, then the end-to-end guard against the
+all-magnitude model on those batches) has a test error no higher than magnitude pruning's, and
+the guard's figures are the held-out distortions of the two models.
 
-CI size: LeNet-300-100 trained 3 epochs on 10,000 images, 256 calibration images, where the
-previous default (``selection="row"``) lost to magnitude (20.2% vs 11.4%). Full size (the issue's
-case: 60,000 images, 3 epochs of scripts/one_shot_mnist.py's recipe, 2,048 calibration images)::
+CI size: LeNet-300-100 trained 3 epochs on 10,000 images, 256 calibration images. Measured on an
+AMD EPYC without AVX-512 (1 thread): dense 6.04%, magnitude 11.53%, row 19.91%, block 13.96%; the
+per-layer choice alone (magnitude, block, row) 13.83% although its held-out KL is half
+magnitude's (0.269 vs 0.596): KL and top-1 disagree here, and the 128 held-out images flip 7 vs 9
+top-1 predictions, not enough evidence, so the guard keeps magnitude (11.53%). Full size (the
+issue's case: 60,000 images, 3 epochs of scripts/one_shot_mnist.py's recipe, 2,048 calibration
+images)::
 
     SPARSEKERN_FULL=1 python -m pytest -q -s tests/pruning/test_sparsegpt_vs_magnitude.py
 """
@@ -86,9 +92,46 @@ def test_sparsegpt_default_never_loses_to_magnitude_on_mnist():
         reports[label] = one_shot(m, calibration, method, 0.9, **kw)
         errors[label] = _error(m, xt, yt)
     print({k: round(v, 2) for k, v in errors.items()})
-    print("default selections:", [r["selection"] for r in reports["default"]])
+    guard = reports["default"][0]["guard"]
+    print("guard:", guard, "selections:", [r.get("selection") for r in reports["default"]])
     assert errors["default"] <= errors["magnitude"], errors
-    for r in reports["default"]:  # the mechanism: the lowest held-out error is chosen
-        assert r["selection"] == min(r["heldout_errors"], key=r["heldout_errors"].get)
-        assert set(r["heldout_errors"]) == {"row", "block", "magnitude"}
+    # the mechanism: held-out batch 1 of 2 (every 4th, at least one); both models' figures are
+    # their distortions against the dense model there; auto is kept only where it is no worse
+    # in KL and flips significantly fewer top-1 predictions (b - c >= 2 sqrt(b + c))
+    assert guard["heldout_batches"] == 1 and guard["distortion"] == "kl"
+    assert all(r["guard"] == guard for r in reports["default"])
+    held = calibration[1]
+    with torch.no_grad():
+        ref = F.log_softmax(model.eval()(held), -1)
+        measured = {}
+        for label in ("default", "magnitude"):
+            m = copy.deepcopy(model)
+            one_shot(m, calibration, "sparsegpt" if label == "default" else "magnitude", 0.9)
+            logp = F.log_softmax(m.eval()(held), -1)
+            measured[label] = (
+                float((ref.exp() * (ref - logp)).sum(-1).mean()),
+                logp.argmax(-1) != ref.argmax(-1),
+            )
+    kl_m, flip_m = measured["magnitude"]
+    assert guard["magnitude"]["kl"] == pytest.approx(kl_m, rel=1e-4)
+    assert guard["magnitude"]["top1"] == pytest.approx(float(flip_m.float().mean()))
+    # the auto model's figure is the last layer's chosen candidate's (the same model state)
+    last = reports["default"][-1]["heldout_distortion"]
+    assert guard["auto"]["kl"] == min(last.values())
+    flips = guard["top1_only_flipped_by"]
+    b, c = flips["magnitude"], flips["auto"]
+    assert round((guard["magnitude"]["top1"] - guard["auto"]["top1"]) * len(held)) == b - c
+    auto_wins = guard["auto"]["kl"] <= guard["magnitude"]["kl"] and b - c >= 2 * (b + c) ** 0.5
+    assert guard["kept"] == ("auto" if auto_wins else "magnitude")
+    for r in reports["default"]:
         assert abs(r["density"] - 0.1) < 1e-3
+        d = r["heldout_distortion"]  # the per-layer choice: the lowest held-out KL
+        assert set(d) == {"row", "block", "magnitude"}
+        assert r.get("auto_selection", r["selection"]) == min(d, key=d.get)
+    kl_d, flip_d = measured["default"]
+    if guard["kept"] == "magnitude":  # then exactly magnitude's result
+        assert all(r["selection"] == "magnitude" for r in reports["default"])
+        assert errors["default"] == errors["magnitude"]
+        assert torch.equal(flip_d, flip_m)
+    else:
+        assert guard["auto"]["kl"] == pytest.approx(kl_d, rel=1e-4)
