@@ -8,10 +8,13 @@ the guard's figures are the held-out distortions of the two models.
 CI size: LeNet-300-100 trained 3 epochs on 10,000 images, 256 calibration images. Measured on an
 AMD EPYC without AVX-512 (1 thread): dense 6.04%, magnitude 11.53%, row 19.91%, block 13.96%; the
 per-layer choice alone (magnitude, block, row) 13.83% although its held-out KL is half
-magnitude's (0.269 vs 0.596): KL and top-1 disagree here, and the 128 held-out images flip 7 vs 9
-top-1 predictions, not enough evidence, so the guard keeps magnitude (11.53%). Full size (the
-issue's case: 60,000 images, 3 epochs of scripts/one_shot_mnist.py's recipe, 2,048 calibration
-images)::
+magnitude's (0.269 vs 0.596): KL and top-1 disagree here, and on the 128 held-out images the two
+flip 7 vs 9 top-1 predictions that the other kept, less than one standard error (sqrt(16)), so
+the guard keeps magnitude (11.53%).
+
+Full size (the issue's case: 60,000 images, 3 epochs of scripts/one_shot_mnist.py's recipe, 2,048
+calibration images; measured: dense 1.93%, magnitude 10.94%, row 24.0%, block 12.98%, default
+8.47%: the guard kept SparseGPT on b = 29, c = 21 top-1 flips of 512 held-out images)::
 
     SPARSEKERN_FULL=1 python -m pytest -q -s tests/pruning/test_sparsegpt_vs_magnitude.py
 """
@@ -95,12 +98,13 @@ def test_sparsegpt_default_never_loses_to_magnitude_on_mnist():
     guard = reports["default"][0]["guard"]
     print("guard:", guard, "selections:", [r.get("selection") for r in reports["default"]])
     assert errors["default"] <= errors["magnitude"], errors
-    # the mechanism: held-out batch 1 of 2 (every 4th, at least one); both models' figures are
-    # their distortions against the dense model there; auto is kept only where it is no worse
-    # in KL and flips significantly fewer top-1 predictions (b - c >= 2 sqrt(b + c))
-    assert guard["heldout_batches"] == 1 and guard["distortion"] == "kl"
+    # the mechanism: every 4th batch held out (CI: 2 batches, the last one); both models' figures
+    # are their distortions against the dense model there; auto is kept only where it is no
+    # worse in KL and flips significantly fewer top-1 predictions (b - c >= sqrt(b + c))
+    held_idx = list(range(3, len(calibration), 4)) or [len(calibration) - 1]
+    assert guard["heldout_batches"] == len(held_idx) and guard["distortion"] == "kl"
     assert all(r["guard"] == guard for r in reports["default"])
-    held = calibration[1]
+    held = torch.cat([calibration[i] for i in held_idx])
     with torch.no_grad():
         ref = F.log_softmax(model.eval()(held), -1)
         measured = {}
@@ -121,7 +125,7 @@ def test_sparsegpt_default_never_loses_to_magnitude_on_mnist():
     flips = guard["top1_only_flipped_by"]
     b, c = flips["magnitude"], flips["auto"]
     assert round((guard["magnitude"]["top1"] - guard["auto"]["top1"]) * len(held)) == b - c
-    auto_wins = guard["auto"]["kl"] <= guard["magnitude"]["kl"] and b - c >= 2 * (b + c) ** 0.5
+    auto_wins = guard["auto"]["kl"] <= guard["magnitude"]["kl"] and b - c >= (b + c) ** 0.5
     assert guard["kept"] == ("auto" if auto_wins else "magnitude")
     for r in reports["default"]:
         assert abs(r["density"] - 0.1) < 1e-3
