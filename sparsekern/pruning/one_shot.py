@@ -879,7 +879,9 @@ class OneShotPruner(BasePruner):
             "percdamp": self.percdamp,
             "compensate": self.compensate,
             "selection": self.selection,
-            "distortion": self.distortion,
+            # only where used: a state saved with row / block / Wanda / magnitude before the
+            # guard existed still loads; an "auto" one (another procedure then) is refused
+            **({} if self.distortion is None else {"distortion": self.distortion}),
         }
 
     def _extra_state(self) -> dict:
