@@ -60,14 +60,14 @@ SparseGPT's mask selection (``selection``), per layer:
   the last quarter, so that calibration in text order is spread over both parts.
 
   1. Per layer, in the sequential pass: SparseGPT with ``"row"`` and with ``"block"`` selection
-     (N:M: the one N:M solver), solved on the solve batches, and the magnitude mask (no update)
-     are installed in turn, the earlier layers as chosen and the later ones still dense, and the
-     one whose model output is closest to the dense model's on the held-out batches is kept:
-     mean ``KL(p_dense || p)`` of the softmax over the output's last dimension
-     (``distortion="kl"``, the default: the loss of a classifier or LM distilled from the dense
-     model), or ``||y - y_dense||^2 / ||y_dense||^2`` (``distortion="mse"``, for outputs that
-     are not logits). The output is the model's tensor, an HF ``ModelOutput``'s ``logits``, or
-     the first floating tensor of a tuple.
+     (N:M: the one N:M solver, labelled ``"row"``), solved on the solve batches, and the
+     magnitude mask (no update) are installed in turn, the earlier layers as chosen and the
+     later ones still dense, and the one whose model output is closest to the dense model's on
+     the held-out batches is kept: mean ``KL(p_dense || p)`` of the softmax over the output's
+     last dimension (``distortion="kl"``, the default: the loss of a classifier or LM distilled
+     from the dense model), or ``||y - y_dense||^2 / ||y_dense||^2`` (``distortion="mse"``,
+     for outputs that are not logits). The output is the model's tensor, an HF
+     ``ModelOutput``'s ``logits``, or the first floating tensor of a tuple.
   2. The guard, per model: the result against the all-magnitude model (magnitude masks need no
      calibration; measured before the pass from the dense weights). The result is kept only if
      its held-out distortion is no higher and, for ``"kl"``, it flips fewer top-1 predictions of
@@ -598,7 +598,7 @@ class OneShotPruner(BasePruner):
     @torch.no_grad()
     def _statistics(self, name: str, stop: bool, device, dtype, held: set[int]):
         """``G = X^T X`` of layer ``name``'s inputs with the model as it is now, over the solve
-        batches and over the held-out ones (indices in ``held``; both None-free only where seen),
+        batches and over the held-out ones (indices in ``held``; ``None`` where no token came),
         their token counts and the seconds taken."""
         module, kind = self.layers[name], self.kinds[name]
         state = {"G": [None, None], "n": [0, 0], "part": 0}  # [solve, held out]
