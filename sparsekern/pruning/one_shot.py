@@ -144,7 +144,7 @@ __all__ = ["METHODS", "OneShotPruner", "format_one_shot_report", "one_shot"]
 METHODS = ("sparsegpt", "wanda", "magnitude")
 SELECTIONS = ("auto", "row", "block")
 DISTORTIONS = ("kl", "mse")
-_GUARD_Z = 1.0  # standard errors by which auto must flip fewer top-1 outputs (module docstring)
+_GUARD_Z = 2.0  # standard errors by which auto must flip fewer top-1 outputs (module docstring)
 
 
 class _StopForward(Exception):
@@ -803,7 +803,10 @@ class OneShotPruner(BasePruner):
         b = int((flips_mag & ~flips_auto).sum())
         c = int((flips_auto & ~flips_mag).sum())
         kept = "auto"
-        if d_auto[self.distortion] > d_mag[self.distortion] or b - c < _GUARD_Z * math.sqrt(b + c):
+        worse = d_auto[self.distortion] > d_mag[self.distortion]
+        if self.distortion == "kl" and not (b > c and b - c >= _GUARD_Z * math.sqrt(b + c)):
+            worse = True  # no evidence that auto flips fewer top-1 predictions than magnitude
+        if worse:
             self._restore(self.layers, saved)
             auto_rows = {r["name"]: r for r in rows}
             rows = self._pass(order, calls, held_idx, target, device, dtype, "magnitude", None)

@@ -418,7 +418,7 @@ def test_auto_holds_out_every_fourth_batch_and_guards_against_magnitude():
     one_shot(mag, cal, "magnitude", 0.5)
     assert guard["magnitude"]["kl"] == pytest.approx(kl(mag), rel=1e-4)
     b, c = guard["top1_only_flipped_by"]["magnitude"], guard["top1_only_flipped_by"]["auto"]
-    wins = guard["auto"]["kl"] <= guard["magnitude"]["kl"] and b - c >= (b + c) ** 0.5
+    wins = guard["auto"]["kl"] <= guard["magnitude"]["kl"] and b > c and b - c >= 2 * (b + c) ** 0.5
     assert guard["kept"] == ("auto" if wins else "magnitude") == "auto"  # OBS pays here
     assert guard["auto"]["kl"] == pytest.approx(kl(model), rel=1e-4)
     assert [r["selection"] for r in rep] == [
