@@ -405,14 +405,10 @@ def test_auto_holds_out_every_fourth_batch_and_guards_against_magnitude():
         with torch.no_grad():
             return float((ref.exp() * (ref - F.log_softmax(m(held), -1))).sum(-1).mean())
 
-    # layer 0's "row" candidate: solved on the other 6 batches only, measured on the held-out 2
-    solve = torch.cat([c for i, c in enumerate(cal) if i not in (3, 7)]).double()
-    W = dense[0].weight.detach().double()
-    W_row, _ = sparsegpt_prune(W, 2 * solve.t() @ solve / len(solve), 0.5, selection="row")
-    cand = copy.deepcopy(dense)
-    with torch.no_grad():
-        cand[0].weight.copy_(W_row)
-    assert rep[0]["heldout_distortion"]["row"] == pytest.approx(kl(cand), rel=1e-4)
+    # the uniform "row" candidate: solved on the other 6 batches only, measured on the held-out 2
+    row = copy.deepcopy(dense)
+    one_shot(row, [c for i, c in enumerate(cal) if i not in (3, 7)], sparsity=0.5, selection="row")
+    assert guard["candidates"]["row"]["kl"] == pytest.approx(kl(row), rel=1e-4)
     # the guard's magnitude figure is the all-magnitude model's, and the rule picked the winner
     mag = copy.deepcopy(dense)
     one_shot(mag, cal, "magnitude", 0.5)
@@ -421,9 +417,14 @@ def test_auto_holds_out_every_fourth_batch_and_guards_against_magnitude():
     wins = guard["auto"]["kl"] <= guard["magnitude"]["kl"] and b > c and b - c >= 2 * (b + c) ** 0.5
     assert guard["kept"] == ("auto" if wins else "magnitude") == "auto"  # OBS pays here
     assert guard["auto"]["kl"] == pytest.approx(kl(model), rel=1e-4)
-    assert [r["selection"] for r in rep] == [
-        min(r["heldout_distortion"], key=r["heldout_distortion"].get) for r in rep
-    ]
+    kl_of = {k: guard["candidates"][k]["kl"] for k in ("row", "block", "per-layer")}
+    assert guard["candidate"] == min(kl_of, key=kl_of.get)
+    if guard["candidate"] == "per-layer":
+        assert [r["selection"] for r in rep] == [
+            min(r["heldout_distortion"], key=r["heldout_distortion"].get) for r in rep
+        ]
+    else:
+        assert all(r["selection"] == guard["candidate"] for r in rep)
     assert "guard kept auto" in format_one_shot_report(rep)
 
 
@@ -438,8 +439,8 @@ def test_auto_mse_nm_and_in_sample():
     g = rep[0]["guard"]
     assert g["heldout_batches"] == 0 and set(g["auto"]) == {"mse"}  # one batch: in-sample
     assert "top1_only_flipped_by" not in g
+    assert set(g["candidates"]) == {"row", "per-layer", "magnitude"}  # N:M: no block selection
     kept = {"auto": {"row", "magnitude"}, "magnitude": {"magnitude"}}[g["kept"]]
-    assert all(set(r["heldout_distortion"]) == {"row", "magnitude"} for r in rep)
     assert all(r["selection"] in kept for r in rep)
     assert check_nm(model[0].mask, (2, 4))
 
