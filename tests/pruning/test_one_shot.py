@@ -387,3 +387,81 @@ def test_torchvision_resnet_selected_layers():
     )
     assert all(check_nm(model.get_submodule(n).mask, (2, 4)) for n in names)
     assert check_masks(model) == []
+
+
+# ---------------------------------------------------------------------------- selection="auto"
+def test_auto_holds_out_every_fourth_batch_and_guards_against_magnitude():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10)).eval()
+    cal = calib(batches=8)  # held out: batches 3 and 7
+    model = copy.deepcopy(dense)
+    rep = one_shot(model, cal, sparsity=0.5)
+    guard = rep[0]["guard"]
+    assert guard["heldout_batches"] == 2 and all(r["guard"] == guard for r in rep)
+    held = torch.cat([cal[3], cal[7]])
+    ref = F.log_softmax(dense(held), -1)
+
+    def kl(m):
+        with torch.no_grad():
+            return float((ref.exp() * (ref - F.log_softmax(m(held), -1))).sum(-1).mean())
+
+    # the uniform "row" candidate: solved on the other 6 batches only, measured on the held-out 2
+    row = copy.deepcopy(dense)
+    one_shot(row, [c for i, c in enumerate(cal) if i not in (3, 7)], sparsity=0.5, selection="row")
+    assert guard["candidates"]["row"]["kl"] == pytest.approx(kl(row), rel=1e-4)
+    # the guard's magnitude figure is the all-magnitude model's, and the rule picked the winner
+    mag = copy.deepcopy(dense)
+    one_shot(mag, cal, "magnitude", 0.5)
+    assert guard["magnitude"]["kl"] == pytest.approx(kl(mag), rel=1e-4)
+    b, c = guard["top1_only_flipped_by"]["magnitude"], guard["top1_only_flipped_by"]["auto"]
+    wins = guard["auto"]["kl"] <= guard["magnitude"]["kl"] and b > c and b - c >= 2 * (b + c) ** 0.5
+    assert guard["kept"] == ("auto" if wins else "magnitude") == "auto"  # OBS pays here
+    assert guard["auto"]["kl"] == pytest.approx(kl(model), rel=1e-4)
+    kl_of = {k: guard["candidates"][k]["kl"] for k in ("row", "block", "per-layer")}
+    assert guard["candidate"] == min(kl_of, key=kl_of.get)
+    if guard["candidate"] == "per-layer":
+        assert [r["selection"] for r in rep] == [
+            min(r["heldout_distortion"], key=r["heldout_distortion"].get) for r in rep
+        ]
+    else:
+        assert all(r["selection"] == guard["candidate"] for r in rep)
+    assert "guard kept auto" in format_one_shot_report(rep)
+
+
+def test_auto_mse_nm_and_in_sample():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 1))  # a regression output
+    cal = calib(batches=1)
+    with pytest.raises(ValueError, match="pass distortion='mse'"):
+        one_shot(model, cal)
+    assert type(model[0]) is nn.Linear  # refused before anything changed
+    rep = one_shot(model, cal, n_m=(2, 4), distortion="mse")
+    g = rep[0]["guard"]
+    assert g["heldout_batches"] == 0 and set(g["auto"]) == {"mse"}  # one batch: in-sample
+    assert "top1_only_flipped_by" not in g
+    assert set(g["candidates"]) == {"row", "per-layer", "magnitude"}  # N:M: no block selection
+    kept = {"auto": {"row", "magnitude"}, "magnitude": {"magnitude"}}[g["kept"]]
+    assert all(r["selection"] in kept for r in rep)
+    assert check_nm(model[0].mask, (2, 4))
+
+
+def test_distortion_is_refused_where_unused():
+    x = [torch.randn(8, 16)]
+    model = nn.Sequential(nn.Linear(16, 8))
+    with pytest.raises(ValueError, match="expected distortion in"):
+        one_shot(model, x, distortion="l1")
+    with pytest.raises(ValueError, match="selection='row'"):
+        one_shot(model, x, selection="row", distortion="kl")
+    with pytest.raises(ValueError, match="method='wanda'"):
+        one_shot(model, x, method="wanda", distortion="mse")
+    assert type(model[0]) is nn.Linear
+
+
+def test_hf_gpt2_auto_guard_reads_logits():
+    model = tiny_gpt2()
+    ids = torch.randint(0, 64, (8, 16), generator=torch.Generator().manual_seed(0))
+    cal = [{"input_ids": ids[i : i + 2]} for i in range(0, 8, 2)]  # held out: batch 3
+    rep = one_shot(model, cal, sparsity=0.5)
+    g = next(r for r in rep if "guard" in r)["guard"]
+    assert g["heldout_batches"] == 1 and g["kept"] in ("auto", "magnitude")
+    assert set(g["auto"]) == {"kl", "top1"} and 0 <= g["magnitude"]["top1"] <= 1

@@ -1,11 +1,20 @@
 """SparseGPT with its default settings never loses to magnitude pruning (issue 25, item 5): on an
-MLP trained on MNIST, pruned one-shot to 90% unstructured, the default (``selection="auto"``:
-per layer the lowest held-out reconstruction error among SparseGPT's row / block selections and
-the magnitude mask) has a test error no higher than magnitude pruning's.
+MLP trained on MNIST, pruned one-shot to 90% unstructured, the default (``selection="auto"``: the
+SparseGPT model (row everywhere, block everywhere, or a per-layer choice) with the lowest
+output KL on held-out calibration batches, then a guard against the all-magnitude model on
+those batches) has a test error no higher than magnitude pruning's, and every figure of the
+guard is the held-out distortion of its model, measured here independently.
 
-CI size: LeNet-300-100 trained 3 epochs on 10,000 images, 256 calibration images, where the
-previous default (``selection="row"``) lost to magnitude (20.2% vs 11.4%). Full size (the issue's
-case: 60,000 images, 3 epochs of scripts/one_shot_mnist.py's recipe, 2,048 calibration images)::
+CI size: LeNet-300-100 trained 3 epochs on 10,000 images, 256 calibration images. Measured on an
+AMD EPYC without AVX-512 (1 thread): dense 6.04%, magnitude 11.53%, row 19.91%, block 13.96%;
+the per-layer candidate (held-out KL 0.269, the lowest, vs magnitude's 0.596) would reach 13.83%:
+KL and top-1 disagree here, and on the 128 held-out images the two flip 7 vs 9 top-1 predictions
+that the other kept, not significant, so the guard keeps magnitude (11.53%).
+
+Full size (the issue's case: 60,000 images, 3 epochs of scripts/one_shot_mnist.py's recipe, 2,048
+calibration images; measured: dense 1.93%, magnitude 10.94%, row 24.0%, block 12.98%; the
+per-layer candidate 8.47%, but b = 29, c = 21 flips of 512 held-out images is not significant at
+two standard errors: default 10.94%, a tie)::
 
     SPARSEKERN_FULL=1 python -m pytest -q -s tests/pruning/test_sparsegpt_vs_magnitude.py
 """
@@ -86,9 +95,59 @@ def test_sparsegpt_default_never_loses_to_magnitude_on_mnist():
         reports[label] = one_shot(m, calibration, method, 0.9, **kw)
         errors[label] = _error(m, xt, yt)
     print({k: round(v, 2) for k, v in errors.items()})
-    print("default selections:", [r["selection"] for r in reports["default"]])
+    guard = reports["default"][0]["guard"]
+    print("guard:", guard, "selections:", [r.get("selection") for r in reports["default"]])
     assert errors["default"] <= errors["magnitude"], errors
-    for r in reports["default"]:  # the mechanism: the lowest held-out error is chosen
-        assert r["selection"] == min(r["heldout_errors"], key=r["heldout_errors"].get)
-        assert set(r["heldout_errors"]) == {"row", "block", "magnitude"}
+    # the mechanism: every 4th batch held out (CI: 2 batches, the last one); each candidate's
+    # figures are its distortion against the dense model there; the lowest-KL SparseGPT
+    # candidate is kept only where it is no worse in KL than magnitude and flips significantly
+    # fewer top-1 predictions (b > c, b - c >= 2 sqrt(b + c))
+    held_idx = list(range(3, len(calibration), 4)) or [len(calibration) - 1]
+    solve = [x for i, x in enumerate(calibration) if i not in held_idx]
+    assert guard["heldout_batches"] == len(held_idx) and guard["distortion"] == "kl"
+    assert all(r["guard"] == guard for r in reports["default"])
+    held = torch.cat([calibration[i] for i in held_idx])
+    with torch.no_grad():
+        ref = F.log_softmax(model.eval()(held), -1)
+        measured = {}
+        for label, cal, method, kw in (
+            ("default", calibration, "sparsegpt", {}),
+            ("magnitude", calibration, "magnitude", {}),
+            ("row", solve, "sparsegpt", {"selection": "row"}),  # solved without the held-out
+            ("block", solve, "sparsegpt", {"selection": "block"}),
+        ):
+            m = copy.deepcopy(model)
+            one_shot(m, cal, method, 0.9, **kw)
+            logp = F.log_softmax(m.eval()(held), -1)
+            measured[label] = (
+                float((ref.exp() * (ref - logp)).sum(-1).mean()),
+                logp.argmax(-1) != ref.argmax(-1),
+            )
+    cands = guard["candidates"]
+    for label in ("magnitude", "row", "block"):
+        kl, flip = measured[label]
+        assert cands[label]["kl"] == pytest.approx(kl, rel=1e-4), label
+        assert cands[label]["top1"] == pytest.approx(float(flip.float().mean())), label
+    kl_of = {k: cands[k]["kl"] for k in ("row", "block", "per-layer")}
+    assert guard["candidate"] == min(kl_of, key=kl_of.get)
+    assert guard["auto"] == cands[guard["candidate"]] and guard["magnitude"] == cands["magnitude"]
+    flips = guard["top1_only_flipped_by"]
+    b, c = flips["magnitude"], flips["auto"]
+    assert round((guard["magnitude"]["top1"] - guard["auto"]["top1"]) * len(held)) == b - c
+    auto_wins = (
+        guard["auto"]["kl"] <= guard["magnitude"]["kl"] and b > c and b - c >= 2 * (b + c) ** 0.5
+    )
+    assert guard["kept"] == ("auto" if auto_wins else "magnitude")
+    for r in reports["default"]:
         assert abs(r["density"] - 0.1) < 1e-3
+        if "heldout_distortion" in r:  # the per-layer candidate kept: the lowest held-out KL
+            d = r["heldout_distortion"]
+            assert set(d) == {"row", "block", "magnitude"}
+            assert r["selection"] == min(d, key=d.get)
+    kl_d, flip_d = measured["default"]
+    if guard["kept"] == "magnitude":  # then exactly magnitude's result
+        assert all(r["selection"] == "magnitude" for r in reports["default"])
+        assert errors["default"] == errors["magnitude"]
+        assert torch.equal(flip_d, measured["magnitude"][1])
+    else:
+        assert guard["auto"]["kl"] == pytest.approx(kl_d, rel=1e-4)
