@@ -76,7 +76,11 @@ def reusable(cmd: list[str], fixed: dict) -> dict | None:
     if not f.is_file():
         return None
     s = json.loads(f.read_text())
-    same = s.get("command") == "python " + " ".join(cmd) and s.get("test_images") == 0
+    # a run continued with --resume (bit for bit, settings checked) counts as the same command
+    plain = [x for x in cmd if x not in ("--overwrite", "--resume")]
+    runs = [c.split()[1:] for c in s.get("commands", [s.get("command", "")])]
+    same = bool(runs) and all([x for x in c if x not in ("--overwrite", "--resume")] == plain
+                              for c in runs) and s.get("test_images") == 0  # fmt: skip
     same = same and all(s["args"].get(k) == v for k, v in fixed.items())
     return s if same else None
 
@@ -87,9 +91,14 @@ def run_one(cmd: list[str], fixed: dict | None = None) -> dict:
     s = reusable(cmd, fixed) if fixed is not None else None
     reused = s is not None
     if not reused:
-        proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, capture_output=True, text=True)
+        # the run's output goes to a file, not a pipe: a run outlives a killed search (and can be
+        # continued with --resume, then kept by --reuse)
+        log = ROOT / cmd[cmd.index("--out") + 1] / "search.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as f:
+            proc = subprocess.run([sys.executable, *cmd], cwd=ROOT, stdout=f, stderr=f)
         if proc.returncode != 0:
-            raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+            raise SystemExit(f"{' '.join(cmd)} failed:\n{log.read_text()[-3000:]}")
         s = json.loads((ROOT / cmd[cmd.index("--out") + 1] / "summary.json").read_text())
     assert s["test_images"] == 0  # --no-test: the search never saw the test set
     keys = ("val_error_pct", "val_error_dense_pct", "compression_weights", "kept_pct")

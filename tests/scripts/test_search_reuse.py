@@ -17,11 +17,16 @@ def test_reusable_only_for_the_same_command_and_fixed_values(tmp_path, monkeypat
     fixed = {"model": "lenet5", "epochs": 12}
     assert sm.reusable(cmd, fixed) is None  # nothing finished yet
     (tmp_path / "r" / "a").mkdir(parents=True)
-    s = {"command": "python " + " ".join(cmd), "test_images": 0, "args": dict(fixed)}
+    line = "python " + " ".join(cmd)
+    s = {"command": line, "commands": [line], "test_images": 0, "args": dict(fixed)}
     f = tmp_path / "r" / "a" / "summary.json"
     f.write_text(json.dumps(s))
     assert sm.reusable(cmd, fixed) == s
+    resumed = s | {"commands": [line, line + " --resume"], "command": line + " --resume"}
+    f.write_text(json.dumps(resumed))
+    assert sm.reusable(cmd, fixed) == resumed  # continued bit for bit: the same run
     for change in ({"args": {"model": "lenet5", "epochs": 13}}, {"test_images": 10000},
-                   {"command": "python scripts/prune_mnist.py --preset lenet5"}):  # fmt: skip
+                   {"commands": ["python scripts/prune_mnist.py --preset lenet5"]},
+                   {"commands": [line, line + " --max-drop 0.5"]}):  # fmt: skip
         f.write_text(json.dumps(s | change))
         assert sm.reusable(cmd, fixed) is None, change
