@@ -23,8 +23,9 @@ total_epochs = 2
 # scripts/search_mnist.py: every combination, each a full run on the 55,000 training images,
 # judged on the 5,000 held out. On the committed net's sensitivity curves max_drop 0.4 reaches
 # 12.9x (fc1 at quality 1.8) and 0.5 reaches 18.3x (fc1 at 2.0); 0.3-0.45 all give the same
-# targets there, 1.0 over 25x (on the 55,000-image net of the search, 0.4 reached 19.6x). 0.1 is Han's retraining LR factor, 0.3 the hand-set one. max_drop
-# 0.5 (the hand-tuned row's, 18.3x) was in the grid and left out: on the shared 2-core machine
-# the first two runs took 60+ min, and the four did not fit the session.
+# targets there, 1.0 over 25x (on the search's 55,000-image net, 0.4 reached 19.6x). 0.1 is
+# Han's retraining LR factor, 0.3 the hand-set one. max_drop 0.5 (the hand-tuned row's, 18.3x)
+# was in the grid and left out: on the shared 2-core machine the first two runs took 60+ min,
+# and the four did not fit the session.
 search = dict(max_drop=[0.4], retrain_lr_factor=[0.1, 0.3])
 search_min_compression = 12.0
