@@ -9,10 +9,15 @@ forward compares the mask buffer (object and version counter) with the one it la
 in-place edit (``layer.mask[3] = False``, ``layer.mask &= m``) or a new buffer
 (``layer.mask = m``), it zeroes the weight (and its ``.grad``) where the mask is now False
 before running. A forward with an all-True mask runs the dense op, whose dW is not masked; the
-mask it ran under is recorded, and after any change of it (``set_mask`` included, which may come
-between that forward and its backward) the next forward zeroes weight and ``.grad`` again. The
-guard cannot reach an optimizer: to zero momentum and Adam moments too, change masks with
-``set_mask(layer, mask, optimizer)`` after the backward (between steps, as the pruners do).
+mask it ran under is recorded, and after any change of it the next forward zeroes weight and
+``.grad`` again. A change between that forward and its backward (``set_mask(layer, m, opt)``,
+an in-place edit) is caught in the backward by a hook on the weight (:class:`_LateMaskChange`):
+dW is masked with the new mask before it reaches ``.grad``, ``torch.autograd.grad``'s result or
+the optimizer (not for a mask that FSDP2 shards). Where the dense op saved the weight for dX
+(``F.conv2d`` always, ``F.linear`` when its input needs a gradient), ``set_mask`` there makes
+that backward raise autograd's in-place error instead. The guard cannot reach an optimizer: to
+zero momentum and Adam moments too, change masks with ``set_mask(layer, mask, optimizer)``
+(between steps, as the pruners do).
 
 What no guard can see (writes that bypass version counters), and ``sparsekern.check_masks(model)``
 finds afterwards: writes through ``.data`` or ``.numpy()`` (of the weight or of the mask),
@@ -22,16 +27,20 @@ parameter-shaped (flat shards).
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
 from sparsekern.formats.block_sparse import block_size_pair
+from sparsekern.nn.execution_plan import _kept_of
 from sparsekern.nn.masks import (
     ensure_every_gradient_hook,
     note_mask_synced,
     register_weight_user,
 )
 from sparsekern.nn.masks import set_mask as install_mask
+from sparsekern.ops._mask_pass import zero_pruned
 from sparsekern.ops.masked_weight import check_mask
 
 
@@ -100,8 +109,24 @@ class SparseModuleMixin:
 
     def _note_unmasked_forward(self, mask: torch.Tensor) -> None:
         """Record that this forward runs the dense op on an all-True ``mask`` (no masked dW), so
-        that any later change of the mask makes :meth:`checked_mask` resync."""
-        self.__dict__["_unmasked_forward"] = (mask, mask._version)
+        that any later change of the mask makes :meth:`checked_mask` resync, and (when a weight
+        gradient will be computed) that its backward must mask dW if the mask changes before it
+        runs (:class:`_LateMaskChange`, registered here once per weight Parameter: again after a
+        deepcopy, an unpickling or a new Parameter, which drop tensor hooks)."""
+        d = self.__dict__
+        d["_unmasked_forward"] = (mask, mask._version)
+        weight = self._parameters.get("weight")
+        if weight is None or not weight.requires_grad or not torch.is_grad_enabled():
+            return
+        if "_sk_dmask" in d:
+            # FSDP2 with a sharded mask, all-gathered for this forward: a new mask object every
+            # forward, and the sharded one in the backward (see _LateMaskChange); not covered.
+            return
+        d["_dense_dw"] = (mask, mask._version)
+        hooks, hid = weight._backward_hooks, d.get("_dense_dw_hook")
+        hook = hooks.get(hid) if hooks and hid is not None else None
+        if type(hook) is not _LateMaskChange or hook.module() is not self:
+            d["_dense_dw_hook"] = weight.register_hook(_LateMaskChange(self)).id
 
     @property
     def density(self) -> float:
@@ -181,6 +206,56 @@ class SparseModuleMixin:
                 if self.weight.grad is not None:  # a live model: stale grads must not revive
                     self.weight.grad.masked_fill_(~self.mask, 0)
         note_mask_synced(self)
+
+
+class _LateMaskChange:
+    """Tensor hook on a sparse module's weight: masks a dW that an all-True (dense, unmasked)
+    forward produced when the mask changed between that forward and the backward (``set_mask``,
+    an in-place edit or a new buffer), so ``.grad`` and what the optimizer steps on are exactly
+    zero at the newly pruned entries: ``torch.where(mask, grad, 0)`` with the mask of now,
+    before the gradient is accumulated (``torch.autograd.grad`` returns it masked too; DDP
+    reduces it masked). Otherwise it returns None: one Python call per backward per layer, on
+    the layers that ran an all-True forward needing a weight gradient (it is registered there).
+
+    Holds its module by a weak reference (no cycle, nothing for ``deepcopy`` or ``torch.save``
+    to follow; a Parameter's copies and pickles drop tensor hooks, and the next all-True forward
+    registers one again). After a change it keeps masking every backward until a forward has
+    run under the new mask (graphs recorded before the change may still be pending), then masks
+    that one's backward once more and stops. Not covered: two graphs recorded before a change
+    whose backwards run separately after a forward under the new mask (the later one is not
+    masked; ``sparsekern.check_masks`` finds it), and a mask FSDP2 shards (a DTensor: its full
+    mask is an all-gather away, a collective no hook may issue). A compiled forward does not
+    count as one under the new mask (it re-applies the mask without resyncing), so after such a
+    change a compiled loop pays this mask pass per backward until an eager forward.
+    """
+
+    __slots__ = ("module",)
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = weakref.ref(module)
+
+    def __call__(self, grad: torch.Tensor) -> torch.Tensor | None:
+        module = self.module()
+        if module is None:
+            return None
+        d = module.__dict__
+        recorded = d.get("_dense_dw")
+        if recorded is None:
+            return None
+        mask = module._buffers.get("mask")
+        if recorded[0] is mask and recorded[1] == mask._version:
+            return None  # the mask the all-True forward ran under: nothing to mask
+        if "_unmasked_forward" not in d:  # a forward under the new mask has run (and resynced)
+            del d["_dense_dw"]
+        if type(mask).__name__ == "DTensor":
+            # Sharded since that forward (FSDP2): its full mask is an all-gather away, a
+            # collective this hook must not issue; not covered (see the class docstring).
+            d.pop("_dense_dw", None)
+            return None
+        check_mask(mask, grad, f"{type(module).__name__}: the mask buffer (in backward)")
+        if _kept_of(mask) == 1.0:  # still all True (an edit that pruned nothing)
+            return None
+        return zero_pruned(grad, mask)
 
 
 def is_sparse_module(module: nn.Module) -> bool:

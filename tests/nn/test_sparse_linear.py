@@ -249,8 +249,9 @@ def test_all_true_mask_trains_as_nn_linear_then_masks_after_an_in_place_edit():
 
 
 def test_set_mask_between_an_all_true_forward_and_its_backward_keeps_the_invariant():
-    """The all-True forward's dW is not masked; a set_mask before its backward lets dense dW land
-    on newly pruned entries (and an optimizer step move them): the next forward zeroes them."""
+    """The all-True forward's dW is not masked; after a set_mask before its backward, that dW is
+    masked with the new mask, so the step leaves pruned weights at 0 (and so does the next
+    forward)."""
     layer = SparseLinear(8, 6)
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     x = torch.randn(4, 8)  # no grad for x: F.linear does not save the weight, so no autograd error
@@ -259,6 +260,7 @@ def test_set_mask_between_an_all_true_forward_and_its_backward_keeps_the_invaria
     layer.set_mask(mask, opt)
     loss.backward()
     opt.step()
+    assert bool((layer.weight[~mask] == 0).all())
     layer(x)
     assert bool((layer.weight[~mask] == 0).all())
     assert bool((layer.weight.grad[~mask] == 0).all())
