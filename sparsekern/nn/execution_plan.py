@@ -148,18 +148,22 @@ def linear_path(module: nn.Module, input_shape, training: bool | None) -> PathCh
     args += (block, needs)
     if type(mask).__name__ == "DTensor":
         return _linear_choice(_kept(module), *args, ext=True)
-    # The forward asks on every call: the choice is cached on the mask with everything else it
-    # depends on as the key (~2 us on a hit; deciding and wording it took ~0.4 ms, 11% of a
-    # LeNet-300-100 step). The closure holds no module: the entry must not keep its mask alive.
-    # Whether the C++ extension is disabled (an environment read, ~1-2 us) matters only where the
-    # sparse path would pay with it: only those layers key on it, in a second entry.
-    choice = cached_on_mask(mask, "linear_path", lambda m: _linear_choice(_kept_of(m), *args), args)
+    return _cached_choice(mask, "linear_path", _linear_choice, args)
+
+
+def _cached_choice(mask: torch.Tensor, tag: str, decide, args: tuple) -> PathChoice:
+    """``decide(kept, *args)``, cached on ``mask`` under ``tag`` with ``args`` as the key.
+
+    The forward asks on every call (~2 us on a hit; deciding and wording it took ~0.4 ms, 11% of
+    a LeNet-300-100 step). ``decide`` returns None where the answer depends on whether the C++
+    extension is disabled (an environment read, ~1-2 us): only those layers key on it, in a
+    second entry, ``decide(kept, *args, ext=True)``. The closures hold no module: an entry must
+    not keep its mask alive."""
+    choice = cached_on_mask(mask, tag, lambda m: decide(_kept_of(m), *args), args)
     if choice is not None:
         return choice
     key = (*args, ext_disabled())
-    return cached_on_mask(
-        mask, "linear_path_ext", lambda m: _linear_choice(_kept_of(m), *args, ext=True), key
-    )
+    return cached_on_mask(mask, f"{tag}_ext", lambda m: decide(_kept_of(m), *args, ext=True), key)
 
 
 #: Why an all-True mask runs the dense op in training: its masked dW would equal the dense dW.

@@ -11,15 +11,13 @@ from sparsekern.nn._sparse_module import SparseModuleMixin, adopt_parameters, ch
 from sparsekern.nn.execution_plan import (
     _ALL_KEPT_WHY,
     PathChoice,
+    _cached_choice,
     _kept,
-    _kept_of,
     _mask_of,
     _needs_weight_grad,
     _weight_of,
 )
 from sparsekern.ops._conv import resolve_padding
-from sparsekern.ops._ext import ext_disabled
-from sparsekern.ops._mask_cache import cached_on_mask
 from sparsekern.ops.block_sparse_conv2d import block_masked_conv2d
 from sparsekern.ops.masked_conv2d import masked_conv2d_trusted
 from sparsekern.ops.sparse_train import conv2d as sparse_conv_op
@@ -232,15 +230,7 @@ def conv_path(module: SparseConv2d, input_shape, training: bool | None) -> PathC
     args += (torch.is_autocast_enabled("cpu"),)
     if type(mask).__name__ == "DTensor":
         return _conv_choice(_kept(module), *args, ext=True)
-    # Cached on the mask as linear_path's is (the rule and its wording cost ~10-20 us a call);
-    # only layers the C++ kernels could run key on the extension's state (an environment read).
-    choice = cached_on_mask(mask, "conv_path", lambda m: _conv_choice(_kept_of(m), *args), args)
-    if choice is not None:
-        return choice
-    key = (*args, ext_disabled())
-    return cached_on_mask(
-        mask, "conv_path_ext", lambda m: _conv_choice(_kept_of(m), *args, ext=True), key
-    )
+    return _cached_choice(mask, "conv_path", _conv_choice, args)  # the rule costs ~10-20 us a call
 
 
 def _conv_choice(
