@@ -30,7 +30,11 @@ def test_rows_come_from_the_files(tmp_path):
     s["error_pct"], s["compression_weights"], s["val_images"] = 0.7, 30.0, 5000
     f.write_text(json.dumps(s))
     text = rr.block(tmp_path)
-    assert "| **LeNet-5, sparsekern** | **0.74% -> 0.70%** |" in text and "**30.0x**" in text
+    dense = f"{s['error_dense_pct']:.2f}%"
+    assert f"| **LeNet-5, sparsekern** | **{dense} -> 0.70%** |" in text and "**30.0x**" in text
+    s["error_pct"] = 0.9
+    f.write_text(json.dumps(s))
+    assert "misses Han's row: +0.13 points of error at 2.50x his compression" in rr.block(tmp_path)
     assert "5,000 held out" in text.split("- LeNet-5:")[1]
 
 
