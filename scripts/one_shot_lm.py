@@ -25,22 +25,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from sparsekern import training
-from sparsekern.pruning import one_shot
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT))  # the checkout's sparsekern, not an installed one
 
 from scripts._lib import checks  # noqa: E402
 from scripts._lib.figures import save_figure  # noqa: E402
+from sparsekern import training  # noqa: E402
 from sparsekern.formats._files import atomic_write  # noqa: E402
+from sparsekern.pruning import one_shot  # noqa: E402
 from sparsekern.training.report import write_json  # noqa: E402
 
 DENSE_FORMAT = "sparsekern/one_shot_lm/dense/1"
 # label -> (method, options); "sparsegpt-block": one mask threshold per block of 128 columns, as
 # the reference code (the same as sparsegpt for N:M, where selection is per group anyway)
 VARIANTS = {
-    "sparsegpt": ("sparsegpt", {}),  # the default: selection="auto", per layer
+    "sparsegpt": ("sparsegpt", {}),  # the default: selection="auto", with its guard
     "sparsegpt-row": ("sparsegpt", {"selection": "row"}),
     "sparsegpt-block": ("sparsegpt", {"selection": "block"}),
     "sparsegpt-no-update": ("sparsegpt", {"compensate": False}),

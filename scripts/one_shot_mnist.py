@@ -40,7 +40,7 @@ DENSE_FORMAT = "sparsekern/one_shot_mnist/dense/1"
 # label -> (method, options); "sparsegpt-block": one mask threshold per block of 128 columns, as
 # the reference code (the same as sparsegpt for N:M, where selection is per group anyway)
 VARIANTS = {
-    "sparsegpt": ("sparsegpt", {}),  # the default: selection="auto", per layer
+    "sparsegpt": ("sparsegpt", {}),  # the default: selection="auto", with its guard
     "sparsegpt-row": ("sparsegpt", {"selection": "row"}),
     "sparsegpt-block": ("sparsegpt", {"selection": "block"}),
     "sparsegpt-no-update": ("sparsegpt", {"compensate": False}),

@@ -43,6 +43,18 @@ def verdict(err: float, ratio: float, paper_err: float, paper_ratio: float) -> s
             f"{ratio / paper_ratio:.2f}x his compression")  # fmt: skip
 
 
+def searched(root: Path, s: dict) -> str | None:
+    """The validation search whose choice a run without a validation split used (trained on all
+    60,000 images, as Han did): its path where ``results/search/<preset>.json`` exists and every
+    knob it chose is the run's, else None."""
+    args = s.get("args") or {}
+    f = root / "results" / "search" / f"{args.get('preset')}.json"
+    if not args.get("preset") or not f.exists():
+        return None
+    chosen = json.loads(f.read_text())["chosen"]
+    return str(f.relative_to(root)) if all(args.get(k) == v for k, v in chosen.items()) else None
+
+
 def block(root: Path = ROOT) -> str:
     """The markdown between the markers: the table, then one line per run."""
     lines = ["| model | error dense -> pruned | weights dense -> pruned | compression (weights) "
@@ -58,7 +70,11 @@ def block(root: Path = ROOT) -> str:
         s = json.loads((root / "results" / m / "summary.json").read_text())
         kept = {k: v for k, v in s["kept_pct"].items() if k != "total"}
         val = s.get("val_images")
-        tag = "" if val else " (no validation split: knobs tuned by hand)"
+        search = None if val else searched(root, s)
+        tag = "" if val or search else " (no validation split: knobs tuned by hand)"
+        how = f", {val:,} held out for every choice" if val else ""
+        if search:
+            how = f" (all, as Han's; the knobs chosen on a validation split by `{search}`)"
         err = (s["error_dense_pct"], s["error_pct"])
         ratio = s["compression_weights"]
         beats = err[1] <= paper[1] and ratio >= p["compression"]
@@ -67,7 +83,7 @@ def block(root: Path = ROOT) -> str:
                           beats))  # fmt: skip
         note = (f"- {p['name']}: `{s['command']}` at {s['run']['commit'][:7]} (`results/{m}`), "
                 f"{s['train_images']:,} training images"
-                f"{f', {val:,} held out for every choice' if val else ''}; "
+                f"{how}; "
                 f"{verdict(err[1], ratio, paper[1], p['compression'])}.")  # fmt: skip
         d = s.get("deep_compression")
         if d:

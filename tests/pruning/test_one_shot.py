@@ -22,6 +22,7 @@ from sparsekern.pruning import (
     semi_structured_support,
 )
 from sparsekern.pruning._sparsegpt import sparsegpt_prune
+from tests.pruning._auto_replay import distortion, guard_figures, replay
 
 METHODS = ("sparsegpt", "wanda", "magnitude")
 
@@ -260,11 +261,11 @@ def test_sequential_statistics_come_from_pruned_layers():
     base = nn.Sequential(nn.Linear(40, 32), nn.ReLU(), nn.Linear(32, 16))
     cal = calib(40)
     joint = copy.deepcopy(base)
-    one_shot(joint, cal, method="sparsegpt", sparsity=0.6)
+    one_shot(joint, cal, method="sparsegpt", sparsity=0.6, selection="row")
     # manual two-step: prune the first layer, then the second with the first already pruned
     manual = copy.deepcopy(base)
-    one_shot(manual, cal, method="sparsegpt", sparsity=0.6, layers=["0"])
-    one_shot(manual, cal, method="sparsegpt", sparsity=0.6, layers=["2"])
+    one_shot(manual, cal, method="sparsegpt", sparsity=0.6, layers=["0"], selection="row")
+    one_shot(manual, cal, method="sparsegpt", sparsity=0.6, layers=["2"], selection="row")
     torch.testing.assert_close(joint[2].weight, manual[2].weight, rtol=0, atol=1e-12)
     torch.testing.assert_close(joint[0].weight, manual[0].weight, rtol=0, atol=0)
     # not the same as pruning the second layer from the dense first layer's outputs
@@ -390,42 +391,71 @@ def test_torchvision_resnet_selected_layers():
 
 
 # ---------------------------------------------------------------------------- selection="auto"
-def test_auto_holds_out_every_fourth_batch_and_guards_against_magnitude():
+def test_auto_chooses_on_one_fold_guards_on_the_others_and_solves_on_all():
     torch.manual_seed(0)
     dense = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10)).eval()
-    cal = calib(batches=8)  # held out: batches 3 and 7
+    cal = calib(batches=8)  # folds {0, 4}, {1, 5}, {2, 6} guard; {3, 7} chooses
     model = copy.deepcopy(dense)
     rep = one_shot(model, cal, sparsity=0.5)
     guard = rep[0]["guard"]
-    assert guard["heldout_batches"] == 2 and all(r["guard"] == guard for r in rep)
-    held = torch.cat([cal[3], cal[7]])
-    ref = F.log_softmax(dense(held), -1)
-
-    def kl(m):
-        with torch.no_grad():
-            return float((ref.exp() * (ref - F.log_softmax(m(held), -1))).sum(-1).mean())
-
-    # the uniform "row" candidate: solved on the other 6 batches only, measured on the held-out 2
-    row = copy.deepcopy(dense)
-    one_shot(row, [c for i, c in enumerate(cal) if i not in (3, 7)], sparsity=0.5, selection="row")
-    assert guard["candidates"]["row"]["kl"] == pytest.approx(kl(row), rel=1e-4)
-    # the guard's magnitude figure is the all-magnitude model's, and the rule picked the winner
+    assert guard["heldout_batches"] == 2 and guard["guard_batches"] == 6
+    assert all(r["guard"] == guard for r in rep)
+    choose = [c for i, c in enumerate(cal) if i not in (3, 7)]
+    held = [cal[3], cal[7]]
+    # the choice: each whole-model candidate solved on the other 6 batches at its dampening,
+    # measured on the 2 held out; the magnitude model on the same 2
+    for sel, d in (("row", 0.01), ("block", 0.01), ("row", 0.1), ("block", 1.0)):
+        m = copy.deepcopy(dense)
+        one_shot(m, choose, sparsity=0.5, selection=sel, percdamp=d)
+        kl, flips, n = distortion(dense, m, held)
+        assert guard["candidates"][f"{sel}@{d:g}"]["kl"] == pytest.approx(kl / n, rel=1e-4)
+        assert guard["candidates"][f"{sel}@{d:g}"]["top1"] == pytest.approx(float(flips.sum()) / n)
     mag = copy.deepcopy(dense)
     one_shot(mag, cal, "magnitude", 0.5)
-    assert guard["magnitude"]["kl"] == pytest.approx(kl(mag), rel=1e-4)
-    b, c = guard["top1_only_flipped_by"]["magnitude"], guard["top1_only_flipped_by"]["auto"]
-    wins = guard["auto"]["kl"] <= guard["magnitude"]["kl"] and b > c and b - c >= 2 * (b + c) ** 0.5
-    assert guard["kept"] == ("auto" if wins else "magnitude") == "auto"  # OBS pays here
-    assert guard["auto"]["kl"] == pytest.approx(kl(model), rel=1e-4)
-    kl_of = {k: guard["candidates"][k]["kl"] for k in ("row", "block", "per-layer")}
+    assert guard["candidates"]["magnitude"]["kl"] == pytest.approx(
+        distortion(dense, mag, held)[0] / 256, rel=1e-4
+    )
+    whole = {k: v["kl"] for k, v in guard["candidates"].items() if k[:3] in ("row", "blo")}
+    best = min(whole, key=whole.get)
+    per_layer = f"per-layer@{best.split('@')[1]}"  # the per-layer one at the best one's damping
+    assert set(guard["candidates"]) == set(whole) | {per_layer, "magnitude"} and len(whole) == 6
+    kl_of = whole | {per_layer: guard["candidates"][per_layer]["kl"]}
     assert guard["candidate"] == min(kl_of, key=kl_of.get)
-    if guard["candidate"] == "per-layer":
+    damp = float(guard["candidate"].split("@")[1])
+    assert guard["percdamp"] == damp
+    plan = {r["name"]: r["selection"] for r in rep}
+    if guard["candidate"].startswith("per-layer"):
         assert [r["selection"] for r in rep] == [
             min(r["heldout_distortion"], key=r["heldout_distortion"].get) for r in rep
         ]
     else:
-        assert all(r["selection"] == guard["candidate"] for r in rep)
+        assert set(plan.values()) == {guard["candidate"].split("@")[0]}
+    # the guard: the plan solved without each guard fold, measured on it (cross-fitted)
+    auto, magnitude, b, c = guard_figures(dense, cal, plan, damp, 0.5)
+    for k in ("kl", "top1"):
+        assert guard["auto"][k] == pytest.approx(auto[k], rel=1e-4)
+        assert guard["magnitude"][k] == pytest.approx(magnitude[k], rel=1e-4)
+    assert guard["top1_only_flipped_by"] == {"magnitude": b, "auto": c}
+    wins = auto["kl"] <= magnitude["kl"] and b > c and b - c >= 2 * (b + c) ** 0.5
+    assert guard["kept"] == ("auto" if wins else "magnitude") == "auto"  # OBS pays here
+    # the kept model: the plan solved on every batch
+    final = replay(dense, cal, plan, damp, 0.5)
+    for n in plan:
+        torch.testing.assert_close(model.get_submodule(n).weight, final.get_submodule(n).weight)
+    assert all(r["percdamp"] == damp for r in rep if r["selection"] != "magnitude")
     assert "guard kept auto" in format_one_shot_report(rep)
+
+
+def test_auto_percdamp_given_is_the_only_one_tried():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10))
+    rep = one_shot(model, calib(batches=4), sparsity=0.5, percdamp=0.05)
+    g = rep[0]["guard"]
+    assert set(g["candidates"]) == {"row@0.05", "block@0.05", "per-layer@0.05", "magnitude"}
+    assert g["percdamp"] == 0.05 and g["heldout_batches"] == 1 and g["guard_batches"] == 3
+    for bad in (-0.1, float("nan"), True, "0.1"):
+        with pytest.raises(ValueError, match="expected percdamp None or a number >= 0"):
+            one_shot(nn.Sequential(nn.Linear(64, 8)), calib(batches=1), percdamp=bad)
 
 
 def test_auto_mse_nm_and_in_sample():
@@ -437,9 +467,12 @@ def test_auto_mse_nm_and_in_sample():
     assert type(model[0]) is nn.Linear  # refused before anything changed
     rep = one_shot(model, cal, n_m=(2, 4), distortion="mse")
     g = rep[0]["guard"]
-    assert g["heldout_batches"] == 0 and set(g["auto"]) == {"mse"}  # one batch: in-sample
-    assert "top1_only_flipped_by" not in g
-    assert set(g["candidates"]) == {"row", "per-layer", "magnitude"}  # N:M: no block selection
+    assert g["heldout_batches"] == 0 and g["guard_batches"] == 0  # one batch: in-sample
+    assert set(g["auto"]) == {"mse"} and "top1_only_flipped_by" not in g
+    # N:M: no block selection; the per-layer candidate at the best row's dampening
+    rows = {f"row@{d}" for d in ("0.01", "0.1", "1")}
+    assert set(g["candidates"]) - rows - {"magnitude"} == {f"per-layer@{g['percdamp']:g}"}
+    assert rows <= set(g["candidates"])
     kept = {"auto": {"row", "magnitude"}, "magnitude": {"magnitude"}}[g["kept"]]
     assert all(r["selection"] in kept for r in rep)
     assert check_nm(model[0].mask, (2, 4))

@@ -41,3 +41,26 @@ def test_rows_come_from_the_files(tmp_path):
 def test_markers_required():
     with pytest.raises(ValueError, match="expected one"):
         rr.render("no markers here", "x")
+
+
+def test_a_final_run_on_all_images_names_its_search(tmp_path):
+    """Han trained on all 60,000 images: a final run without a validation split says so, and
+    names the validation search whose choice it used only where every chosen knob is its own."""
+    import json
+    import shutil
+
+    for m in rr.MODELS:
+        shutil.copytree(ROOT / "results" / m, tmp_path / "results" / m)
+    shutil.copytree(ROOT / "results" / "search", tmp_path / "results" / "search")
+    f = tmp_path / "results" / "lenet5" / "summary.json"
+    s = json.loads(f.read_text())
+    chosen = json.loads((ROOT / "results" / "search" / "lenet5.json").read_text())["chosen"]
+    s["val_images"], s["train_images"] = 0, 60000
+    s["args"] = {**s["args"], "preset": "lenet5", "val_images": 0, **chosen}
+    f.write_text(json.dumps(s))
+    line = rr.block(tmp_path).split("- LeNet-5:")[1]
+    assert "60,000 training images (all, as Han's; the knobs chosen on a validation split" in line
+    assert "`results/search/lenet5.json`" in line and "tuned by hand" not in rr.block(tmp_path)
+    s["args"]["max_drop"] = 0.123  # not the search's choice: hand-tuned
+    f.write_text(json.dumps(s))
+    assert "LeNet-5, sparsekern (no validation split: knobs tuned by hand)" in rr.block(tmp_path)
