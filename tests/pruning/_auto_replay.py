@@ -4,6 +4,7 @@ figures."""
 
 import copy
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -59,3 +60,15 @@ def guard_figures(dense, cal: list, plan: dict, damp: float, sparsity: float):
     auto = {"kl": kl_a / rows, "top1": float(fa.float().mean())}
     magnitude = {"kl": kl_m / rows, "top1": float(fm.float().mean())}
     return auto, magnitude, b, c
+
+
+def check_guard(guard: dict, dense, cal: list, plan: dict, damp: float, sparsity: float) -> bool:
+    """Assert the report's guard figures are the independently re-computed ones
+    (:func:`guard_figures`); returns whether the plan should win (KL no higher, and
+    ``b - c >= 2 sqrt(b + c)`` with ``b > c``)."""
+    auto, magnitude, b, c = guard_figures(dense, cal, plan, damp, sparsity)
+    for k in ("kl", "top1"):
+        assert guard["auto"][k] == pytest.approx(auto[k], rel=1e-4), k
+        assert guard["magnitude"][k] == pytest.approx(magnitude[k], rel=1e-4), k
+    assert guard["top1_only_flipped_by"] == {"magnitude": b, "auto": c}
+    return auto["kl"] <= magnitude["kl"] and b > c and b - c >= 2 * (b + c) ** 0.5
