@@ -25,7 +25,7 @@ class SparseLinear(SparseModuleMixin, nn.Linear):
 
     What runs is decided in one place, :meth:`execution_path` (reported by
     ``sparsekern.nn.execution_plan(model)``): on the CPU in fp32, when the kept fraction is low
-    enough for the batch (a static rule, ``sparsekern.ops.sparse_train.rule``: kept <= 0.10 from
+    enough for the batch (a static rule, ``sparsekern.ops.sparse_train.rule``: kept <= 0.125 from
     64 rows), the ``"sparse"`` path runs forward, dX and dW on the kept weights only
     (``sparsekern.ops.sparse_train.sparse_linear``); ``weight.grad`` is still a dense tensor,
     exactly zero at pruned entries. Otherwise (``"masked"``, and always on CUDA until a GPU
