@@ -131,19 +131,10 @@ the dense ones back.
 """
 
 from sparsekern.pruning.one_shot.pruner import (
-    DISTORTIONS,
     METHODS,
-    SELECTIONS,
     OneShotPruner,
     format_one_shot_report,
     one_shot,
 )
 
-__all__ = [
-    "DISTORTIONS",
-    "METHODS",
-    "SELECTIONS",
-    "OneShotPruner",
-    "format_one_shot_report",
-    "one_shot",
-]
+__all__ = ["METHODS", "OneShotPruner", "format_one_shot_report", "one_shot"]
