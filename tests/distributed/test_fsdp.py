@@ -785,7 +785,9 @@ def test_training_loop_under_torchrun_with_the_engine_argument(tmp_path):
         os.killpg(proc.pid, 9)
         proc.communicate()
         raise
-    assert proc.returncode == 0, err[-3000:]
+    done = sorted(r for r in (0, 1) if f"torchrun_loop: rank {r} done" in err)
+    assert proc.returncode == 0, f"ranks that finished their work: {done} of [0, 1]\n{err[-3000:]}"
+    assert done == [0, 1], err[-3000:]
     end = torch.load(out, weights_only=True)
     assert end["world"] == 2
     from tests.distributed.torchrun_loop import dataset, run
