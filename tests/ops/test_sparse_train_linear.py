@@ -104,6 +104,30 @@ def test_pruned_entries_never_read(backend):
     assert torch.isfinite(x.grad).all() and torch.equal(w.grad, mask.float() * 3)
 
 
+@pytest.mark.parametrize("fresh_min", [0, 1 << 22])
+def test_dense_weight_gradient_on_fresh_pages(backend, monkeypatch, fresh_min):
+    """From ``FRESH_MIN`` elements the extension maps fresh zero pages for ``weight.grad`` (no
+    fill pass): exactly zero at every pruned entry, the kept entries the reference's, and a
+    tensor like any other (in-place updates, accumulation, freed and mapped again)."""
+    monkeypatch.setattr(_kernels, "FRESH_MIN", fresh_min)
+    g = torch.Generator().manual_seed(3)
+    for n, k, density in [(2048, 2049, 0.05), (7, 5, 0.4), (3, 4, 0.0)]:
+        mask = torch.rand(n, k, generator=g) < density
+        w = torch.randn(n, k, generator=g).requires_grad_()
+        x = torch.randn(6, k, generator=g)
+        gy = torch.randn(6, n, generator=g)
+        sparse_linear(x, w, mask).backward(gy)
+        want = torch.where(mask, gy.double().t() @ x.double(), 0)
+        assert w.grad.shape == (n, k) and w.grad.is_contiguous()
+        assert torch.equal(w.grad[~mask], torch.zeros_like(w.grad[~mask]))
+        _close(w.grad, want, torch.float32, x.shape[0])
+        sparse_linear(x, w, mask).backward(gy)  # accumulates into the mapped gradient
+        _close(w.grad, 2 * want, torch.float32, 2 * x.shape[0])
+        w.grad.mul_(0.5).add_(1.0)  # writable everywhere, pruned pages included
+        assert torch.equal(w.grad[~mask], torch.ones_like(w.grad[~mask]))
+        w.grad = None  # unmapped here; the next iteration maps again
+
+
 def test_index_follows_mask_edit(backend):
     mask = torch.ones(4, 5, dtype=torch.bool)
     w = torch.randn(4, 5)

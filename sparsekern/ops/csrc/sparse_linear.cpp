@@ -15,6 +15,10 @@
 #include <algorithm>
 #include <cstdint>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -207,6 +211,60 @@ torch::Tensor scatter_dense(const torch::Tensor& flat_idx, const torch::Tensor& 
   return out;
 }
 
+namespace {
+
+// A fresh [numel] fp32 tensor, exactly zero, on pages the kernel maps on first touch. A fresh
+// anonymous mapping reads as zeros, so no fill pass runs, and MADV_HUGEPAGE lets a first touch
+// map 2 MiB instead of 4 KiB: for a 9216 x 4096 weight gradient (151 MB) 72 page faults instead
+// of 36,864. That gradient's scatter at 95% sparsity, 2 threads: 55 ms into torch.empty + fill
+// (the fill, and a 4 KiB fault per page), 22 ms here (the kernel zeroing the huge pages it maps).
+// Undefined where mmap fails (the caller falls back to torch::zeros).
+torch::Tensor fresh_zeros(int64_t numel) {
+#if defined(__linux__)
+  TORCH_CHECK(numel >= 0, "numel: expected >= 0, got ", numel);
+  constexpr size_t kHuge = size_t(1) << 21;
+  const size_t bytes = std::max<size_t>(size_t(numel) * sizeof(float), 1);
+  const size_t len = bytes + kHuge;  // room to start on a 2 MiB boundary
+  void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (base == MAP_FAILED) return torch::Tensor();
+  const uintptr_t b = reinterpret_cast<uintptr_t>(base);
+  float* o = reinterpret_cast<float*>((b + kHuge - 1) & ~(uintptr_t(kHuge) - 1));
+#ifdef MADV_HUGEPAGE
+  madvise(o, (bytes + kHuge - 1) & ~(kHuge - 1), MADV_HUGEPAGE);  // advice: failure is harmless
+#endif
+  return torch::from_blob(
+      o, {numel}, [base, len](void*) { munmap(base, len); },
+      torch::TensorOptions().dtype(torch::kFloat32));
+#else
+  return torch::Tensor();
+#endif
+}
+
+torch::Tensor zeros_fresh_or_filled(int64_t numel) {
+  torch::Tensor out = fresh_zeros(numel);
+  return out.defined() ? out : torch::zeros({numel}, torch::kFloat32);
+}
+
+}  // namespace
+
+// A fresh zero [numel] tensor (fresh_zeros) with values scattered at flat positions.
+torch::Tensor scatter_fresh(const torch::Tensor& flat_idx, const torch::Tensor& values,
+                            int64_t numel) {
+  check(flat_idx, "flat_idx", torch::kInt64, 1);
+  check(values, "values", torch::kFloat32, 1);
+  TORCH_CHECK(values.numel() == flat_idx.numel(), "values: expected ", flat_idx.numel(),
+              " entries, got ", values.numel());
+  torch::Tensor out = zeros_fresh_or_filled(numel);
+  const int64_t* fi = flat_idx.data_ptr<int64_t>();
+  const float* v = values.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t nnz = values.numel();
+  // threads split the (ascending) flat index, so each faults in its own pages
+#pragma omp parallel for schedule(static) num_threads(threads()) if (nnz >= 4 * kParallelGrain)
+  for (int64_t j = 0; j < nnz; ++j) o[fi[j]] = v[j];
+  return out;
+}
+
 // values [nnz] = dense [numel] at flat positions
 torch::Tensor gather_dense(const torch::Tensor& flat_idx, const torch::Tensor& dense,
                            torch::Tensor out) {
@@ -229,4 +287,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sddmm", &sddmm, "out[j] = dot(A[row j], B[col j])");
   m.def("scatter_dense", &scatter_dense, "zero out, then out[flat_idx] = values");
   m.def("gather_dense", &gather_dense, "out = dense[flat_idx]");
+  m.def("scatter_fresh", &scatter_fresh, "a fresh zero tensor (mmap), values at flat_idx");
 }

@@ -24,7 +24,14 @@ import torch
 
 from sparsekern.ops._ext import load_extension
 
-__all__ = ["backend", "gather_dense", "scatter_dense", "sddmm", "spmm"]
+__all__ = [
+    "FRESH_MIN",
+    "backend",
+    "gather_dense",
+    "scatter_dense",
+    "sddmm",
+    "spmm",
+]
 
 _SOURCES = [pathlib.Path(__file__).resolve().parents[1] / "csrc" / "sparse_linear.cpp"]
 
@@ -64,9 +71,17 @@ def sddmm(rp: torch.Tensor, ci: torch.Tensor, a: torch.Tensor, b: torch.Tensor) 
     return torch.sparse.sampled_addmm(pattern, a, b.t(), beta=0.0).values()
 
 
+#: From this many elements (16 MiB of fp32) :func:`scatter_dense` maps fresh zero (huge) pages
+#: instead of filling torch's allocation: a 9216 x 4096 weight gradient's scatter at 95% sparsity
+#: takes 22 ms against 55 ms (2 threads); below, the allocator's recycled memory and a memset win.
+FRESH_MIN = 1 << 22
+
+
 def scatter_dense(flat_idx: torch.Tensor, values: torch.Tensor, numel: int) -> torch.Tensor:
     """A fresh ``[numel]`` tensor: ``values`` at ``flat_idx``, exactly 0 elsewhere."""
     if backend(values) == "cpp":
+        if numel >= FRESH_MIN:
+            return _ext().scatter_fresh(flat_idx, values.contiguous(), numel)
         out = torch.empty(numel, dtype=values.dtype, device=values.device)
         return _ext().scatter_dense(flat_idx, values.contiguous(), out)
     out = values.new_zeros(numel)

@@ -14,9 +14,9 @@ Two entry points:
   kept values (compact storage): its gradient is ``[nnz]`` too.
 * :func:`sparse_linear` ``(x, weight [N, K], mask, bias)``: dense storage; the kept values are
   gathered from the weight per call (``nnz`` reads), and ``weight.grad`` comes back as a dense
-  ``[N, K]`` tensor, exactly zero at pruned entries, made by one zero-fill-and-scatter pass
-  (``4 N K`` bytes written for fp32; e.g. ~4 ms for 9216 x 4096 on this CPU, against ~150 ms
-  for nn.Linear's step: the price of keeping ``weight`` dense-shaped).
+  ``[N, K]`` tensor, exactly zero at pruned entries: the values scattered into fresh zero
+  pages (``_kernels.scatter_dense``; 22 ms for 9216 x 4096 at 95% sparsity on 2 threads, against
+  ~130 ms for nn.Linear's step: the price of keeping ``weight`` dense-shaped).
 
 Where-semantics: a pruned entry contributes nothing whatever it holds (NaN included): it is
 never read.
@@ -103,7 +103,7 @@ class _SparseLinearFn(torch.autograd.Function):
         gyt = _transposed(gy2, xt.dtype)  # [N, M]
         gx = gv = gb = None
         if needs[0]:
-            vt = v[index.t_perm]  # W^T's values in its CSR order
+            vt = _kernels.gather_dense(index.t_perm, v)  # W^T's values in its CSR order
             gxt = _kernels.spmm(index.t_row_ptr, index.t_col_idx, vt, gyt)  # [K, M]
             gx = _untransposed(gxt, x.dtype).view(x.shape)
         if needs[1]:
