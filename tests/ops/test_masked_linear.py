@@ -399,3 +399,52 @@ def test_gpu_dw_kernel_offsets_beyond_int32():
     dw = ml.masked_linear_dw_launch(dy, x, mask)
     dwr = (dy.float().t() @ x.float()) * mask
     torch.testing.assert_close(dw.float(), dwr, rtol=2e-2, atol=2e-2 * math.sqrt(M))
+
+
+@pytest.mark.parametrize("assume_pruned_zero", [True, False])
+def test_cpu_dw_on_fresh_pages_matches_float64(monkeypatch, assume_pruned_zero):
+    """From ``_fresh.FRESH_MIN`` weights (lowered here) the CPU vendor dW is written into fresh
+    zero pages, then masked: the same values and gradients as the float64 reference, exactly 0 at
+    pruned entries, through ``masked_linear`` and the modules' ``masked_linear_trusted``; it
+    stays out of autocast (dy would come back in bf16) and of ``create_graph``."""
+    from sparsekern.ops import _fresh
+
+    if _fresh.ext() is None:
+        pytest.skip("the C++ extension cannot be built here")
+    monkeypatch.setattr(_fresh, "FRESH_MIN", 0)
+    calls = []
+    real = ml._fresh_dw
+    monkeypatch.setattr(ml, "_fresh_dw", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(11)
+    mask = torch.rand(37, 29, generator=g) < 0.45
+    w64 = torch.randn(37, 29, generator=g, dtype=torch.float64)
+    if assume_pruned_zero:
+        w64 = w64 * mask
+    else:
+        w64[~mask] = float("nan")  # where-semantics: never read
+    x64 = torch.randn(2, 5, 29, generator=g, dtype=torch.float64)
+    b64 = torch.randn(37, generator=g, dtype=torch.float64)
+    gy = torch.randn(2, 5, 37, generator=g, dtype=torch.float64)
+    ref = [t.clone().requires_grad_() for t in (x64, torch.where(mask, w64, 0), b64)]
+    ml.masked_linear_reference(ref[0], ref[1], mask, ref[2]).backward(gy)
+    fns = [lambda a, b, c: masked_linear(a, b, mask, c, assume_pruned_zero=assume_pruned_zero)]
+    if assume_pruned_zero:
+        fns.append(lambda a, b, c: ml.masked_linear_trusted(a, b, mask, c))
+    for fn in fns:
+        got = [t.float().requires_grad_() for t in (x64, w64, b64)]
+        y = fn(*got)
+        y.backward(gy.float())
+        _close(y, ml.masked_linear_reference(x64, torch.where(mask, w64, 0), mask, b64),
+               torch.float32, 29, "y")  # fmt: skip
+        for name, t, r in zip(("x", "weight", "bias"), got, ref):
+            _close(t.grad, r.grad, torch.float32, 10, f"d{name}")
+        assert torch.equal(got[1].grad[~mask], torch.zeros(int((~mask).sum())))
+    assert len(calls) == len(fns)
+    x = x64.float().requires_grad_()
+    w = torch.where(mask, w64, 0).float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ml.masked_linear_trusted(x, w, mask, None).float().sum().backward()
+    (dx,) = torch.autograd.grad(masked_linear(x, w, mask).sum(), x, create_graph=True)
+    assert dx.requires_grad  # a differentiable backward (the formulas, not the fresh path)
+    assert len(calls) == len(fns)  # neither autocast nor create_graph took the fresh path
+    assert torch.equal(w.grad[~mask], torch.zeros(int((~mask).sum())))

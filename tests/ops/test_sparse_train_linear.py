@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparsekern.ops import _fresh
 from sparsekern.ops._ext import NO_EXT_ENV
 from sparsekern.ops.sparse_train import _kernels, mask_index
 from sparsekern.ops.sparse_train.linear import (
@@ -109,7 +110,7 @@ def test_dense_weight_gradient_on_fresh_pages(backend, monkeypatch, fresh_min):
     """From ``FRESH_MIN`` elements the extension maps fresh zero pages for ``weight.grad`` (no
     fill pass): exactly zero at every pruned entry, the kept entries the reference's, and a
     tensor like any other (in-place updates, accumulation, freed and mapped again)."""
-    monkeypatch.setattr(_kernels, "FRESH_MIN", fresh_min)
+    monkeypatch.setattr(_fresh, "FRESH_MIN", fresh_min)
     g = torch.Generator().manual_seed(3)
     for n, k, density in [(2048, 2049, 0.05), (7, 5, 0.4), (3, 4, 0.0)]:
         mask = torch.rand(n, k, generator=g) < density

@@ -288,4 +288,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scatter_dense", &scatter_dense, "zero out, then out[flat_idx] = values");
   m.def("gather_dense", &gather_dense, "out = dense[flat_idx]");
   m.def("scatter_fresh", &scatter_fresh, "a fresh zero tensor (mmap), values at flat_idx");
+  m.def("fresh_zeros", &zeros_fresh_or_filled, "a fresh zero fp32 tensor [numel] (mmap)");
 }

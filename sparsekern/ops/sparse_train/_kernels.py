@@ -17,27 +17,17 @@ and wherever the extension cannot be built (one warning) or ``SPARSEKERN_NO_EXT=
 
 from __future__ import annotations
 
-import pathlib
 import warnings
 
 import torch
 
-from sparsekern.ops._ext import load_extension
+from sparsekern.ops import _fresh
 
-__all__ = [
-    "FRESH_MIN",
-    "backend",
-    "gather_dense",
-    "scatter_dense",
-    "sddmm",
-    "spmm",
-]
-
-_SOURCES = [pathlib.Path(__file__).resolve().parents[1] / "csrc" / "sparse_linear.cpp"]
+__all__ = ["backend", "gather_dense", "scatter_dense", "sddmm", "spmm"]
 
 
 def _ext():
-    return load_extension("sparse_linear", _SOURCES)  # a dict lookup once built
+    return _fresh.ext()  # the one build of csrc/sparse_linear.cpp
 
 
 def backend(t: torch.Tensor) -> str:
@@ -71,16 +61,10 @@ def sddmm(rp: torch.Tensor, ci: torch.Tensor, a: torch.Tensor, b: torch.Tensor) 
     return torch.sparse.sampled_addmm(pattern, a, b.t(), beta=0.0).values()
 
 
-#: From this many elements (16 MiB of fp32) :func:`scatter_dense` maps fresh zero (huge) pages
-#: instead of filling torch's allocation: a 9216 x 4096 weight gradient's scatter at 95% sparsity
-#: takes 22 ms against 55 ms (2 threads); below, the allocator's recycled memory and a memset win.
-FRESH_MIN = 1 << 22
-
-
 def scatter_dense(flat_idx: torch.Tensor, values: torch.Tensor, numel: int) -> torch.Tensor:
     """A fresh ``[numel]`` tensor: ``values`` at ``flat_idx``, exactly 0 elsewhere."""
     if backend(values) == "cpp":
-        if numel >= FRESH_MIN:
+        if numel >= _fresh.FRESH_MIN:  # fresh zero pages, no fill pass (sparsekern.ops._fresh)
             return _ext().scatter_fresh(flat_idx, values.contiguous(), numel)
         out = torch.empty(numel, dtype=values.dtype, device=values.device)
         return _ext().scatter_dense(flat_idx, values.contiguous(), out)
