@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from sparsekern.formats.block_sparse import block_grid
+from sparsekern.ops import _fresh
 from sparsekern.ops._block_kernels import Layout
 from sparsekern.ops._mask_cache import TensorRef, cached_on_mask
-from sparsekern.ops._mask_pass import zero_pruned
+from sparsekern.ops._mask_pass import zero_pruned, zero_pruned_
 
 __all__ = ["CPU_BSR_MAX_DENSITY", "CPU_BSR_MAX_DENSITY_TRAIN", "CPU_DTYPES"]
 
@@ -160,9 +161,14 @@ def _cpu_dw(dy2, x2, w, lay: Layout):
         return dv
     bm, bk = lay.block
     R, C, Np, Kp = _grid_shape(lay)
-    g = torch.zeros((Np, Kp), dtype=w.dtype, device=w.device)
+    if _fresh.fresh_ok(w, Np * Kp):  # fresh zero pages: no fill, 2 MiB faults (ops/_fresh.py)
+        g = _fresh.fresh_zeros((Np, Kp))
+    else:
+        g = torch.zeros((Np, Kp), dtype=w.dtype, device=w.device)
     g.view(R, bm, C, bk).permute(0, 2, 1, 3)[lay.block_row.long(), lay.col_idx.long()] = dv
     g = g[: lay.shape[0], : lay.shape[1]]
     if lay.keep is not None:
-        g = zero_pruned(g, lay.keep.view(torch.bool))
+        keep = lay.keep.view(torch.bool)
+        in_place = g.is_contiguous() and not g.requires_grad  # (create_graph: out of place)
+        g = zero_pruned_(g, keep) if in_place else zero_pruned(g, keep)
     return g if g.is_contiguous() else g.contiguous()
