@@ -32,6 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
+from sparsekern.ops import _fresh
 from sparsekern.ops._mask_cache import cached_on_mask
 
 __all__ = ["CACHED_BITS_MAX", "zero_pruned", "zero_pruned_"]
@@ -74,6 +75,9 @@ def _bits_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _zero_pruned_cpu_(t: torch.Tensor, mask: torch.Tensor) -> None:
+    if t.dtype == torch.float32 and (ext := _fresh.ext()) is not None:
+        ext.zero_pruned_f32_(t, mask)  # the bool mask read as stored, AVX-512 where built
+        return
     itype = _INT_VIEW[t.element_size()]
     if t.numel() <= CACHED_BITS_MAX:
         t.view(itype).bitwise_and_(_bits_mask(mask, itype))

@@ -35,7 +35,7 @@ def test_plan_rejects_non_module():
         execution_plan(None)
 
 
-def _big_sparse_layer(kept=0.05, n=256, k=512):
+def _big_sparse_layer(kept=0.05, n=512, k=512):  # 6 N K M >= 1e8 at 64 rows
     layer = SparseLinear(k, n)
     layer.set_mask(torch.rand(n, k) < kept)
     return layer

@@ -265,6 +265,40 @@ torch::Tensor scatter_fresh(const torch::Tensor& flat_idx, const torch::Tensor& 
   return out;
 }
 
+// t [n] (fp32, contiguous, viewed as its bits) := where(mask [n], t, +0.0), in place: the mask pass
+// of a weight gradient, reading the bool mask as stored (1 byte per weight). Exact where-semantics
+// (kept entries keep their bits, NaN included; pruned ones become +0.0). Against the int32 copy
+// of the mask that torch's bitwise_and_ needs (4 bytes per weight, cached) and numpy's multiply
+// over 4M weights: 300x784 takes ~5 us here against 37 us, 4096x9216 9 ms against 12.4 ms.
+torch::Tensor zero_pruned_f32_(torch::Tensor t, const torch::Tensor& mask) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat32 && t.is_contiguous(),
+              "t: expected a contiguous CPU float32 tensor, got ", t.scalar_type(), " on ",
+              t.device());
+  TORCH_CHECK(mask.device().is_cpu() && mask.scalar_type() == torch::kBool &&
+                  mask.is_contiguous() && mask.numel() == t.numel(),
+              "mask: expected a contiguous CPU bool tensor of ", t.numel(), " entries, got ",
+              mask.scalar_type(), " with ", mask.numel());
+  uint32_t* bits = reinterpret_cast<uint32_t*>(t.data_ptr<float>());
+  const uint8_t* keep = reinterpret_cast<const uint8_t*>(mask.data_ptr<bool>());
+  const int64_t n = t.numel();
+  constexpr int64_t kChunk = 1 << 14;  // 64 KiB of gradient per task
+  const int64_t chunks = (n + kChunk - 1) / kChunk;
+#pragma omp parallel for schedule(static) num_threads(threads()) if (n >= 4 * kParallelGrain)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t lo = c * kChunk, hi = std::min(n, lo + kChunk);
+    int64_t i = lo;
+#if defined(__AVX512BW__) && defined(__AVX512VL__)
+    for (; i + 16 <= hi; i += 16) {
+      const __m128i k8 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + i));
+      const __mmask16 k = _mm_test_epi8_mask(k8, k8);
+      _mm512_storeu_si512(bits + i, _mm512_maskz_loadu_epi32(k, bits + i));
+    }
+#endif
+    for (; i < hi; ++i) bits[i] &= 0u - (uint32_t)(keep[i] != 0);
+  }
+  return t;
+}
+
 // values [nnz] = dense [numel] at flat positions
 torch::Tensor gather_dense(const torch::Tensor& flat_idx, const torch::Tensor& dense,
                            torch::Tensor out) {
@@ -289,4 +323,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gather_dense", &gather_dense, "out = dense[flat_idx]");
   m.def("scatter_fresh", &scatter_fresh, "a fresh zero tensor (mmap), values at flat_idx");
   m.def("fresh_zeros", &zeros_fresh_or_filled, "a fresh zero fp32 tensor [numel] (mmap)");
+  m.def("zero_pruned_f32_", &zero_pruned_f32_, "t = where(mask, t, 0) in place (fp32 bits)");
 }
