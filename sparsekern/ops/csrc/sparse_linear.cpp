@@ -15,6 +15,10 @@
 #include <algorithm>
 #include <cstdint>
 
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -213,27 +217,85 @@ torch::Tensor scatter_dense(const torch::Tensor& flat_idx, const torch::Tensor& 
 
 namespace {
 
-// A fresh [numel] fp32 tensor, exactly zero, on pages the kernel maps on first touch. A fresh
-// anonymous mapping reads as zeros, so no fill pass runs, and MADV_HUGEPAGE lets a first touch
-// map 2 MiB instead of 4 KiB: for a 9216 x 4096 weight gradient (151 MB) 72 page faults instead
-// of 36,864. That gradient's scatter at 95% sparsity, 2 threads: 55 ms into torch.empty + fill
-// (the fill, and a 4 KiB fault per page), 22 ms here (the kernel zeroing the huge pages it maps).
-// Undefined where mmap fails (the caller falls back to torch::zeros).
-torch::Tensor fresh_zeros(int64_t numel) {
+// Large CPU weight gradients (sparsekern/ops/_fresh.py) live in 2 MiB-aligned anonymous mappings
+// advised MADV_HUGEPAGE, and a freed one is kept for the next gradient of its size class. Why:
+// torch's allocator hands a 151 MB gradient straight from mmap every step, and each first touch
+// of a 4 KiB page faults (36,864 faults; on this project's VM a fresh 67 MB gradient's faults
+// cost 6 to 90 ms, as the hypervisor backs pages the guest freed). A reused mapping takes no
+// fault at all; a new one takes 2 MiB faults. At most kPoolBytes stay mapped while unused
+// (release_pool() unmaps them), the way torch's CUDA caching allocator keeps freed blocks.
+constexpr size_t kHuge = size_t(1) << 21;
+constexpr size_t kPoolBytes = size_t(2) << 30;
+
+struct Pool {
+  std::mutex mu;
+  std::unordered_map<size_t, std::vector<void*>> free;  // mapping length -> mapping bases
+  size_t bytes = 0;
+};
+
+Pool& pool() {
+  static Pool* p = new Pool();  // never destroyed: tensors may be freed after static teardown
+  return *p;
+}
+
+float* aligned(void* base) {
+  const uintptr_t b = reinterpret_cast<uintptr_t>(base);
+  return reinterpret_cast<float*>((b + kHuge - 1) & ~(uintptr_t(kHuge) - 1));
+}
+
+#if defined(__linux__)
+void give_back(void* base, size_t len) {
+  {
+    Pool& p = pool();
+    std::lock_guard<std::mutex> lock(p.mu);
+    if (p.bytes + len <= kPoolBytes) {
+      p.free[len].push_back(base);
+      p.bytes += len;
+      return;
+    }
+  }
+  munmap(base, len);
+}
+#endif
+
+// A [numel] fp32 CPU tensor on a pooled or new mapping; zero=true: exactly zero (a new mapping
+// reads as zeros; a reused one is cleared by the threads). Undefined where mmap fails.
+torch::Tensor pooled(int64_t numel, bool zero) {
 #if defined(__linux__)
   TORCH_CHECK(numel >= 0, "numel: expected >= 0, got ", numel);
-  constexpr size_t kHuge = size_t(1) << 21;
   const size_t bytes = std::max<size_t>(size_t(numel) * sizeof(float), 1);
-  const size_t len = bytes + kHuge;  // room to start on a 2 MiB boundary
-  void* base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (base == MAP_FAILED) return torch::Tensor();
-  const uintptr_t b = reinterpret_cast<uintptr_t>(base);
-  float* o = reinterpret_cast<float*>((b + kHuge - 1) & ~(uintptr_t(kHuge) - 1));
+  const size_t span = (bytes + kHuge - 1) & ~(kHuge - 1);
+  const size_t len = span + kHuge;  // room to start on a 2 MiB boundary
+  void* base = nullptr;
+  {
+    Pool& p = pool();
+    std::lock_guard<std::mutex> lock(p.mu);
+    auto it = p.free.find(len);
+    if (it != p.free.end() && !it->second.empty()) {
+      base = it->second.back();
+      it->second.pop_back();
+      p.bytes -= len;
+    }
+  }
+  float* o;
+  if (base != nullptr) {
+    o = aligned(base);
+    if (zero) {
+      const int64_t n = numel, chunk = int64_t(1) << 18;
+#pragma omp parallel for schedule(static) num_threads(threads()) if (n >= 4 * chunk)
+      for (int64_t lo = 0; lo < n; lo += chunk)
+        std::fill(o + lo, o + std::min(n, lo + chunk), 0.f);
+    }
+  } else {
+    base = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) return torch::Tensor();
+    o = aligned(base);
 #ifdef MADV_HUGEPAGE
-  madvise(o, (bytes + kHuge - 1) & ~(kHuge - 1), MADV_HUGEPAGE);  // advice: failure is harmless
+    madvise(o, span, MADV_HUGEPAGE);  // advice: failure is harmless
 #endif
+  }
   return torch::from_blob(
-      o, {numel}, [base, len](void*) { munmap(base, len); },
+      o, {numel}, [base, len](void*) { give_back(base, len); },
       torch::TensorOptions().dtype(torch::kFloat32));
 #else
   return torch::Tensor();
@@ -241,13 +303,40 @@ torch::Tensor fresh_zeros(int64_t numel) {
 }
 
 torch::Tensor zeros_fresh_or_filled(int64_t numel) {
-  torch::Tensor out = fresh_zeros(numel);
+  torch::Tensor out = pooled(numel, true);
   return out.defined() ? out : torch::zeros({numel}, torch::kFloat32);
+}
+
+torch::Tensor empty_pooled(int64_t numel) {
+  torch::Tensor out = pooled(numel, false);
+  return out.defined() ? out : torch::empty({numel}, torch::kFloat32);
+}
+
+// Unmaps every kept mapping; returns the bytes released.
+int64_t release_pool() {
+  Pool& p = pool();
+  std::lock_guard<std::mutex> lock(p.mu);
+  int64_t released = 0;
+#if defined(__linux__)
+  for (auto& [len, bases] : p.free) {
+    for (void* base : bases) munmap(base, len);
+    released += int64_t(len * bases.size());
+  }
+#endif
+  p.free.clear();
+  p.bytes = 0;
+  return released;
+}
+
+int64_t pool_bytes() {
+  Pool& p = pool();
+  std::lock_guard<std::mutex> lock(p.mu);
+  return int64_t(p.bytes);
 }
 
 }  // namespace
 
-// A fresh zero [numel] tensor (fresh_zeros) with values scattered at flat positions.
+// A zero [numel] tensor (pooled, as above) with values scattered at flat positions.
 torch::Tensor scatter_fresh(const torch::Tensor& flat_idx, const torch::Tensor& values,
                             int64_t numel) {
   check(flat_idx, "flat_idx", torch::kInt64, 1);
@@ -321,7 +410,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("sddmm", &sddmm, "out[j] = dot(A[row j], B[col j])");
   m.def("scatter_dense", &scatter_dense, "zero out, then out[flat_idx] = values");
   m.def("gather_dense", &gather_dense, "out = dense[flat_idx]");
-  m.def("scatter_fresh", &scatter_fresh, "a fresh zero tensor (mmap), values at flat_idx");
-  m.def("fresh_zeros", &zeros_fresh_or_filled, "a fresh zero fp32 tensor [numel] (mmap)");
+  m.def("scatter_fresh", &scatter_fresh, "a zero tensor (pooled mapping), values at flat_idx");
+  m.def("fresh_zeros", &zeros_fresh_or_filled, "a zero fp32 tensor [numel] (pooled mapping)");
+  m.def("fresh_empty", &empty_pooled, "an uninitialised fp32 tensor [numel] (pooled mapping)");
+  m.def("release_pool", &release_pool, "unmap the kept gradient mappings; bytes released");
+  m.def("pool_bytes", &pool_bytes, "bytes of gradient mappings kept for reuse");
   m.def("zero_pruned_f32_", &zero_pruned_f32_, "t = where(mask, t, 0) in place (fp32 bits)");
 }

@@ -26,7 +26,8 @@ dense.
 
 The sparse path runs when the predicted ratio is at most :data:`MARGIN`, 0.9: the path it
 replaces is not ``nn.Linear``'s step but the masked one (the same GEMMs plus a pass zeroing
-dW's pruned entries), which costs more than dense, and 0.1 under dense covers the fit's error
+dW's pruned entries: 0.97-1.06x dense for large layers since their dW goes on fresh pages,
+1.1-1.5x for LeNet-sized ones), and 0.1 under dense covers the fit's error
 (kept <= 0.125 with dense storage, <= 0.0875 under 64 rows, <= 0.15 compact, <= 0.09 on the
 torch.sparse fallback), and the step is big enough that fixed per-call costs (Python, thread
 wake-ups) do not dominate (:data:`MIN_DENSE_FLOPS`). Measured at kept 0.10 (90% sparsity;
@@ -52,7 +53,7 @@ FIXED = 0.4
 FIXED_COMPACT = 0.3
 PER_KEPT_FALLBACK = 5.0  # torch.sparse (MKL) when the extension cannot be built
 FIXED_FALLBACK = 0.45
-MARGIN = 0.9  # the masked path it replaces costs 1.03-1.31x nn.Linear (module docstring)
+MARGIN = 0.9  # under dense for the fit's error (module docstring)
 # 6 N K M below this: the fixed per-call costs dominate. AVX-512 Xeon, 2 threads, forced paths
 # (step over nn.Linear's): 300->100 at 128 / 256 rows (2.3e7 / 4.6e7 FLOPs) sparse 2.27 / 2.04
 # against masked 1.56 / 1.45; 784->300 at 128 rows (1.8e8) kept 0.05 sparse 1.06, masked 1.19.
