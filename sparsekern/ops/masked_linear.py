@@ -222,7 +222,7 @@ def dw_backend_for(x: torch.Tensor, mask: torch.Tensor) -> str:
 
 
 def _fresh_dw_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """The vendor dW goes into fresh pages (``_fresh``: CPU fp32, large weights, extension
+    """The vendor dW goes into a pooled mapping (``_fresh``: CPU fp32, large weights, extension
     built), outside torch.compile and torch.func, whose traces need torch's own ops."""
     return (
         _fresh.fresh_ok(weight, weight.numel())
@@ -244,8 +244,8 @@ def _fresh_dw(dy: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> torch.Te
 
 class _FusedMaskLinearFunction(torch.autograd.Function):
     """``F.linear(x, value, bias)`` with dW from the fused Triton kernel, or (``fresh``) from the
-    vendor GEMM into fresh pages plus the mask pass (``value`` is the masked copy of ``weight``,
-    or None for ``weight`` itself; ``dx = dy @ value`` on the vendor GEMM)."""
+    vendor GEMM into a pooled mapping plus the mask pass (``value`` is the masked copy of
+    ``weight``, or None for ``weight`` itself; ``dx = dy @ value`` on the vendor GEMM)."""
 
     @staticmethod
     def forward(ctx, x, weight, mask, bias, value, fresh=False):

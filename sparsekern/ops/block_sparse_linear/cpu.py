@@ -31,10 +31,10 @@ __all__ = ["CPU_BSR_MAX_DENSITY", "CPU_BSR_MAX_DENSITY_TRAIN", "CPU_DTYPES"]
 #: benchmarks/bench_cpu_block_sparse.py), so past it sparsity would cost.
 CPU_BSR_MAX_DENSITY = 0.25
 #: The same bound when the weight's gradient is computed (a training step): dW then writes the
-#: dense [N, K] gradient (on 9216x4096 fp32 its 151 MB of fresh pages alone took 58 ms of a
-#: 132 ms step), so the step pays only at lower densities. Measured (bench_cpu_block_sparse.py,
-#: batch 64, 2 threads): 1.8-3.1x faster than dense at 5% of the blocks, 0.97-2.1x at 10%,
-#: 0.45-0.96x at 25%.
+#: dense [N, K] gradient (151 MB for 9216x4096 fp32, on a pooled mapping: ops/_fresh.py), so the
+#: step pays only at lower densities. Measured (bench_cpu_block_sparse.py, batch 64, 2 threads,
+#: AVX-512 Xeon, 2026-12-08): 2.2-3.2x faster than dense at 5% of the blocks, 1.7x at 10% of
+#: 32x32 blocks (earlier, before the pooled gradient: 0.45-0.96x at 25%, unmeasured since).
 CPU_BSR_MAX_DENSITY_TRAIN = 0.1
 CPU_DTYPES = (torch.float32, torch.float64)
 # dW's batched block products materialise [nnz, bm + bk, rows] gathers: rows per chunk so that
@@ -161,7 +161,7 @@ def _cpu_dw(dy2, x2, w, lay: Layout):
         return dv
     bm, bk = lay.block
     R, C, Np, Kp = _grid_shape(lay)
-    if _fresh.fresh_ok(w, Np * Kp):  # fresh zero pages: no fill, 2 MiB faults (ops/_fresh.py)
+    if _fresh.fresh_ok(w, Np * Kp):  # a pooled huge-page mapping (ops/_fresh.py)
         g = _fresh.fresh_zeros((Np, Kp))
     else:
         g = torch.zeros((Np, Kp), dtype=w.dtype, device=w.device)

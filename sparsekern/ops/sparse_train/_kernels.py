@@ -64,7 +64,7 @@ def sddmm(rp: torch.Tensor, ci: torch.Tensor, a: torch.Tensor, b: torch.Tensor) 
 def scatter_dense(flat_idx: torch.Tensor, values: torch.Tensor, numel: int) -> torch.Tensor:
     """A fresh ``[numel]`` tensor: ``values`` at ``flat_idx``, exactly 0 elsewhere."""
     if backend(values) == "cpp":
-        if numel >= _fresh.FRESH_MIN:  # fresh zero pages, no fill pass (sparsekern.ops._fresh)
+        if numel >= _fresh.FRESH_MIN:  # a pooled huge-page mapping (sparsekern.ops._fresh)
             return _ext().scatter_fresh(flat_idx, values.contiguous(), numel)
         out = torch.empty(numel, dtype=values.dtype, device=values.device)
         return _ext().scatter_dense(flat_idx, values.contiguous(), out)

@@ -26,7 +26,7 @@ dense.
 
 The sparse path runs when the predicted ratio is at most :data:`MARGIN`, 0.9: the path it
 replaces is not ``nn.Linear``'s step but the masked one (the same GEMMs plus a pass zeroing
-dW's pruned entries: 0.97-1.06x dense for large layers since their dW goes on fresh pages,
+dW's pruned entries: 0.8-1.06x dense for large layers since their dW goes on pooled mappings,
 1.1-1.5x for LeNet-sized ones), and 0.1 under dense covers the fit's error
 (kept <= 0.125 with dense storage, <= 0.0875 under 64 rows, <= 0.15 compact, <= 0.09 on the
 torch.sparse fallback), and the step is big enough that fixed per-call costs (Python, thread
