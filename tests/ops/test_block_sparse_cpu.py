@@ -10,7 +10,7 @@ import torch
 
 from sparsekern.formats.block_sparse import BlockSparseMatrix, block_grid
 from sparsekern.nn import SparseLinear, check_masks
-from sparsekern.ops import _fresh, block_masked_linear, block_sparse_linear
+from sparsekern.ops import block_masked_linear, block_sparse_linear
 
 bsl = importlib.import_module("sparsekern.ops.block_sparse_linear")
 # the modules where the CPU path's functions and bounds are looked up (what a patch must replace)
@@ -85,13 +85,11 @@ def test_compact_forward_and_gradients(layout, block, monkeypatch):
 @pytest.mark.parametrize("fresh", [False, True], ids=["allocator", "fresh_pages"])
 @pytest.mark.parametrize("holes", [False, True], ids=["whole_blocks", "holes"])
 @pytest.mark.parametrize("assume", [False, True], ids=["exact", "assume_pruned_zero"])
-def test_dense_storage(holes, assume, fresh, monkeypatch):
+def test_dense_storage(holes, assume, fresh, monkeypatch, request):
     # the training step's BSR path is under test, not its density bound
     monkeypatch.setattr(bsl_op, "CPU_BSR_MAX_DENSITY_TRAIN", bsl.CPU_BSR_MAX_DENSITY)
-    if fresh:  # the dense gradient on fresh zero pages (ops/_fresh.py), as large weights get it
-        if _fresh.ext() is None:
-            pytest.skip("the C++ extension cannot be built here")
-        monkeypatch.setattr(_fresh, "FRESH_MIN", 0)
+    if fresh:  # the dense gradient on a pooled mapping (ops/_fresh.py), as large weights get it
+        request.getfixturevalue("pooled_gradients")
     calls = []
     real = bsl_ops._cpu_fwd
     monkeypatch.setattr(bsl_ops, "_cpu_fwd", lambda *a: calls.append(1) or real(*a))
@@ -175,13 +173,10 @@ def test_block_mode_module_trains_on_the_cpu_path():
     assert check_masks(layer) == []
 
 
-def test_dense_storage_fresh_pages_masked_in_place(monkeypatch):
-    """A weight the blocks tile exactly: its gradient on fresh pages is masked in place (holes
-    inside the kept blocks exactly zero, the rest the reference's)."""
-    if _fresh.ext() is None:
-        pytest.skip("the C++ extension cannot be built here")
+def test_dense_storage_pooled_gradient_masked_in_place(monkeypatch, pooled_gradients):
+    """A weight the blocks tile exactly: its gradient on a pooled mapping is masked in place
+    (holes inside the kept blocks exactly zero, the rest the reference's)."""
     monkeypatch.setattr(bsl_op, "CPU_BSR_MAX_DENSITY_TRAIN", bsl.CPU_BSR_MAX_DENSITY)
-    monkeypatch.setattr(_fresh, "FRESH_MIN", 0)
     calls = []
     real = bsl_cpu.zero_pruned_
     monkeypatch.setattr(bsl_cpu, "zero_pruned_", lambda *a: calls.append(1) or real(*a))

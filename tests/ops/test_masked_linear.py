@@ -402,16 +402,13 @@ def test_gpu_dw_kernel_offsets_beyond_int32():
 
 
 @pytest.mark.parametrize("assume_pruned_zero", [True, False])
-def test_cpu_dw_on_fresh_pages_matches_float64(monkeypatch, assume_pruned_zero):
-    """From ``_fresh.FRESH_MIN`` weights (lowered here) the CPU vendor dW is written into fresh
-    zero pages, then masked: the same values and gradients as the float64 reference, exactly 0 at
-    pruned entries, through ``masked_linear`` and the modules' ``masked_linear_trusted``; it
+def test_cpu_dw_on_pooled_mapping_matches_float64(
+    monkeypatch, pooled_gradients, assume_pruned_zero
+):
+    """From ``_fresh.FRESH_MIN`` weights (lowered here) the CPU vendor dW is written into a
+    pooled mapping, then masked: the same values and gradients as the float64 reference, exactly
+    0 at pruned entries, through ``masked_linear`` and the modules' ``masked_linear_trusted``; it
     stays out of autocast (dy would come back in bf16) and of ``create_graph``."""
-    from sparsekern.ops import _fresh
-
-    if _fresh.ext() is None:
-        pytest.skip("the C++ extension cannot be built here")
-    monkeypatch.setattr(_fresh, "FRESH_MIN", 0)
     calls = []
     real = ml._fresh_dw
     monkeypatch.setattr(ml, "_fresh_dw", lambda *a: calls.append(1) or real(*a))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsekern.ops import _fresh
 from sparsekern.ops._ext import NO_EXT_ENV
 from sparsekern.ops.sparse_train import _kernels, mask_index
 from sparsekern.ops.sparse_train.linear import (
@@ -105,14 +104,16 @@ def test_pruned_entries_never_read(backend):
     assert torch.isfinite(x.grad).all() and torch.equal(w.grad, mask.float() * 3)
 
 
-@pytest.mark.parametrize("fresh_min", [0, 1 << 22])
-def test_dense_weight_gradient_on_fresh_pages(backend, monkeypatch, fresh_min):
-    """From ``FRESH_MIN`` elements the extension maps fresh zero pages for ``weight.grad`` (no
-    fill pass): exactly zero at every pruned entry, the kept entries the reference's, and a
-    tensor like any other (in-place updates, accumulation, freed and mapped again)."""
-    monkeypatch.setattr(_fresh, "FRESH_MIN", fresh_min)
+@pytest.mark.parametrize("pooled", [True, False])
+def test_dense_weight_gradient_on_pooled_mapping(backend, request, pooled):
+    """From ``FRESH_MIN`` elements (lowered here) the extension scatters ``weight.grad`` into a
+    zeroed pooled mapping: exactly zero at every pruned entry, the kept entries the reference's,
+    and a tensor like any other (in-place updates, accumulation, freed and reused)."""
+    if pooled and backend == "cpp":
+        request.getfixturevalue("pooled_gradients")
     g = torch.Generator().manual_seed(3)
-    for n, k, density in [(2048, 2049, 0.05), (7, 5, 0.4), (3, 4, 0.0)]:
+    # each shape twice: the second gradient reuses the first one's mapping, dirtied below
+    for n, k, density in [(2048, 2049, 0.05)] * 2 + [(7, 5, 0.4)] * 2 + [(3, 4, 0.0)]:
         mask = torch.rand(n, k, generator=g) < density
         w = torch.randn(n, k, generator=g).requires_grad_()
         x = torch.randn(6, k, generator=g)
@@ -126,7 +127,7 @@ def test_dense_weight_gradient_on_fresh_pages(backend, monkeypatch, fresh_min):
         _close(w.grad, 2 * want, torch.float32, 2 * x.shape[0])
         w.grad.mul_(0.5).add_(1.0)  # writable everywhere, pruned pages included
         assert torch.equal(w.grad[~mask], torch.ones_like(w.grad[~mask]))
-        w.grad = None  # unmapped here; the next iteration maps again
+        w.grad = None  # back to the pool; the next iteration reuses (and zeroes) it
 
 
 def test_index_follows_mask_edit(backend):
