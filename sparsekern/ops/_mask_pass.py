@@ -5,7 +5,10 @@ Semantics are ``torch.where(mask, t, 0)``, exactly: a pruned entry becomes +0.0 
 NaN and inf included (``t * mask`` would keep NaN * 0 = NaN).
 
 CPU, on the gradient's *bits* (an integer view: ``bits & -1 = bits``, ``bits * 0 = +0.0``, so the
-result is exact ``where`` semantics), in one of two ways by size:
+result is exact ``where`` semantics). fp32 where the C++ extension is built: its
+``zero_pruned_f32_``, the bool mask read as stored (AVX-512 masked loads, OpenMP over 64 KiB
+chunks): 7.5 ms for a 4096 x 9216 gradient on 2 threads of the AVX-512 Xeon, against 12.4 ms for
+the numpy pass below there. Otherwise (other dtypes, no extension), one of two ways by size:
 
 * up to :data:`CACHED_BITS_MAX` weights (4 M: LeNets, most conv layers): ``bitwise_and_`` with a
   cached integer copy of the mask (0 or all ones, the gradient's width: 4 bytes per fp32 weight,
