@@ -414,8 +414,8 @@ class _PathNet(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(2, 6, 3, padding=1)
         self.block = nn.Linear(6 * 4 * 4, 128)
-        self.sparse = nn.Linear(128, 256)  # 2.5e7 FLOPs a step at 128 rows: CSR pays
-        self.masked = nn.Linear(256, 5)
+        self.sparse = nn.Linear(128, 1024)  # 1.0e8 FLOPs a step at 128 rows: CSR pays
+        self.masked = nn.Linear(1024, 5)
 
     def forward(self, x):
         h = torch.relu(self.conv(x)).flatten(1)
@@ -519,14 +519,15 @@ def _paths_worker(rank: int, port: int) -> None:
 
 
 def _compact_model(seed: int = 0) -> nn.Module:
-    # compact storage: a 5%-dense 128 x 256 layer (the CSR ``sparse`` path at 128 rows) between
-    # two half-dense ones (dense rebuild + GEMM); masks drawn on dense storage, then loaded
+    # compact storage: a 5%-dense 128 x 1024 layer (the CSR ``sparse`` path at 128 rows: 1.0e8
+    # FLOPs a step) between two half-dense ones (dense rebuild + GEMM); masks drawn on dense
+    # storage, then loaded
     from sparsekern import sparsify
 
     def net():
         torch.manual_seed(seed)
-        return nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 256), nn.ReLU(),
-                             nn.Linear(256, 5))  # fmt: skip
+        return nn.Sequential(nn.Linear(32, 128), nn.ReLU(), nn.Linear(128, 1024), nn.ReLU(),
+                             nn.Linear(1024, 5))  # fmt: skip
 
     dense = sparsify(net())
     g = torch.Generator().manual_seed(seed + 1)
