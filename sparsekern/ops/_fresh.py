@@ -11,8 +11,9 @@ gradient then costs its writes, not its page faults. Measured on 2 threads (AVX-
 
 * ``torch.mm(dy.T, x)`` for 9216 x 4096 from 64 rows: 54.6 ms into torch's allocation, 33.1 ms
   into a new huge-page mapping (4096 x 4096 from 16 rows: 18.9 against 7.1 ms);
-* a new mapping's faults on that VM took 6 to 90 ms for a 67 MB gradient (the hypervisor backs
-  pages the guest freed); a reused mapping takes none;
+* a new mapping's faults on that VM took 6 to 90 ms for a 67 MB gradient (the spread is the
+  VM's: presumably the host backing again pages the guest freed; not verified on the host); a
+  reused mapping takes none;
 * below :data:`FRESH_MIN` (3072 x 768: 4.0 against 4.8 ms) the allocator's recycled memory wins.
 
 Used where the package owns a large CPU weight gradient: the masked path's dW (``masked_linear``:
